@@ -1,0 +1,47 @@
+"""Developer and CI sessions: ``nox -s lint typecheck tests`` is what CI runs."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.default_venv_backend = "venv"
+
+PY = "3.11"
+
+
+@nox.session(python=PY)
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PY)
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[dev]")
+    session.run("mypy")
+
+
+@nox.session(python=PY)
+def tests(session: nox.Session) -> None:
+    """Unit tests, then integration tests with the real llama-server and demo model.
+
+    The first run compiles llama-server into the llamactl cache (~10 min on
+    2 cores); later runs reuse the verified build.
+    """
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/unit", "-q", *session.posargs)
+    session.run("pytest", "tests/integration", "-v", "--durations=15", *session.posargs)
+
+
+@nox.session(python=PY)
+def unit(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/unit", *session.posargs)
+
+
+@nox.session(python=PY)
+def integration(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/integration", *session.posargs)

@@ -1,0 +1,5 @@
+import sys
+
+from procman.cli import main
+
+sys.exit(main())

@@ -1,0 +1,56 @@
+"""Entry point: import the commands, run typer, map errors to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+from buildtools.errors import BuildError, LlamactlError, VerificationError
+from procman.cli import _commands  # noqa: F401 - registers every command on the app
+from procman.cli._app import app, console
+
+#: exit statuses; documented in the README
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _report(exc: LlamactlError) -> None:
+    console.print(f"[bold red]error:[/] {exc.message}")
+    if isinstance(exc, BuildError):
+        if exc.command:
+            console.print(f"[dim]command:[/] {' '.join(exc.command)}")
+        if exc.returncode is not None:
+            console.print(f"[dim]exit status:[/] {exc.returncode}")
+        if exc.log_tail:
+            console.print("[dim]last lines of the log:[/]")
+            console.print(exc.log_tail, markup=False)
+        if exc.log_path:
+            console.print(f"[dim]full log:[/] {exc.log_path}")
+    if isinstance(exc, VerificationError) and exc.log_tail:
+        console.print("[dim]last lines of the server log:[/]")
+        console.print(exc.log_tail, markup=False)
+    if exc.hint:
+        console.print(f"[yellow]hint:[/] {exc.hint}")
+
+
+def run(argv: list[str] | None = None) -> int:
+    level = os.environ.get("LLAMACTL_LOG", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING), format="%(name)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=False)
+    except LlamactlError as exc:
+        _report(exc)
+        return EXIT_ERROR
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        return EXIT_USAGE
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED
+    return EXIT_OK
