@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 
-import click
-
 from buildtools.errors import BuildError, LlamactlError, VerificationError
 from procman.cli import _commands  # noqa: F401 - registers every command on the app
 from procman.cli._app import app, console
@@ -14,7 +12,7 @@ from procman.cli._app import app, console
 #: exit statuses; documented in the README
 EXIT_OK = 0
 EXIT_ERROR = 1
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # typer/click usage errors
 EXIT_INTERRUPTED = 130
 
 
@@ -39,18 +37,20 @@ def _report(exc: LlamactlError) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     level = os.environ.get("LLAMACTL_LOG", "WARNING").upper()
-    logging.basicConfig(level=getattr(logging, level, logging.WARNING), format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level, logging.WARNING), format="%(name)s: %(message)s"
+    )
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone mode: typer reports usage errors itself (exit 2) and
+        # always ends in SystemExit; our own errors propagate to us untouched.
+        app(args=argv, prog_name="llamactl")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_ERROR)
     except LlamactlError as exc:
         _report(exc)
         return EXIT_ERROR
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        return EXIT_USAGE
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return EXIT_INTERRUPTED
     return EXIT_OK

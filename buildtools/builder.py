@@ -1,0 +1,352 @@
+"""Configure, compile, verify and publish one build.
+
+The compile is the slowest thing llamactl does (8-10 minutes on two cores),
+so: only the needed targets are built, with Ninja and ccache; the cmake tree
+is kept per cache key so an interrupted build resumes; and a plan that was
+already built, verified and published returns at once from the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from buildtools import paths
+from buildtools.cache import BuildCache, CachedBuild
+from buildtools.errors import BuildError, ToolchainError, VerificationError
+from buildtools.hardware._model import HardwareProfile
+from buildtools.plan import BuildOptions, BuildPlan, make_plan, sigill_fallback
+from buildtools.source import SourceTree
+from buildtools.verify import read_version, verify_server
+
+__all__ = ["BuildProgress", "BuildResult", "build", "compiler_identity"]
+
+_NINJA_STATUS = re.compile(r"^\[(\d+)/(\d+)\]")
+_MIN_CMAKE = (3, 14)
+_MIN_FREE_BYTES = 2 << 30
+_TAIL_LINES = 30
+#: how many times a build is retried with fewer CPU features after SIGILL
+_MAX_FALLBACKS = 3
+
+
+@dataclass(frozen=True)
+class BuildProgress:
+    """One step of progress: ``stage`` is configure, compile, verify or done."""
+
+    stage: str
+    done: int = 0
+    total: int = 0
+    line: str = ""
+
+
+ProgressCallback = Callable[[BuildProgress], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildResult:
+    build: CachedBuild
+    plan: BuildPlan
+    cached: bool
+    seconds: float
+    turned_off: dict[str, str] = field(default_factory=dict)
+    """CPU features given up after failed verification, with the failure."""
+
+    def to_json(self) -> dict[str, Any]:
+        m = self.build.manifest
+        return {
+            "key": self.build.key,
+            "binary": str(self.build.binary),
+            "version": self.build.version,
+            "backend": self.build.backend,
+            "cmake_defines": m.get("plan", {}).get("cmake_defines", {}),
+            "cached": self.cached,
+            "verified": self.build.verified,
+            "verification": m.get("verified", {}),
+            "seconds": round(self.seconds, 2),
+            "turned_off": self.turned_off,
+            "log": m.get("log"),
+        }
+
+
+def compiler_identity(profile: HardwareProfile, plan: BuildPlan) -> str:
+    """What part of the cache key says which compilers produced the build."""
+    parts = [f"{t}={profile.tool(t).path}@{profile.tool(t).version}" for t in ("cc", "cxx")]
+    if plan.cmake_defines.get("GGML_CUDA") == "ON":
+        parts.append(f"nvcc@{profile.tool('nvcc').version}")
+    parts.append(platform.machine())
+    return ";".join(parts)
+
+
+def _tail(path: Path) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-_TAIL_LINES:])
+    except OSError:
+        return ""
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...]:
+    nums = re.findall(r"\d+", text or "")
+    return tuple(int(n) for n in nums[:3])
+
+
+def _require_tools(profile: HardwareProfile) -> tuple[str, str]:
+    cmake = profile.tool("cmake")
+    ninja = profile.tool("ninja")
+    cxx = profile.tool("cxx")
+    if not cmake.path:
+        raise ToolchainError(
+            "cmake was not found", hint="pip install cmake (or install it with your OS)"
+        )
+    if _version_tuple(cmake.version) and _version_tuple(cmake.version) < _MIN_CMAKE:
+        raise ToolchainError(
+            f"cmake {cmake.version} is too old; llama.cpp needs "
+            f"{'.'.join(map(str, _MIN_CMAKE))} or newer",
+            hint="pip install -U cmake",
+        )
+    if not ninja.path:
+        raise ToolchainError("ninja was not found", hint="pip install ninja")
+    if not cxx.path:
+        raise ToolchainError(
+            "no C/C++ compiler was found",
+            hint="install one (Debian/Ubuntu: apt install build-essential; "
+            "macOS: xcode-select --install)",
+        )
+    return cmake.path, ninja.path
+
+
+def _run_logged(
+    argv: Sequence[str],
+    log_path: Path,
+    *,
+    stage: str,
+    env: dict[str, str],
+    on_progress: ProgressCallback | None,
+) -> None:
+    """Run one build step, appending its output to the log and reporting progress.
+
+    Output is read line by line as it comes so the progress bar follows the
+    real compile; on any interruption the child is stopped before re-raising.
+    """
+    with log_path.open("a", encoding="utf-8", errors="replace") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            for line in proc.stdout or ():
+                log.write(line)
+                if on_progress is not None:
+                    m = _NINJA_STATUS.match(line)
+                    done, total = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+                    on_progress(BuildProgress(stage, done, total, line.rstrip()))
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+    if code != 0:
+        raise BuildError(
+            f"the {stage} step failed",
+            command=argv,
+            returncode=code,
+            log_tail=_tail(log_path),
+            log_path=str(log_path),
+            hint="read the log above; `llamactl build --force` retries from a clean build tree"
+            if stage == "configure"
+            else "fix the cause shown above and run `llamactl build` again "
+            "(finished objects are reused)",
+        )
+
+
+def _compile(
+    plan: BuildPlan,
+    source: SourceTree,
+    profile: HardwareProfile,
+    work: Path,
+    log_path: Path,
+    *,
+    jobs: int,
+    on_progress: ProgressCallback | None,
+    home: Path,
+) -> None:
+    cmake, ninja = _require_tools(profile)
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < _MIN_FREE_BYTES:
+        raise BuildError(
+            f"only {free / 2**30:.1f} GiB free at {work}; a build needs about 2 GiB",
+            hint="free some disk space, or point LLAMACTL_HOME at a larger disk",
+        )
+    env = dict(os.environ)
+    # ccache keys on paths; relative to the cache home, trees of different
+    # keys share compiled objects whenever the flags agree.
+    env.setdefault("CCACHE_BASEDIR", str(home))
+    env.setdefault("NINJA_STATUS", "[%f/%t] ")
+    defines = {**plan.cmake_defines, **source.cmake_version_defines()}
+    configure = [
+        cmake,
+        "-S",
+        str(source.path),
+        "-B",
+        str(work),
+        "-G",
+        "Ninja",
+        f"-DCMAKE_MAKE_PROGRAM={ninja}",
+        *(f"-D{k}={v}" for k, v in sorted(defines.items())),
+    ]
+    if profile.tool("cc").path:
+        configure.append(f"-DCMAKE_C_COMPILER={profile.tool('cc').path}")
+    if profile.tool("cxx").path:
+        configure.append(f"-DCMAKE_CXX_COMPILER={profile.tool('cxx').path}")
+    if on_progress:
+        on_progress(BuildProgress("configure"))
+    _run_logged(configure, log_path, stage="configure", env=env, on_progress=on_progress)
+    compile_cmd = [cmake, "--build", str(work), "--target", *plan.targets, "-j", str(jobs)]
+    _run_logged(compile_cmd, log_path, stage="compile", env=env, on_progress=on_progress)
+
+
+def _stage(work: Path, staged: Path, targets: Sequence[str]) -> None:
+    """Copy the binaries (and shared libraries of a shared build) out of the tree."""
+    out = work / "bin"
+    (staged / "bin").mkdir(parents=True)
+    for target in targets:
+        src = out / target
+        if not src.is_file():
+            raise BuildError(f"the compile finished but {src} is missing")
+        shutil.copy2(src, staged / "bin" / target)
+    for lib in (*out.glob("*.so*"), *out.glob("*.dylib")):
+        shutil.copy2(lib, staged / "bin" / lib.name, follow_symlinks=True)
+
+
+def build(
+    profile: HardwareProfile,
+    options: BuildOptions,
+    source: SourceTree,
+    *,
+    model: Path,
+    home: Path | None = None,
+    jobs: int | None = None,
+    force: bool = False,
+    on_progress: ProgressCallback | None = None,
+) -> BuildResult:
+    """Build (or fetch from the cache) a verified server for ``options``.
+
+    If the verification run dies with SIGILL, the build is redone with the
+    highest remaining CPU extension turned off, and the result says so.
+    """
+    home = home or paths.home()
+    cache = BuildCache(home)
+    started = time.monotonic()
+    turned_off: dict[str, str] = {}
+    for _attempt in range(_MAX_FALLBACKS + 1):
+        plan = make_plan(profile, options)
+        compiler = compiler_identity(profile, plan)
+        key = plan.cache_key(source_id=source.source_id, compiler=compiler)
+        with cache.lock(key):
+            if not force and (hit := cache.get(key)) is not None:
+                if on_progress:
+                    on_progress(BuildProgress("done", line="cache hit"))
+                return BuildResult(
+                    build=hit,
+                    plan=plan,
+                    cached=True,
+                    seconds=time.monotonic() - started,
+                    turned_off=turned_off,
+                )
+            work = cache.work_dir(key)
+            if force and work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True, exist_ok=True)
+            log_path = work / "llamactl-build.log"
+            log_path.write_text("")
+            compile_started = time.monotonic()
+            _compile(
+                plan,
+                source,
+                profile,
+                work,
+                log_path,
+                jobs=jobs or os.cpu_count() or 2,
+                on_progress=on_progress,
+                home=home,
+            )
+            compile_seconds = time.monotonic() - compile_started
+            staged = cache.staging_dir(key)
+            shutil.rmtree(staged, ignore_errors=True)
+            try:
+                _stage(work, staged, plan.targets)
+                if on_progress:
+                    on_progress(
+                        BuildProgress("verify", line="running the built server on the demo model")
+                    )
+                try:
+                    verified = verify_server(
+                        staged / "bin" / "llama-server", model, log_path=staged / "verify.log"
+                    )
+                except VerificationError as exc:
+                    fallback = sigill_fallback(plan, exc.returncode)
+                    if fallback is None:
+                        raise
+                    turned_off.update(dict.fromkeys(fallback, exc.message))
+                    options = replace(
+                        options, disabled_features=options.disabled_features | fallback
+                    )
+                    continue
+                manifest = {
+                    "key": key,
+                    "created": time.time(),
+                    "version": f"b{v['build']} ({v['commit']})"
+                    if (v := read_version(staged / "bin" / "llama-server"))["build"] != "unknown"
+                    else "unknown",
+                    "source": {
+                        "origin": source.origin,
+                        "id": source.source_id,
+                        "path": str(source.path),
+                        "commit": source.commit,
+                    },
+                    "plan": plan.to_json(source_id=source.source_id, compiler=compiler),
+                    "compiler": compiler,
+                    "compile_seconds": round(compile_seconds, 1),
+                    "verified": verified.to_json(),
+                    "turned_off": turned_off,
+                    "log": str(log_path),
+                }
+                published = cache.publish(key, staged, manifest)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
+            if on_progress:
+                on_progress(BuildProgress("done", line="verified and cached"))
+            return BuildResult(
+                build=published,
+                plan=plan,
+                cached=False,
+                seconds=time.monotonic() - started,
+                turned_off=turned_off,
+            )
+    raise VerificationError(
+        f"no build passed verification after turning off {', '.join(turned_off) or 'nothing'}",
+        hint="report this with the output of `llamactl detect --json`",
+    )

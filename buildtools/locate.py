@@ -1,0 +1,129 @@
+"""Which llama-server ``llamactl serve`` runs, in one documented order.
+
+1. an explicit path (``--server PATH``), then ``$LLAMACTL_SERVER``;
+2. the newest verified cached build that suits this machine (its CPU
+   features are all usable here, its GPU backend has a GPU);
+3. ``llama-server`` on ``PATH``;
+4. when allowed, a fresh ``llamactl build`` with the default plan.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from buildtools import paths
+from buildtools.cache import BuildCache, CachedBuild
+from buildtools.errors import CacheError
+
+__all__ = ["Candidate", "ResolvedServer", "candidates", "resolve_server"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResolvedServer:
+    binary: Path
+    origin: str
+    """``explicit``, ``env``, ``cache``, ``path`` or ``built``."""
+    reason: str
+    build: CachedBuild | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Candidate:
+    """A cached build and whether it may serve on this machine."""
+
+    build: CachedBuild
+    usable: bool
+    reason: str
+
+
+def _usable_cpu_features() -> frozenset[str]:
+    from buildtools.hardware import detect_cpu
+
+    return frozenset(detect_cpu().features)
+
+
+def candidates(
+    home: Path | None = None, *, cpu_features: Callable[[], frozenset[str]] = _usable_cpu_features
+) -> list[Candidate]:
+    """Every cached build, newest first, with whether it suits this machine."""
+    builds = BuildCache(home or paths.home()).list()
+    if not builds:
+        return []
+    have = cpu_features()
+    out = []
+    for b in builds:
+        missing = sorted(set(b.cpu_features) - have)
+        if not b.verified:
+            out.append(Candidate(build=b, usable=False, reason="never verified on this machine"))
+        elif missing:
+            out.append(
+                Candidate(
+                    build=b, usable=False, reason=f"needs {', '.join(missing)}, not usable here"
+                )
+            )
+        elif b.backend not in {"cpu", "metal"} and not _has_gpu_for(b.backend):
+            out.append(
+                Candidate(
+                    build=b, usable=False, reason=f"{b.backend} build but no such GPU is usable now"
+                )
+            )
+        else:
+            out.append(
+                Candidate(build=b, usable=True, reason=f"verified {b.backend} build {b.version}")
+            )
+    return out
+
+
+def _has_gpu_for(backend: str) -> bool:
+    from buildtools.hardware import detect
+
+    status = {str(k): v for k, v in detect().backends.items()}.get(backend)
+    return status is not None and status.available
+
+
+def resolve_server(
+    explicit: str | os.PathLike[str] | None = None,
+    *,
+    build_if_missing: bool = False,
+    env: Mapping[str, str] | None = None,
+    home: Path | None = None,
+) -> ResolvedServer:
+    """The llama-server to run (see the module docstring for the order)."""
+    env = os.environ if env is None else env
+    for origin, value in (("explicit", explicit), ("env", env.get("LLAMACTL_SERVER"))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file() or not os.access(path, os.X_OK):
+                where = "--server" if origin == "explicit" else "$LLAMACTL_SERVER"
+                raise CacheError(f"{where} {path} is not an executable file")
+            return ResolvedServer(binary=path, origin=origin, reason=f"given as {origin}")
+    for cand in candidates(home):
+        if cand.usable:
+            return ResolvedServer(
+                binary=cand.build.binary,
+                origin="cache",
+                reason=f"newest {cand.reason}",
+                build=cand.build,
+            )
+    if on_path := shutil.which("llama-server", path=env.get("PATH")):
+        return ResolvedServer(
+            binary=Path(on_path), origin="path", reason="llama-server found on PATH"
+        )
+    if build_if_missing:
+        from buildtools import build_default
+
+        result = build_default(home=home)
+        return ResolvedServer(
+            binary=result.build.binary,
+            origin="built",
+            reason="built now (no usable build was cached)",
+            build=result.build,
+        )
+    raise CacheError(
+        "no llama-server is available: none is cached for this machine and none is on PATH",
+        hint="run `llamactl build` (about 10 minutes on 2 cores, once), or pass --server PATH",
+    )

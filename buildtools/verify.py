@@ -1,0 +1,199 @@
+"""Prove that a build runs here: start it, get a real chat completion, stop it.
+
+A binary that compiles is not a binary that runs: a CPU may advertise an
+instruction set the kernel does not enable, or a GPU build may silently fall
+back to the CPU. So every build is started on the demo model before it is
+published, and what it did is recorded in the build's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from buildtools._runner import capture
+from buildtools.errors import VerificationError
+
+__all__ = ["VerifyResult", "read_version", "verify_server"]
+
+_VERSION = re.compile(
+    r"version:\s*(?P<semver>\S+)\s*\(build (?P<build>\d+), commit (?P<commit>\w+)\)"
+)
+_TAIL_LINES = 25
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyResult:
+    ok: bool
+    seconds_to_ready: float
+    completion_tokens: int
+    text: str
+    exit_code: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_version(binary: Path) -> dict[str, str]:
+    """``llama-server --version`` parsed into build number and commit."""
+    done = capture([str(binary), "--version"], timeout=30)
+    match = _VERSION.search(done.stdout + done.stderr)
+    if not match:
+        return {
+            "build": "unknown",
+            "commit": "unknown",
+            "raw": (done.stdout + done.stderr).strip()[:200],
+        }
+    return match.groupdict()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-_TAIL_LINES:])
+    except OSError:
+        return ""
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        if -code == signal.SIGILL:
+            return (
+                f"{name} (illegal instruction: the binary uses an instruction "
+                "this CPU or OS does not allow)"
+            )
+        return name
+    return f"exit status {code}"
+
+
+def _get(url: str, timeout: float) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback URL we built
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _chat(base: str, timeout: float) -> dict[str, Any]:
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "Say hello in three words."}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
+    ).encode()
+    req = urllib.request.Request(  # noqa: S310 - loopback URL we built
+        f"{base}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+        result: dict[str, Any] = json.loads(resp.read())
+        return result
+
+
+def verify_server(
+    binary: Path, model: Path, *, log_path: Path, timeout: float = 120.0
+) -> VerifyResult:
+    """Run ``binary`` on ``model`` until it answers one chat completion.
+
+    Raises :class:`VerificationError` with the exit status (a signal name for
+    SIGILL and friends) and the tail of the server log when anything fails.
+    """
+    port = _free_port()
+    argv = [
+        str(binary),
+        "-m",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        "512",
+        "-np",
+        "1",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    try:
+        ready_at = None
+        while ready_at is None:
+            if (code := proc.poll()) is not None:
+                raise VerificationError(
+                    f"the built server died while loading the demo model: {_describe_exit(code)}",
+                    returncode=code,
+                    log_tail=_tail(log_path),
+                )
+            if time.monotonic() - started > timeout:
+                raise VerificationError(
+                    f"the built server was not ready after {timeout:.0f} s",
+                    log_tail=_tail(log_path),
+                )
+            try:
+                if _get(f"{base}/health", timeout=2) == 200:
+                    ready_at = time.monotonic()
+                    break
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.05)  # llama-server has no readiness push; poll briefly
+        try:
+            answer = _chat(base, timeout=timeout)
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            code = proc.poll()
+            raise VerificationError(
+                f"the built server failed a chat completion: "
+                f"{_describe_exit(code) if code is not None else exc}",
+                returncode=code,
+                log_tail=_tail(log_path),
+            ) from exc
+        tokens = int(answer.get("usage", {}).get("completion_tokens", 0))
+        text = str(answer.get("choices", [{}])[0].get("message", {}).get("content", ""))
+        if tokens <= 0:
+            raise VerificationError(
+                "the built server answered with no tokens", log_tail=_tail(log_path)
+            )
+        proc.send_signal(signal.SIGTERM)
+        try:
+            exit_code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired as exc:
+            raise VerificationError(
+                "the built server did not exit within 30 s of SIGTERM", log_tail=_tail(log_path)
+            ) from exc
+        if exit_code != 0:
+            raise VerificationError(
+                f"the built server did not exit cleanly: {_describe_exit(exit_code)}",
+                returncode=exit_code,
+                log_tail=_tail(log_path),
+            )
+        return VerifyResult(
+            ok=True,
+            seconds_to_ready=round(ready_at - started, 3),
+            completion_tokens=tokens,
+            text=text,
+            exit_code=exit_code,
+        )
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

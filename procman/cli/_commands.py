@@ -1,0 +1,7 @@
+"""Imports each command module so that it registers on the app."""
+
+from __future__ import annotations
+
+from procman.cli import _build, _detect  # noqa: F401
+
+__all__: list[str] = []
