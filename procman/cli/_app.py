@@ -15,5 +15,5 @@ app = typer.Typer(
 
 #: human-readable output (tables, progress) goes to stderr so that --json on
 #: stdout stays machine-readable
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)

@@ -119,3 +119,27 @@ def test_unavailable_backend_is_a_clear_error() -> None:
     assert done.returncode == 1
     assert "cuda is not available" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_failing_configure_reports_command_status_and_log_tail(tmp_path: Path) -> None:
+    """A real cmake run that fails: the user sees the command, exit status and log tail."""
+    tree = tmp_path / "broken-llama"
+    for rel in ("ggml/CMakeLists.txt", "include/llama.h", "tools/server/server.cpp"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_text("")
+    (tree / "CMakeLists.txt").write_text(
+        "cmake_minimum_required(VERSION 3.14)\n"
+        "project(broken NONE)\n"
+        'message(FATAL_ERROR "boom from the tree")\n'
+    )
+    done = run_cli("build", "--source", str(tree), "-j", "1", timeout=600)
+    assert done.returncode == 1
+    assert "the configure step failed" in done.stderr
+    assert "exit status: 1" in done.stderr
+    assert "boom from the tree" in done.stderr
+    assert "full log:" in done.stderr
+    assert "Traceback" not in done.stderr
+    listed = json.loads(run_cli("builds", "--json").stdout)
+    assert all("broken-llama" not in json.dumps(b) for b in listed["builds"]), (
+        "a failed build was cached"
+    )
