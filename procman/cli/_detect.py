@@ -1,0 +1,99 @@
+"""``llamactl detect``: what this machine can build and run, and why."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from procman.cli._app import app, out
+
+if TYPE_CHECKING:
+    from buildtools.hardware import HardwareProfile
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / (1 << 30):.1f} GiB"
+
+
+def _print_cpu(profile: HardwareProfile) -> None:
+    cpu = profile.cpu
+    cores = f", {cpu.cores} logical CPUs" if cpu.cores else ""
+    out.print(f"[bold]CPU[/]       {escape(cpu.model)} ({escape(cpu.vendor)}), {cpu.arch}{cores}")
+    out.print(f"[bold]features[/]  {' '.join(cpu.features) or 'none beyond the baseline'}")
+    for feature, reason in cpu.advertised_only.items():
+        out.print(f"[yellow]advertised only[/] {feature}: {escape(reason)}")
+    for note in cpu.notes:
+        out.print(f"[dim]note:[/] {escape(note)}")
+
+
+def _print_gpus(profile: HardwareProfile) -> None:
+    if not profile.gpus:
+        out.print("[bold]GPUs[/]      none found")
+        return
+    table = Table(title="GPUs", title_justify="left", show_edge=False)
+    for column in ("#", "vendor", "name", "memory (free)", "compute", "driver"):
+        table.add_column(column)
+    for gpu in profile.gpus:
+        memory = _gib(gpu.memory_bytes)
+        if gpu.memory_free_bytes is not None:
+            memory += f" ({_gib(gpu.memory_free_bytes)})"
+        table.add_row(
+            str(gpu.index),
+            gpu.vendor,
+            escape(gpu.name),
+            memory,
+            gpu.compute_capability or "-",
+            escape(gpu.driver_version or "-"),
+        )
+    out.print(table)
+
+
+def _print_toolchains(profile: HardwareProfile) -> None:
+    table = Table(title="Toolchains", title_justify="left", show_edge=False)
+    for column in ("tool", "version", "path or reason"):
+        table.add_column(column)
+    for name, tool in sorted(profile.toolchains.items()):
+        mark = "[green]✓[/]" if tool.found else "[red]✗[/]"
+        where = tool.path if tool.found and not tool.reason else tool.reason
+        if tool.found and tool.reason:
+            where = f"{tool.path} ({tool.reason})"
+        table.add_row(f"{mark} {name}", tool.version or "-", escape(where or ""))
+    out.print(table)
+
+
+def _print_backends(profile: HardwareProfile) -> None:
+    table = Table(title="Backends", title_justify="left", show_edge=False)
+    table.add_column("backend")
+    table.add_column("reason", overflow="fold")
+    for backend, status in sorted(profile.backends.items()):
+        mark = "[green]✓[/]" if status.available else "[red]✗[/]"
+        table.add_row(f"{mark} {backend}", escape(status.reason))
+    out.print(table)
+
+
+@app.command()
+def detect(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="machine-readable output on stdout")
+    ] = False,
+) -> None:
+    """Show the CPU features, GPUs, toolchains and buildable backends of this machine."""
+    from buildtools.hardware import detect as detect_hardware
+
+    profile = detect_hardware()
+    if as_json:
+        out.print(
+            json.dumps(profile.to_json(), indent=2), markup=False, highlight=False, emoji=False
+        )
+        return
+    _print_cpu(profile)
+    out.print()
+    _print_gpus(profile)
+    out.print()
+    _print_toolchains(profile)
+    out.print()
+    _print_backends(profile)
