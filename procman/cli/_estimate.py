@@ -1,0 +1,117 @@
+"""``llamactl estimate``: how much memory a model will take before it is started."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from procman.cli._app import app, out
+
+
+class FlashAttn(StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+def _size(n: int) -> str:
+    """Binary units, as llama.cpp's own logs print them."""
+    if n == 0:
+        return "-"
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+@app.command()
+def estimate(
+    model: Annotated[str, typer.Argument(help="a .gguf file, or `demo` for the demo model")],
+    ctx: Annotated[
+        int, typer.Option("--ctx", "-c", help="context over all slots (0 = training context)")
+    ] = 0,
+    parallel: Annotated[int, typer.Option(help="server slots (llama-server -np)")] = 1,
+    gpu_layers: Annotated[
+        int, typer.Option(help="layers to offload (-ngl); -1 = all, 0 for a CPU build")
+    ] = 0,
+    cache_type_k: Annotated[str, typer.Option(help="KV cache type for K")] = "f16",
+    cache_type_v: Annotated[str, typer.Option(help="KV cache type for V")] = "f16",
+    ubatch: Annotated[int, typer.Option(help="physical batch size (-ub)")] = 512,
+    flash_attn: Annotated[FlashAttn, typer.Option(help="flash attention")] = FlashAttn.AUTO,
+    kv_unified: Annotated[bool, typer.Option(help="one KV buffer shared by all slots")] = False,
+    cache_ram: Annotated[
+        int, typer.Option(help="prompt-cache limit in MiB (--cache-ram); counts as growth")
+    ] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="machine-readable output on stdout")
+    ] = False,
+) -> None:
+    """Predict the host RAM and GPU memory llama-server will need for MODEL."""
+    from procman.estimate import COMPONENTS
+    from procman.estimate import estimate as run_estimate
+    from procman.model_file import validate_model
+
+    if model == "demo":
+        from buildtools.demo import demo_model_path
+
+        path = demo_model_path()
+    else:
+        path = Path(model)
+    info = validate_model(path)
+    est = run_estimate(
+        info,
+        ctx=ctx,
+        parallel=parallel,
+        gpu_layers=gpu_layers,
+        cache_type_k=cache_type_k,
+        cache_type_v=cache_type_v,
+        n_ubatch=ubatch,
+        flash_attn={"auto": None, "on": True, "off": False}[flash_attn.value],
+        kv_unified=kv_unified,
+        cache_ram=cache_ram * 1024 * 1024,
+    )
+    if as_json:
+        doc = est.to_json()
+        doc["model"] = {
+            "path": str(info.path),
+            "architecture": info.architecture,
+            "name": info.name,
+            "file_type": info.file_type,
+            "n_layers": info.n_layers,
+            "n_ctx_train": info.n_ctx_train,
+        }
+        out.print_json(json.dumps(doc))
+        return
+
+    s = est.settings
+    swa = f", {info.n_swa_layers} sliding-window (window {info.sliding_window})"
+    out.print(
+        f"[bold]{escape(info.name or info.path.name)}[/] {info.architecture}, "
+        f"{info.file_type or '?'}, {info.n_layers} layers"
+        f"{swa if info.n_swa_layers else ''}, {_size(info.size_bytes)}"
+    )
+    out.print(
+        f"ctx {s['n_ctx']} ({s['parallel']} slot(s) x {s['n_ctx_seq']}"
+        f"{', unified' if s['kv_unified'] and s['parallel'] > 1 else ''}), "
+        f"ubatch {s['n_ubatch']}, flash attention {'on' if s['flash_attn'] else 'off'}, "
+        f"KV {s['cache_type_k']}/{s['cache_type_v']}, {s['gpu_layers']} layer(s) on the GPU"
+    )
+    table = Table(show_footer=True)
+    table.add_column("component", footer="total")
+    table.add_column("host", justify="right", footer=_size(est.host_bytes))
+    table.add_column("device", justify="right", footer=_size(est.device_bytes))
+    for name in COMPONENTS:
+        part = est.breakdown[name]
+        table.add_row(name.replace("_", " "), _size(part["host"]), _size(part["device"]))
+    out.print(table)
+    if est.host_growth_bytes:
+        grows = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in est.growth.items() if v)
+        out.print(
+            f"[dim]may grow while serving by up to {_size(est.host_growth_bytes)}: {grows}[/]"
+        )
