@@ -78,8 +78,17 @@ class BuildResult:
 
 
 def compiler_identity(profile: HardwareProfile, plan: BuildPlan) -> str:
-    """What part of the cache key says which compilers produced the build."""
-    parts = [f"{t}={profile.tool(t).path}@{profile.tool(t).version}" for t in ("cc", "cxx")]
+    """What part of the cache key says which compilers produced the build.
+
+    Paths are resolved: ``/usr/bin/cc`` and ``/usr/bin/gcc`` are usually the
+    same compiler, and a wheel build (which may find the other name) must hit
+    the same cache entry as ``llamactl build``.
+    """
+    parts = []
+    for name in ("cc", "cxx"):
+        tool = profile.tool(name)
+        path = os.path.realpath(tool.path) if tool.path else None
+        parts.append(f"{name}={path}@{tool.version}")
     if plan.cmake_defines.get("GGML_CUDA") == "ON":
         parts.append(f"nvcc@{profile.tool('nvcc').version}")
     parts.append(platform.machine())

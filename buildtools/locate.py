@@ -3,8 +3,9 @@
 1. an explicit path (``--server PATH``), then ``$LLAMACTL_SERVER``;
 2. the newest verified cached build that suits this machine (its CPU
    features are all usable here, its GPU backend has a GPU);
-3. ``llama-server`` on ``PATH``;
-4. when allowed, a fresh ``llamactl build`` with the default plan.
+3. the server bundled in the installed wheel (``buildtools/bin/``);
+4. ``llama-server`` on ``PATH``;
+5. when allowed, a fresh ``llamactl build`` with the default plan.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from buildtools import paths
 from buildtools.cache import BuildCache, CachedBuild
 from buildtools.errors import CacheError
+from buildtools.wheel import bundled_server
 
 __all__ = ["Candidate", "ResolvedServer", "candidates", "resolve_server"]
 
@@ -26,7 +28,7 @@ __all__ = ["Candidate", "ResolvedServer", "candidates", "resolve_server"]
 class ResolvedServer:
     binary: Path
     origin: str
-    """``explicit``, ``env``, ``cache``, ``path`` or ``built``."""
+    """``explicit``, ``env``, ``cache``, ``bundled``, ``path`` or ``built``."""
     reason: str
     build: CachedBuild | None = None
 
@@ -109,6 +111,10 @@ def resolve_server(
                 reason=f"newest {cand.reason}",
                 build=cand.build,
             )
+    if bundled := bundled_server():
+        return ResolvedServer(
+            binary=bundled, origin="bundled", reason="bundled in the installed wheel"
+        )
     if on_path := shutil.which("llama-server", path=env.get("PATH")):
         return ResolvedServer(
             binary=Path(on_path), origin="path", reason="llama-server found on PATH"

@@ -51,6 +51,12 @@ def build(
         bool, typer.Option("--dry-run", help="print the plan, build nothing")
     ] = False,
     force: Annotated[bool, typer.Option(help="rebuild even if the plan is cached")] = False,
+    wheel: Annotated[
+        bool, typer.Option("--wheel", help="build a platform wheel carrying the verified server")
+    ] = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="where --wheel puts the wheel")] = Path(
+        "dist"
+    ),
     as_json: Annotated[
         bool, typer.Option("--json", help="machine-readable output on stdout")
     ] = False,
@@ -61,6 +67,18 @@ def build(
     from buildtools.demo import demo_model_path
     from buildtools.hardware import detect
 
+    if wheel:
+        from buildtools.wheel import build_wheel
+
+        made = build_wheel(
+            out_dir,
+            backend=backend,
+            portable=portable,
+            defines=_parse_defines(define),
+            on_line=lambda line: console.print(line, markup=False),
+        )
+        out.print(str(made))
+        return
     options = BuildOptions(
         backend=backend, portable=portable, native=native, extra_defines=_parse_defines(define)
     )

@@ -1,0 +1,81 @@
+"""The platform wheel carries the verified server and works from a fresh venv."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from buildtools import BuildResult
+
+
+@pytest.fixture(scope="module")
+def wheel(default_build: BuildResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`llamactl build --wheel`; the compile is the cached default build."""
+    out = tmp_path_factory.mktemp("wheels")
+    done = subprocess.run(
+        [sys.executable, "-m", "procman.cli", "build", "--wheel", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reused from the cache" in done.stderr, "the wheel recompiled a cached plan"
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env_dir = tmp_path_factory.mktemp("venv")
+    venv.create(env_dir, with_pip=True)
+    pip = subprocess.run(
+        [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    return env_dir
+
+
+def test_wheel_carries_the_server_and_its_plan(wheel: Path, default_build: BuildResult) -> None:
+    assert wheel.name.endswith("-py3-none-linux_x86_64.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        assert "buildtools/bin/llama-server" in names
+        manifest = json.loads(zf.read("buildtools/bin/llamactl-build.json"))
+        mode = zf.getinfo("buildtools/bin/llama-server").external_attr >> 16
+    assert mode & 0o111, "llama-server lost its executable bit"
+    assert manifest["key"] == default_build.build.key
+    assert manifest["verified"]["ok"] is True
+    assert manifest["plan"]["cmake_defines"] == default_build.plan.cmake_defines
+
+
+def test_installed_wheel_serves_with_its_bundled_server(wheel_venv: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "LLAMACTL_HOME": str(tmp_path / "empty-home")}
+    env.pop("LLAMACTL_SERVER", None)
+    done = subprocess.run(
+        [str(wheel_venv / "bin" / "llamactl"), "builds", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    uses = json.loads(done.stdout)["serve_uses"]
+    assert uses["origin"] == "bundled", uses
+    assert str(wheel_venv) in uses["binary"]
+    version = subprocess.run(
+        [uses["binary"], "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert "build 11312" in version.stdout + version.stderr
