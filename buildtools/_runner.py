@@ -63,7 +63,7 @@ def capture(
     argv = tuple(str(a) for a in args)
     log.debug("run: %s", shlex.join(argv))
     try:
-        proc = subprocess.run(  # noqa: S603 - argv is built by llamactl, never via a shell
+        proc = subprocess.run(
             argv,
             capture_output=True,
             text=True,

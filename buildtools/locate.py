@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from buildtools import paths
+from buildtools.builder import ProgressCallback
 from buildtools.cache import BuildCache, CachedBuild
 from buildtools.errors import CacheError
 from buildtools.wheel import bundled_server
@@ -93,6 +94,7 @@ def resolve_server(
     build_if_missing: bool = False,
     env: Mapping[str, str] | None = None,
     home: Path | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> ResolvedServer:
     """The llama-server to run (see the module docstring for the order)."""
     env = os.environ if env is None else env
@@ -122,7 +124,7 @@ def resolve_server(
     if build_if_missing:
         from buildtools import build_default
 
-        result = build_default(home=home)
+        result = build_default(home=home, on_progress=on_progress)
         return ResolvedServer(
             binary=result.build.binary,
             origin="built",

@@ -51,9 +51,7 @@ class PortInUseError(LlamactlError):
 class ServerError(LlamactlError):
     """A managed llama-server failed; ``log_tail`` holds its last output."""
 
-    def __init__(
-        self, message: str, *, log_tail: str = "", hint: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, log_tail: str = "", hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
         self.log_tail = log_tail
 

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from buildtools.errors import PlanError
 from procman.cli._app import app, console, out
+from procman.cli._progress import BuildProgressView
 
 
 def _parse_defines(defines: list[str]) -> dict[str, str]:
@@ -62,7 +62,7 @@ def build(
     ] = False,
 ) -> None:
     """Compile a verified llama-server for this machine into the build cache."""
-    from buildtools import BuildOptions, BuildProgress, build, make_plan, provision
+    from buildtools import BuildOptions, build, make_plan, provision
     from buildtools.builder import compiler_identity
     from buildtools.demo import demo_model_path
     from buildtools.hardware import detect
@@ -102,25 +102,8 @@ def build(
         return
 
     _print_plan(plan.to_json(source_id=src.source_id, compiler=compiler), brief=True)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("configuring", total=None)
-
-        def on_progress(p: BuildProgress) -> None:
-            if p.stage == "compile" and p.total:
-                progress.update(task, description="compiling", completed=p.done, total=p.total)
-            elif p.stage in {"configure", "verify"}:
-                progress.update(task, description=p.stage + ("" if p.stage == "verify" else "…"))
-
-        result = build(
-            profile, options, src, model=model, jobs=jobs, force=force, on_progress=on_progress
-        )
+    with BuildProgressView() as view:
+        result = build(profile, options, src, model=model, jobs=jobs, force=force, on_progress=view)
     info = result.to_json()
     verb = "cached" if result.cached else "built and verified"
     console.print(f"[green]✓[/] {verb} llama-server {info['version']} in {info['seconds']} s")

@@ -8,6 +8,7 @@ import os
 from buildtools.errors import BuildError, LlamactlError, VerificationError
 from procman.cli import _commands  # noqa: F401 - registers every command on the app
 from procman.cli._app import app, console
+from procman.errors import ServerError
 
 #: exit statuses; documented in the README
 EXIT_OK = 0
@@ -28,7 +29,7 @@ def _report(exc: LlamactlError) -> None:
             console.print(exc.log_tail, markup=False)
         if exc.log_path:
             console.print(f"[dim]full log:[/] {exc.log_path}")
-    if isinstance(exc, VerificationError) and exc.log_tail:
+    if isinstance(exc, VerificationError | ServerError) and exc.log_tail:
         console.print("[dim]last lines of the server log:[/]")
         console.print(exc.log_tail, markup=False)
     if exc.hint:

@@ -1,0 +1,93 @@
+"""Ports: the public one is bound before anything starts; private ones are picked free.
+
+The public port (the one users point clients at) is bound by llamactl itself
+and the bound socket is handed to the router, so there is no window between
+"checked free" and "listening" in which another program could take it, and a
+busy port is reported before any llama-server is spawned.
+
+A private port must be chosen by us and then bound by llama-server, so a race
+is unavoidable: the kernel's choice for port 0 is free at that instant, and
+if another program grabs it before llama-server binds, llama-server exits
+early saying so (:func:`is_bind_failure`) and the supervisor retries with a
+fresh port. Ephemeral ports are handed out round-robin, so a collision twice
+in a row is very unlikely.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+
+from procman.errors import ConfigError, PortInUseError
+
+__all__ = [
+    "BIND_FAILURE_MARKERS",
+    "bind_listener",
+    "is_bind_failure",
+    "is_loopback",
+    "pick_free_port",
+]
+
+#: what llama-server logs when it cannot listen (b11312: "couldn't bind HTTP server socket")
+BIND_FAILURE_MARKERS = ("couldn't bind HTTP server socket", "Address already in use")
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    """A port on ``host`` that was free a moment ago (the kernel's pick for port 0)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def is_bind_failure(log_text: str) -> bool:
+    """Whether llama-server's output says it could not bind its port."""
+    return any(marker in log_text for marker in BIND_FAILURE_MARKERS)
+
+
+def bind_listener(host: str, port: int, *, backlog: int = 128) -> socket.socket:
+    """A listening TCP socket on ``host:port``, or :class:`PortInUseError`.
+
+    SO_REUSEADDR is set (as every server does) so a port in TIME_WAIT after a
+    restart is reusable, while a port another program listens on is not.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host!r}: {exc.strerror}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in {errno.EADDRINUSE, errno.EACCES}:
+            if exc.errno == errno.EACCES:
+                raise ConfigError(
+                    f"not allowed to listen on {host}:{port}",
+                    hint="ports below 1024 need privileges; pass a higher --port",
+                ) from exc
+            raise PortInUseError(host, port) from exc
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only reaches this machine (every address it resolves to is loopback).
+
+    A name that does not resolve counts as not loopback: exposing the server
+    by accident is worse than asking for ``--api-key``.
+    """
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)

@@ -1,0 +1,176 @@
+"""Process hygiene for long-lived children: own group, dies with us, polite then firm stop.
+
+What each OS gets:
+
+* every server runs in its own session and process group
+  (``start_new_session``), so a terminal's Ctrl-C reaches llamactl only (which
+  then stops its servers in order), and stopping signals the whole group:
+  SIGTERM, a grace period, then SIGKILL;
+* on Linux the child asks the kernel for SIGKILL when its parent dies
+  (``prctl(PR_SET_PDEATHSIG)``), so even ``kill -9`` of llamactl leaves no
+  server behind. It re-checks ``getppid()`` right after, closing the race
+  in which the parent dies between ``fork`` and ``prctl``. PDEATHSIG follows
+  the *thread* that forked, not the process: asyncio forks from the event
+  loop's thread, so run the event loop in a thread that lives as long as the
+  servers (the main thread, or one dedicated thread in a desktop app), never
+  in a short-lived worker thread;
+* macOS and other POSIX systems have no PDEATHSIG: a clean exit, Ctrl-C or
+  SIGTERM still stops every server, but after a SIGKILL of llamactl its
+  servers keep running until stopped by hand (their pids are in the events
+  and at the top of each run in the log). Windows is not supported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from procman.logs import LineTail, RotatingLog
+
+__all__ = ["Child", "describe_exit", "spawn", "terminate", "within"]
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def describe_exit(code: int | None) -> str:
+    """``exit status 1``, ``SIGKILL``, ``SIGILL (illegal instruction...)``."""
+    if code is None:
+        return "still running"
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+    if -code == signal.SIGILL:
+        return f"{name} (illegal instruction: built for another CPU?)"
+    if -code == signal.SIGKILL:
+        return f"{name} (killed: out of memory, or by someone)"
+    return name
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        func: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return func
+
+
+def _child_setup() -> Callable[[], None] | None:
+    """The pre-exec hook that ties the child's life to ours (Linux only)."""
+    prctl = _prctl()  # resolved here, in the parent: the child only calls it
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def setup() -> None:
+        prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will stop us
+            os._exit(1)
+
+    return setup
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    # the group outlives a reaped leader only while members remain, and the
+    # kernel never reuses a pid that still names a group, so this is safe
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+async def within(future: asyncio.Future[Any], seconds: float) -> bool:
+    """Whether ``future`` is done within ``seconds`` (it is never cancelled)."""
+    if not future.done():
+        await asyncio.wait({future}, timeout=max(0.0, seconds))
+    return future.done()
+
+
+class Child(asyncio.SubprocessProtocol):
+    """Pipes the child's output into the log and the tail; resolves when it exits."""
+
+    def __init__(self, sink: RotatingLog, tail: LineTail) -> None:
+        loop = asyncio.get_running_loop()
+        self.sink = sink
+        self.tail = tail
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.transport: asyncio.SubprocessTransport | None = None
+        self._write_failed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.SubprocessTransport):
+            self.transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.tail.feed(data)
+        try:
+            self.sink.write(data)
+        except OSError as exc:  # a full disk must not take the server down with it
+            if not self._write_failed:
+                log.warning("cannot write log %s: %s", self.sink.path, exc)
+            self._write_failed = True
+
+    def process_exited(self) -> None:
+        if self.transport is not None and not self.exited.done():
+            code = self.transport.get_returncode()
+            self.exited.set_result(-1 if code is None else code)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+async def spawn(
+    argv: Sequence[str], sink: RotatingLog, tail: LineTail
+) -> tuple[asyncio.SubprocessTransport, Child]:
+    """Start ``argv`` in its own session, tied to our life, its output piped to ``sink``.
+
+    Must run in the event loop's thread (asyncio forks there): see the module
+    docstring on PDEATHSIG.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.subprocess_exec(
+        lambda: Child(sink, tail),
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        # only prctl + getppid run between fork and exec (PLW1509 is not in our selection)
+        preexec_fn=_child_setup(),
+    )
+
+
+async def terminate(
+    transport: asyncio.SubprocessTransport, child: Child, grace: float, name: str = ""
+) -> None:
+    """SIGTERM the group, wait the grace period, SIGKILL the group, reap, close pipes."""
+    pid = transport.get_pid()
+    try:
+        if not child.exited.done():
+            _signal_group(pid, signal.SIGTERM)
+            await within(child.exited, grace)
+    finally:
+        # always: the leader if it outlived its grace, and any other member of its group
+        _signal_group(pid, signal.SIGKILL)
+        try:
+            if not await within(child.exited, 10.0):
+                log.error("%s: pid %d survived SIGKILL for 10 s", name, pid)
+            await within(child.closed, 1.0)  # the last output reaches the log
+        finally:
+            transport.close()

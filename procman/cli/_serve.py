@@ -1,0 +1,218 @@
+"""``llamactl serve`` and ``llamactl logs``.
+
+``serve`` checks everything it can before spawning anything (the model file,
+exposure without a key, the public port, the server binary), binds the
+public port, starts the router at once (early requests wait for the model),
+then the supervised llama-server. Ctrl-C or SIGTERM stops the router, then
+the server (SIGTERM, grace, SIGKILL of its process group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.markup import escape
+
+from buildtools.errors import LlamactlError
+from procman.cli._app import app, console
+from procman.cli._progress import BuildProgressView
+from procman.errors import ServerError
+
+if TYPE_CHECKING:
+    from procman.events import Event
+    from procman.spec import ServerSpec
+
+__all__ = ["logs", "serve"]
+
+_STATE_STYLE = {
+    "ready": "green",
+    "failed": "bold red",
+    "unhealthy": "yellow",
+    "restarting": "yellow",
+}
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    context: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Argument(help="A .gguf path or a model name in the cache; default: the demo model."),
+    ] = None,
+    *,
+    host: Annotated[str, typer.Option(help="Interface of the public endpoint.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the public endpoint.")] = 8080,
+    ctx_size: Annotated[
+        int | None, typer.Option("--ctx", help="Context size (default: llama-server's).")
+    ] = None,
+    parallel: Annotated[
+        int | None, typer.Option(help="Requests served concurrently (slots).")
+    ] = None,
+    gpu_layers: Annotated[
+        str | None, typer.Option(help="Layers on the GPU: N, auto or all.")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LLAMACTL_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+    ] = None,
+    server: Annotated[Path | None, typer.Option(help="The llama-server binary to run.")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Model name for clients and the log file.")
+    ] = None,
+    startup_timeout: Annotated[
+        float, typer.Option(help="Seconds the model may take to load.")
+    ] = 120.0,
+    insecure: Annotated[
+        bool, typer.Option(help="Allow a non-loopback --host without --api-key.")
+    ] = False,
+) -> None:
+    """Serve a GGUF model at HOST:PORT (OpenAI-compatible) under supervision.
+
+    Extra llama-server arguments go after '--': `llamactl serve m.gguf -- --flash-attn on`.
+    """
+    import buildtools
+    from procman._ports import bind_listener
+    from procman.model_file import validate_model
+    from procman.router import check_exposure
+    from procman.spec import ServerSpec, default_name, parse_gpu_layers, resolve_model
+
+    extra = list(context.args)
+    if model is not None and model.startswith("-"):  # `serve -- -fa on`: click gives -fa to MODEL
+        extra.insert(0, model)
+        model = None
+    layers = parse_gpu_layers(gpu_layers)
+    check_exposure(host, api_key, allow_unauthenticated=insecure)
+    model_path = resolve_model(model)
+    info = validate_model(model_path)
+    with BuildProgressView(
+        "no llama-server is built for this machine yet: building and verifying one "
+        "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
+    ) as view:
+        resolved = buildtools.resolve_server(server, build_if_missing=True, on_progress=view)
+    server_name = name or default_name(model_path, model)
+    stem = model_path.name.removesuffix(".gguf")
+    spec = ServerSpec(
+        name=server_name,
+        aliases=() if stem == server_name else (stem,),
+        model=model_path,
+        binary=resolved.binary,
+        ctx=ctx_size,
+        parallel=parallel,
+        gpu_layers=layers,
+        extra_args=tuple(extra),
+        startup_timeout=startup_timeout,
+    )
+    listener = bind_listener(host, port)  # the last check; the port stays ours from here on
+    with listener:
+        size = f"{info.size_bytes / 1e6:.0f} MB"
+        kind = f"{info.architecture}, {info.file_type or '?'}, {size}"
+        console.print(f"[bold]{escape(spec.name)}[/]: {escape(str(model_path))} ({escape(kind)})")
+        binary, why = escape(str(resolved.binary)), escape(resolved.reason)
+        console.print(f"[dim]llama-server:[/] {binary} [dim]({why})[/]")
+        failure = asyncio.run(_serve(spec, listener, api_key))
+    if failure is not None:
+        raise ServerError(failure.reason, log_tail=failure.log_tail, hint=f"log: {spec.log_path}")
+
+
+def _print_event(event: Event) -> None:
+    stamp = datetime.fromtimestamp(event.time).strftime("%H:%M:%S")
+    style = _STATE_STYLE.get(str(event.state), "cyan")
+    what = f"{escape(event.server)} [{style}]{event.state}[/]"
+    console.print(f"[dim]{stamp}[/] {what} [dim]{escape(event.reason)}[/]")
+
+
+async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None) -> Event | None:
+    """Run until Ctrl-C/SIGTERM (returns None) or until the server fails for good (its event)."""
+    from procman.events import State
+    from procman.router import Router, RouterSettings
+    from procman.supervisor import Supervisor
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    failed: asyncio.Future[Event] = loop.create_future()
+
+    def on_event(event: Event) -> None:
+        _print_event(event)
+        if event.state is State.FAILED and not failed.done():
+            failed.set_result(event)
+
+    supervisor = Supervisor()
+    supervisor.bus.subscribe(on_event)
+    router = Router(supervisor, RouterSettings(api_key=api_key))
+    started = time.monotonic()
+    try:
+        managed = supervisor.add(spec, validate=False)  # validated before the port was bound
+        starting = asyncio.ensure_future(managed.start())
+        await router.start(listener)  # from now on requests wait for the model, never refused
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()  # kills and reaps the half-started server
+            await asyncio.wait({starting})
+        elif starting.exception() is None:
+            host, port = router.address or ("?", 0)
+            url = f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+            console.print(
+                f"[bold green]ready[/] in {time.monotonic() - started:.1f} s: "
+                f"model [bold]{escape(spec.name)}[/] at [bold]{url}[/]  [dim](Ctrl-C stops)[/]"
+            )
+            until: set[asyncio.Future[Any]] = {stopping, failed}
+            await asyncio.wait(until, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+    finally:
+        await router.stop()
+        await supervisor.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if failed.done():
+        return failed.result()
+    console.print("stopped")
+    return None
+
+
+@app.command()
+def logs(
+    name: Annotated[
+        str, typer.Argument(help="The server's name (as `serve` printed it, e.g. demo).")
+    ],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing what is appended.")
+    ] = False,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", help="How many of the last lines to print.")
+    ] = 50,
+) -> None:
+    """Print a served model's llama-server log (stdout and stderr)."""
+    from procman.logs import follow as follow_log
+    from procman.logs import log_path, read_tail
+
+    path = log_path(name)
+    if not path.is_file():
+        known = sorted(p.name.removesuffix(".log") for p in path.parent.glob("*.log"))
+        raise LlamactlError(
+            f"no log for {name!r} (looked for {path})",
+            hint=f"logs exist for: {', '.join(known)}" if known else "nothing has been served yet",
+        )
+    if not follow:
+        for line in read_tail(path, lines):
+            sys.stdout.write(line + "\n")
+        return
+
+    async def tail_forever() -> None:
+        async for text in follow_log(path, lines=lines):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(tail_forever())

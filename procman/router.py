@@ -1,0 +1,317 @@
+"""The OpenAI-compatible front door: one endpoint, requests routed by ``model``.
+
+The router owns the public socket for the whole life of ``serve``, so a
+client never sees a refused connection: while a server is starting or
+restarting, requests wait for it (up to ``ready_timeout``) and then get 503
+with ``Retry-After``. Responses are relayed chunk by chunk as they arrive
+(server-sent events included, nothing is buffered whole), and when a client
+goes away its upstream request is closed, which makes llama-server stop
+generating for it. One pooled ``aiohttp.ClientSession`` serves all upstream
+traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from procman._ports import is_loopback
+from procman.errors import ConfigError
+from procman.events import State
+
+__all__ = ["Router", "RouterSettings", "Upstream", "Upstreams", "check_exposure"]
+
+log = logging.getLogger(__name__)
+
+#: the OpenAI endpoints forwarded by the body's "model"
+PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+# never forwarded either way: per-connection headers, and ours to set
+_HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+        "trailers", "transfer-encoding", "upgrade", "content-length", "host", "authorization",
+        "accept-encoding", "server", "date",
+    }
+)  # fmt: skip
+_RETRY_CONNECT_DELAY = 0.05
+
+
+class Upstream(Protocol):
+    """What the router needs of a server (``ManagedServer`` is one; tests use fakes)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def aliases(self) -> tuple[str, ...]: ...
+    @property
+    def state(self) -> State: ...
+    @property
+    def url(self) -> str | None: ...
+    @property
+    def last_reason(self) -> str: ...
+    async def wait_ready(self, timeout: float | None = None) -> bool: ...  # noqa: ASYNC109
+
+
+class Upstreams(Protocol):
+    """What the router needs of a supervisor."""
+
+    def find(self, model: str | None) -> Upstream | None: ...
+    def upstreams(self) -> Sequence[Upstream]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouterSettings:
+    """How the public endpoint behaves."""
+
+    api_key: str | None = None
+    """If set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``."""
+    ready_timeout: float = 120.0
+    """Seconds a request waits for a starting or restarting server before 503."""
+    retry_after: int = 5
+    """``Retry-After`` seconds sent with 503."""
+    connect_timeout: float = 10.0
+    """Seconds to connect to a private server (it is local: this only trips on a hang)."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Largest request body (prompts with images or long documents are big)."""
+    pool_size: int = 256
+    """Upstream connections kept open across all servers."""
+    shutdown_timeout: float = 2.0
+    """Seconds in-flight requests get to finish when the router stops."""
+
+
+def check_exposure(host: str, api_key: str | None, *, allow_unauthenticated: bool = False) -> None:
+    """Refuse to listen beyond this machine without an API key, unless told to."""
+    if api_key or allow_unauthenticated or is_loopback(host):
+        return
+    raise ConfigError(
+        f"refusing to serve on {host} without an API key: anyone who can reach it could use it",
+        hint="pass --api-key KEY (or set LLAMACTL_API_KEY), or --insecure to serve without one",
+    )
+
+
+def _error(
+    status: int, message: str, kind: str, code: str | None = None, **headers: str
+) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers or None)
+
+
+class Router:
+    """The aiohttp application and its lifecycle: ``async with Router(supervisor) as r:``."""
+
+    def __init__(self, upstreams: Upstreams, settings: RouterSettings | None = None) -> None:
+        self.upstreams = upstreams
+        self.settings = settings or RouterSettings()
+        self._key = self.settings.api_key.encode() if self.settings.api_key else None
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.address: tuple[str, int] | None = None
+        self.app = web.Application(
+            middlewares=[self._auth], client_max_size=self.settings.max_body_bytes
+        )
+        self.app.cleanup_ctx.append(self._client_session)
+        self.app.router.add_get("/health", self._health)
+        self.app.router.add_get("/v1/models", self._models)
+        for path in PROXIED:
+            self.app.router.add_post(path, self._proxy)
+
+    async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
+        connector = aiohttp.TCPConnector(limit=self.settings.pool_size, limit_per_host=0)
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False
+        )
+        try:
+            yield
+        finally:
+            await self._session.close()
+            self._session = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on an already bound, listening socket (see ``procman._ports.bind_listener``)."""
+        # handler_cancellation: a client that disconnects cancels its handler, which
+        # closes the upstream request even while nothing is being written to it
+        self._runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self.settings.shutdown_timeout,
+        )
+        await self._runner.setup()
+        site = web.SockSite(self._runner, sock)
+        await site.start()
+        name = sock.getsockname()
+        self.address = (str(name[0]), int(name[1]))
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Router:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- handlers ------------------------------------------------------------------
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self._key is not None and request.path != "/health":
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                token.strip().encode(), self._key
+            ):
+                return _error(
+                    401, "invalid or missing API key", "invalid_request_error", "invalid_api_key",
+                    **{"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+        return await handler(request)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        servers = self.upstreams.upstreams()
+        available = {State.READY, State.UNHEALTHY}
+        ok = bool(servers) and all(s.state in available for s in servers)
+        body = {
+            "status": "ok" if ok else "unavailable",
+            "models": {s.name: {"state": str(s.state), "reason": s.last_reason} for s in servers},
+        }
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        now = int(time.time())
+        data = [
+            {"id": s.name, "object": "model", "created": now, "owned_by": "llamactl",
+             "aliases": list(s.aliases), "state": str(s.state)}
+            for s in self.upstreams.upstreams()
+        ]  # fmt: skip
+        return web.json_response({"object": "list", "data": data})
+
+    def _pick(self, body: bytes) -> Upstream | web.Response:
+        """The upstream a request body names, or the error response to send instead."""
+        try:
+            payload: Any = json.loads(body) if body else {}
+        except ValueError:
+            return _error(400, "the request body is not valid JSON", "invalid_request_error")
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(payload, dict) or not isinstance(model, str | None):
+            message = "the request body must be a JSON object with a string 'model'"
+            return _error(400, message, "invalid_request_error")
+        upstream = self.upstreams.find(model)
+        if upstream is None:
+            names = ", ".join(s.name for s in self.upstreams.upstreams()) or "none"
+            what = f"model {model!r} is not served" if model else "several models are served"
+            message = f"{what} (available: {names})"
+            return _error(404, message, "invalid_request_error", "model_not_found")
+        return upstream
+
+    async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        upstream = self._pick(body)
+        if isinstance(upstream, web.Response):
+            return upstream
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.ready_timeout
+        resent = False
+        while True:
+            ready = await upstream.wait_ready(max(0.0, deadline - loop.time()))
+            if not ready or upstream.url is None:
+                return self._unavailable(upstream)
+            try:
+                response = await self._send(request, upstream.url, body)
+            except aiohttp.ClientConnectorError:
+                # nothing reached the server (it died after we saw it ready):
+                # safe to send again once the supervisor has restarted it
+                if loop.time() >= deadline:
+                    return self._unavailable(upstream)
+                await asyncio.sleep(_RETRY_CONNECT_DELAY)
+                continue
+            except aiohttp.ClientConnectionError as exc:
+                # the connection broke before any answer: usually a pooled
+                # keep-alive connection to a server that has just died. Sent
+                # once more, never twice: a request that itself crashes the
+                # server must not take down every restart too.
+                if resent:
+                    message = f"model {upstream.name!r} failed: {exc}"
+                    return _error(502, message, "server_error", "upstream_error")
+                resent = True
+                await asyncio.sleep(_RETRY_CONNECT_DELAY)
+                continue
+            except aiohttp.ClientError as exc:
+                message = f"model {upstream.name!r} failed: {exc}"
+                return _error(502, message, "server_error", "upstream_error")
+            return await self._relay(request, response)
+
+    def _unavailable(self, upstream: Upstream) -> web.Response:
+        if upstream.state is State.FAILED:
+            return _error(
+                503,
+                f"model {upstream.name!r} failed: {upstream.last_reason}",
+                "server_error",
+                "model_failed",
+            )
+        return _error(
+            503, f"model {upstream.name!r} is not ready ({upstream.state}); retry later",
+            "server_error", "model_not_ready", **{"Retry-After": str(self.settings.retry_after)},
+        )  # fmt: skip
+
+    async def _send(self, request: web.Request, base: str, body: bytes) -> aiohttp.ClientResponse:
+        if self._session is None:
+            raise RuntimeError("the router's client session opens when the app starts")
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["Accept-Encoding"] = "identity"
+        return await self._session.post(f"{base}{request.rel_url}", data=body, headers=headers)
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        """Copy status, headers and body, each chunk as soon as it arrives."""
+        completed = False
+        try:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for key, value in upstream.headers.items():
+                if key.lower() not in _HOP_BY_HOP:
+                    response.headers.add(key, value)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except aiohttp.ClientPayloadError as exc:
+                # the server died mid-answer: the headers are out, so cut the
+                # connection rather than end the body cleanly as if complete
+                log.warning("upstream %s broke off: %s", request.path, exc)
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            await response.write_eof()
+            completed = True
+            return response
+        finally:
+            # closing an unfinished response drops its connection, which is how
+            # llama-server learns that the client is gone and stops generating
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()

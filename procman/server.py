@@ -1,0 +1,352 @@
+"""One supervised llama-server: spawn, health-check, restart, stop.
+
+:class:`ManagedServer` is an async context manager that owns at most one
+child process at a time. Its life is driven by real signals only: the
+process exiting (the child watcher tells us at once), llama-server's
+``/health`` (503 while loading, 200 when ready; it has no push signal, so it
+is polled at a short interval while loading and a long one afterwards), and
+the startup timeout. Every change of state is an :class:`~procman.events.Event`.
+
+Process hygiene (own process group, death with the parent, what each OS
+gets) lives in :mod:`procman._process`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import time
+from datetime import datetime
+from enum import Enum
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from procman._ports import is_bind_failure, pick_free_port
+from procman._process import Child, describe_exit, spawn, terminate, within
+from procman.errors import ServerError, StartupTimeout
+from procman.events import Event, EventBus, State
+from procman.logs import LineTail, RotatingLog
+from procman.policy import Action, RestartPolicy
+from procman.spec import ServerSpec
+
+if TYPE_CHECKING:
+    import aiohttp
+
+__all__ = ["ManagedServer"]
+
+log = logging.getLogger(__name__)
+
+_BIND_ATTEMPTS = 5
+_TAIL_LINES = 40
+
+
+class _End(Enum):
+    """Why one life of the process ended: it exited, or we killed it for hanging."""
+
+    EXITED = "exited"
+    TIMEOUT = "timeout"
+    UNHEALTHY = "unhealthy"
+
+
+class ManagedServer:
+    """One llama-server under supervision; ``async with ManagedServer(spec) as s:``."""
+
+    def __init__(
+        self,
+        spec: ServerSpec,
+        *,
+        bus: EventBus | None = None,
+        policy: RestartPolicy | None = None,
+        validate: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.bus = bus or EventBus()
+        self.policy = policy or RestartPolicy(spec.restart)
+        self._validate = validate
+        self._state = State.STOPPED
+        self._pid: int | None = None
+        self._port: int | None = None
+        self._available = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._settled.set()
+        self._task: asyncio.Task[None] | None = None
+        self._first: asyncio.Future[None] | None = None
+        self._ever_ready = False
+        self._log = RotatingLog(
+            spec.log_path, max_bytes=spec.log.max_bytes, backups=spec.log.backups
+        )
+        self._tail = LineTail(_TAIL_LINES)
+        self._session: aiohttp.ClientSession | None = None
+        self.restarts = 0
+        self.last_reason = "not started"
+        self.ready_since: float | None = None
+
+    # -- what others read -------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return self.spec.aliases
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    @property
+    def url(self) -> str | None:
+        """Base URL of the private server while a process is running."""
+        if self._port is None:
+            return None
+        host = f"[{self.spec.host}]" if ":" in self.spec.host else self.spec.host
+        return f"http://{host}:{self._port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.spec.log_path
+
+    def log_tail(self) -> str:
+        return self._tail.text()
+
+    async def wait_ready(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 - callers want a bool, not an exception
+    ) -> bool:
+        """Wait until requests can be forwarded (ready, or unhealthy but up).
+
+        Returns False on timeout, or at once if the server is stopped or failed.
+        """
+        if self._available.is_set():
+            return True
+        if self._settled.is_set():  # stopped or failed, and not being started
+            return False
+        waiters = {
+            asyncio.ensure_future(self._available.wait()),
+            asyncio.ensure_future(self._settled.wait()),
+        }
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return self._available.is_set()
+
+    # -- lifecycle -----------------------------------------------------------
+    async def __aenter__(self) -> ManagedServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Validate the model, spawn the server and return once it is ready.
+
+        Raises :class:`~procman.errors.ModelError` before anything is
+        spawned, :class:`ServerError`/:class:`StartupTimeout` (with the log
+        tail) if the first start fails. If this call is cancelled half way,
+        the child is killed and reaped before the cancellation propagates.
+        """
+        if not self._settled.is_set():
+            raise ServerError(f"server {self.name!r} is already running")
+        self._settled.clear()  # from here on, requests wait for this start
+        if self._validate:
+            from procman.model_file import validate_model
+
+            try:
+                await asyncio.to_thread(validate_model, self.spec.model)
+            except BaseException:
+                self._settled.set()
+                raise
+        self._first = asyncio.get_running_loop().create_future()
+        self._ever_ready = False
+        self.policy.reset()
+        self._task = asyncio.create_task(self._supervise(self._first), name=f"llamactl-{self.name}")
+        try:
+            await asyncio.shield(self._first)
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            await self.stop("start cancelled" if cancelled else "start failed")
+            if self._first.done() and not self._first.cancelled():
+                self._first.exception()  # mark retrieved: it is re-raised, or moot after a cancel
+            raise
+
+    async def stop(self, reason: str = "stop requested") -> None:
+        """SIGTERM the server's group, wait ``stop_grace``, SIGKILL it; idempotent."""
+        task = self._task
+        if task is None or task.done():
+            if not self._state.is_final:
+                self._set(State.STOPPED, reason)
+            return
+        self._set(State.STOPPING, reason)
+        task.cancel()
+        await asyncio.wait({task})
+        self._set(State.STOPPED, reason)
+
+    # -- internals -------------------------------------------------------------
+    def _set(self, state: State, reason: str, *, log_tail: str = "") -> Event:
+        previous, self._state = self._state, state
+        self.last_reason = reason
+        if state in {State.READY, State.UNHEALTHY}:
+            self._available.set()
+        else:
+            self._available.clear()
+        if state.is_final:
+            self._settled.set()
+        log.info("%s: %s -> %s (%s)", self.name, previous, state, reason)
+        return self.bus.emit(
+            self.name, state, previous, reason, pid=self._pid, port=self._port, log_tail=log_tail
+        )
+
+    async def _supervise(self, first: asyncio.Future[None]) -> None:
+        try:
+            while True:
+                end, reason = await self._one_life(first)
+                tail = self._tail.text()
+                if not self._ever_ready:
+                    error_type = StartupTimeout if end is _End.TIMEOUT else ServerError
+                    message = f"llama-server for {self.name!r} did not start: {reason}"
+                    self._set(State.FAILED, message, log_tail=tail)
+                    if not first.done():
+                        first.set_exception(
+                            error_type(
+                                message, log_tail=tail, hint=f"full log: {self.spec.log_path}"
+                            )
+                        )
+                    return
+                decision = self.policy.on_crash(time.monotonic(), reason)
+                if decision.action is Action.GIVE_UP:
+                    self._set(State.FAILED, decision.reason, log_tail=tail)
+                    return
+                self.restarts += 1
+                self._set(State.RESTARTING, decision.reason, log_tail=tail)
+                await asyncio.sleep(decision.delay)  # a timed backoff; stop() cancels it
+        except asyncio.CancelledError:
+            if not first.done():
+                first.set_exception(
+                    ServerError(f"server {self.name!r} was stopped before it was ready")
+                )
+            raise
+        except Exception as exc:  # a bug here must surface as a failed server, not vanish
+            log.exception("supervision of %s failed", self.name)
+            self._set(State.FAILED, f"internal error: {exc!r}", log_tail=self._tail.text())
+            if not first.done():
+                first.set_exception(exc)
+        finally:
+            self._pid = self._port = None
+            self.ready_since = None
+            self._log.close()
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
+
+    async def _one_life(self, first: asyncio.Future[None]) -> tuple[_End, str]:
+        """Spawn, run until the process ends or must be killed; always reaps it."""
+        note = ""
+        for _ in range(_BIND_ATTEMPTS):
+            port = self.spec.port if self.spec.port is not None else pick_free_port(self.spec.host)
+            try:
+                transport, child = await self._spawn(port, note)
+            except OSError as exc:
+                return _End.EXITED, f"cannot run {self.spec.binary}: {exc.strerror or exc}"
+            try:
+                end, reason, was_ready = await self._live(child, first)
+            finally:
+                await terminate(transport, child, self.spec.stop_grace, self.name)
+                self._pid = None
+                self.ready_since = None
+            taken = end is _End.EXITED and not was_ready and is_bind_failure(self._tail.text())
+            if not taken:
+                return end, reason
+            if self.spec.port is not None:
+                return end, f"port {port} on {self.spec.host} is in use"
+            note = f" (port {port} was taken meanwhile)"
+            log.info("%s: port %d taken before llama-server bound it; retrying", self.name, port)
+        return _End.EXITED, f"could not bind a free port in {_BIND_ATTEMPTS} attempts"
+
+    async def _spawn(self, port: int, note: str) -> tuple[asyncio.SubprocessTransport, Child]:
+        argv = self.spec.argv(port)
+        self._tail.clear()
+        stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+        self._log.write(f"\n--- llamactl {stamp}: {shlex.join(argv)}\n".encode())
+        transport, child = await spawn(argv, self._log, self._tail)
+        self._pid, self._port = transport.get_pid(), port
+        self._set(State.STARTING, f"spawned pid {self._pid} on port {port}{note}")
+        return transport, child
+
+    async def _probe(self, url: str, limit: float) -> tuple[int | None, str]:
+        import aiohttp
+
+        if self._session is None:
+            # a fresh connection per probe: cheap on loopback, and never a stale keep-alive
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        try:
+            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=limit)) as resp:
+                await resp.read()
+                return resp.status, f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return None, type(exc).__name__
+
+    async def _live(self, child: Child, first: asyncio.Future[None]) -> tuple[_End, str, bool]:
+        spec, health = self.spec, self.spec.health
+        health_url = f"{self.url}/health"
+        started = time.monotonic()
+        deadline = started + spec.startup_timeout
+        while True:
+            status, _ = await self._probe(health_url, health.timeout)
+            if status == 200:
+                break
+            if status is not None and self._state is State.STARTING:
+                self._set(State.LOADING, f"{spec.model.name}: /health answers HTTP {status}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _End.TIMEOUT, f"not ready after {spec.startup_timeout:g} s; killed", False
+            if await within(child.exited, min(health.loading_interval, remaining)):
+                return (
+                    _End.EXITED,
+                    f"exited while loading: {describe_exit(child.exited.result())}",
+                    False,
+                )
+
+        self._ever_ready = True
+        self.ready_since = time.monotonic()
+        self.policy.on_ready(self.ready_since)
+        self._set(State.READY, f"ready in {self.ready_since - started:.2f} s")
+        if not first.done():
+            first.set_result(None)
+
+        failures = 0
+        while True:
+            if await within(child.exited, health.ready_interval):
+                return _End.EXITED, f"llama-server {describe_exit(child.exited.result())}", True
+            status, detail = await self._probe(health_url, health.timeout)
+            if status == 200:
+                failures = 0
+                if self._state is State.UNHEALTHY:
+                    self._set(State.READY, "health checks pass again")
+                continue
+            failures += 1
+            if failures >= health.restart_after:
+                return (
+                    _End.UNHEALTHY,
+                    f"/health failed {failures} times in a row ({detail}); killed",
+                    True,
+                )
+            if failures >= health.unhealthy_after and self._state is State.READY:
+                self._set(State.UNHEALTHY, f"/health failed {failures} times in a row ({detail})")

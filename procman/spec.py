@@ -1,0 +1,224 @@
+"""What to run: the resolved, frozen description of one managed llama-server.
+
+Raw input (CLI flags, a config file, a desktop form) is turned into a
+:class:`ServerSpec` once; everything downstream (the argv, the log file, the
+restart policy, the health checks) reads only the spec. The field docstrings
+are the documentation of each setting.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from procman.errors import ConfigError, ModelError
+
+__all__ = [
+    "DEMO_MODEL",
+    "GpuLayers",
+    "HealthSettings",
+    "LogSettings",
+    "RestartSettings",
+    "ServerSpec",
+    "default_name",
+    "parse_gpu_layers",
+    "resolve_model",
+]
+
+#: the model reference that means "the built-in demo model"
+DEMO_MODEL = "demo"
+
+GpuLayers = int | Literal["auto", "all"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+#: llama-server options llamactl owns: letting extra args override them would
+#: make the supervisor health-check one port while the server listens on another
+_RESERVED = frozenset(
+    {"--host", "--port", "-m", "--model", "--log-file", "--api-key", "--api-key-file"}
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestartSettings:
+    """When a crashed server is started again, and when llamactl gives up."""
+
+    max_restarts: int = 5
+    """Crashes tolerated within ``window`` seconds; one more marks the server failed."""
+    window: float = 60.0
+    """Seconds a crash is remembered; a server up longer than this starts afresh."""
+    backoff_initial: float = 0.25
+    """Delay before the first restart, in seconds."""
+    backoff_factor: float = 2.0
+    """Each further crash in the window multiplies the delay by this."""
+    backoff_max: float = 30.0
+    """Upper bound of the delay, in seconds."""
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0 or self.window <= 0 or self.backoff_initial < 0:
+            raise ConfigError("restart settings must be non-negative (and window positive)")
+        if self.backoff_factor < 1 or self.backoff_max < self.backoff_initial:
+            raise ConfigError("backoff_factor must be >= 1 and backoff_max >= backoff_initial")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealthSettings:
+    """How ``/health`` is polled. llama-server pushes no readiness signal."""
+
+    loading_interval: float = 0.05
+    """Seconds between polls while starting/loading: readiness is noticed within this."""
+    ready_interval: float = 2.0
+    """Seconds between polls once ready (crashes are noticed at once via the exit, not this)."""
+    timeout: float = 5.0
+    """A poll that takes longer counts as a failure."""
+    unhealthy_after: int = 2
+    """Consecutive failed polls after which a ready server is reported unhealthy."""
+    restart_after: int = 5
+    """Consecutive failed polls after which an unhealthy server is killed and restarted."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSettings:
+    """Where a server's stdout+stderr goes and how much of it is kept."""
+
+    directory: Path | None = None
+    """Log folder; ``None`` means ``<llamactl home>/logs``."""
+    max_bytes: int = 10 * 1024 * 1024
+    """Size at which the log is rotated."""
+    backups: int = 3
+    """Rotated files kept (``name.log.1`` ... ``name.log.N``)."""
+
+    def path_for(self, name: str) -> Path:
+        if self.directory is not None:
+            return self.directory / f"{name}.log"
+        from procman.logs import log_path
+
+        return log_path(name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSpec:
+    """One llama-server: which model, which binary, how to run and supervise it."""
+
+    name: str
+    """Identifier: the model name clients send, and the log file's name."""
+    model: Path
+    """The GGUF file."""
+    binary: Path
+    """The llama-server executable."""
+    aliases: tuple[str, ...] = ()
+    """Other names clients may use for this model."""
+    ctx: int | None = None
+    """Context size (``-c``); ``None`` lets llama-server choose."""
+    parallel: int | None = None
+    """Slots served concurrently (``-np``); ``None`` lets llama-server choose."""
+    gpu_layers: GpuLayers | None = None
+    """Layers offloaded to the GPU (``-ngl``): a number, ``auto`` or ``all``."""
+    extra_args: tuple[str, ...] = ()
+    """Further llama-server arguments, passed as given."""
+    host: str = "127.0.0.1"
+    """Interface the private server listens on; only the router should reach it."""
+    port: int | None = None
+    """Private port; ``None`` picks a free one (and another if it is taken meanwhile)."""
+    startup_timeout: float = 120.0
+    """Seconds from spawn to ready before the server is killed as hung."""
+    stop_grace: float = 10.0
+    """Seconds between SIGTERM and SIGKILL when stopping."""
+    restart: RestartSettings = field(default_factory=RestartSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ConfigError(
+                f"invalid server name {self.name!r}",
+                hint="use letters, digits, '.', '_' or '-' (it names the log file)",
+            )
+        for value, what in ((self.ctx, "ctx"), (self.parallel, "parallel")):
+            if value is not None and value < 0:
+                raise ConfigError(f"{what} must be >= 0, got {value}")
+        if self.startup_timeout <= 0 or self.stop_grace < 0:
+            raise ConfigError("startup_timeout must be positive and stop_grace non-negative")
+        for arg in self.extra_args:
+            if arg.split("=", 1)[0] in _RESERVED:
+                raise ConfigError(
+                    f"extra argument {arg!r} is managed by llamactl",
+                    hint="llamactl sets the model, host, port and log of the server it supervises",
+                )
+
+    @property
+    def log_path(self) -> Path:
+        return self.log.path_for(self.name)
+
+    def argv(self, port: int) -> list[str]:
+        """The llama-server command line for a server listening on ``port``."""
+        argv = [str(self.binary), "-m", str(self.model), "--host", self.host, "--port", str(port)]
+        argv += ["--alias", ",".join((self.name, *self.aliases))]
+        if self.ctx is not None:
+            argv += ["-c", str(self.ctx)]
+        if self.parallel is not None:
+            argv += ["-np", str(self.parallel)]
+        if self.gpu_layers is not None:
+            argv += ["-ngl", str(self.gpu_layers)]
+        # colours would put escape codes into the log file
+        argv += ["--log-colors", "off", *self.extra_args]
+        return argv
+
+
+def parse_gpu_layers(text: str | None) -> GpuLayers | None:
+    """``"auto"``/``"all"``/``"N"`` from the command line, parsed once."""
+    if text is None:
+        return None
+    match text.strip().lower():
+        case "auto":
+            return "auto"
+        case "all":
+            return "all"
+        case digits if digits.isdigit():
+            return int(digits)
+        case _:
+            raise ConfigError(f"--gpu-layers must be a number, 'auto' or 'all', got {text!r}")
+
+
+def resolve_model(ref: str | Path | None, *, models_dir: Path | None = None) -> Path:
+    """Turn what the user typed into a model path.
+
+    ``None`` or ``demo`` is the built-in demo model (fetched on first use); an
+    existing path is used as is; otherwise a name in the model cache
+    (``<home>/models/NAME`` or ``NAME.gguf``). A reference that matches
+    nothing is a :class:`ModelError` that lists what the cache holds.
+    """
+    if ref is None or str(ref) == DEMO_MODEL:
+        from buildtools.demo import demo_model_path
+
+        return demo_model_path()
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    if models_dir is None:
+        from buildtools.paths import home
+
+        models_dir = home() / "models"
+    if path.name == str(ref):
+        for candidate in (models_dir / path.name, models_dir / f"{path.name}.gguf"):
+            if candidate.is_file():
+                return candidate
+    cached = sorted(p.name for p in models_dir.glob("*.gguf")) if models_dir.is_dir() else []
+    raise ModelError(
+        f"model not found: {ref}",
+        hint=(
+            f"pass a path to a .gguf file, '{DEMO_MODEL}'"
+            + (f", or one of: {', '.join(cached)}" if cached else "")
+        ),
+    )
+
+
+def default_name(model: Path, ref: str | Path | None) -> str:
+    """A server name for ``model``: ``demo`` for the demo, else the file's stem, cleaned."""
+    if ref is None or str(ref) == DEMO_MODEL:
+        return DEMO_MODEL
+    stem = model.name.removesuffix(".gguf")
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._")
+    return cleaned[:128] or "model"

@@ -1,0 +1,415 @@
+"""The router against a fake llama-server (an in-process aiohttp app): no processes.
+
+Covers routing by ``model``, the API key, waiting for a starting server,
+503 + Retry-After, chunk-by-chunk streaming, and that a client going away
+closes its upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from procman._ports import bind_listener
+from procman.errors import ConfigError
+from procman.events import State
+from procman.router import Router, RouterSettings, check_exposure
+from procman.spec import ServerSpec
+from procman.supervisor import Supervisor
+
+
+@dataclass
+class FakeServer:
+    """Stands in for a ManagedServer: the router only reads these."""
+
+    name: str
+    url: str | None = None
+    aliases: tuple[str, ...] = ()
+    state: State = State.STARTING
+    last_reason: str = "spawned"
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def become(self, state: State, url: str | None = None) -> None:
+        self.state = state
+        self.url = url or self.url
+        if state in {State.READY, State.UNHEALTHY}:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        if self.state.is_final:
+            return False
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class FakeFleet:
+    def __init__(self, *servers: FakeServer) -> None:
+        self.servers = list(servers)
+
+    def find(self, model: str | None) -> FakeServer | None:
+        if len(self.servers) == 1:
+            return self.servers[0]
+        return next((s for s in self.servers if model in (s.name, *s.aliases)), None)
+
+    def upstreams(self) -> Sequence[FakeServer]:
+        return self.servers
+
+
+@dataclass
+class Upstream:
+    """What the fake llama-server saw."""
+
+    requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def fake_llama_app(seen: Upstream) -> web.Application:
+    """One handler for every path; the body's "mode" picks the behaviour."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        seen.requests.append((request.path, dict(request.headers), body))
+        payload = json.loads(body)
+        mode = payload.get("mode", "echo")
+        if mode == "echo":
+            return web.json_response({"path": request.path, "echo": payload})
+        if mode.startswith("hangup"):  # "hangup-N": the first N requests get no answer at all
+            if len(seen.requests) <= int(mode.split("-")[1]):
+                assert request.transport is not None
+                request.transport.abort()
+            return web.json_response({"attempt": len(seen.requests)})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        try:
+            if mode == "silent":  # thinks without answering, until the caller leaves
+                await asyncio.sleep(60)
+            await response.prepare(request)
+            await response.write(b'data: {"n": 1}\n\n')
+            if mode == "hold":  # chunk 2 only when the test says so
+                await seen.release.wait()
+                await response.write(b'data: {"n": 2}\n\ndata: [DONE]\n\n')
+            elif mode == "broken":  # dies mid-answer
+                await asyncio.sleep(0.05)
+                assert request.transport is not None
+                request.transport.abort()
+            else:  # "forever"
+                while True:
+                    await asyncio.sleep(0.02)
+                    await response.write(b"data: {}\n\n")
+        except (asyncio.CancelledError, ConnectionResetError):
+            seen.gone.set()
+            raise
+        return response
+
+    app = web.Application()
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+        app.router.add_post(path, handle)
+    return app
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Upstream, str]]:
+    seen = Upstream()
+    server = TestServer(fake_llama_app(seen))
+    await server.start_server()
+    yield seen, str(server.make_url("")).rstrip("/")
+    await server.close()
+
+
+def ready(name: str, url: str, *aliases: str) -> FakeServer:
+    server = FakeServer(name, url, aliases=aliases)
+    server.become(State.READY)
+    return server
+
+
+async def serve(fleet: FakeFleet, **settings: object) -> tuple[Router, str]:
+    router = Router(fleet, RouterSettings(**settings))  # type: ignore[arg-type]
+    await router.start(bind_listener("127.0.0.1", 0))
+    assert router.address is not None
+    return router, f"http://127.0.0.1:{router.address[1]}"
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+async def test_forwards_the_body_verbatim_without_our_auth_header(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    seen, url = upstream
+    router, base = await serve(FakeFleet(ready("demo", url)), api_key="k")
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        async with client.post(
+            f"{base}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}
+        ) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"path": "/v1/chat/completions", "echo": body}
+    finally:
+        await router.stop()
+    _, sent_headers, raw = seen.requests[0]
+    assert json.loads(raw) == body
+    assert "Authorization" not in sent_headers
+
+
+async def test_streams_chunk_by_chunk(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    seen, url = upstream
+    router, base = await serve(FakeFleet(ready("demo", url)))
+    try:
+        async with client.post(f"{base}/v1/chat/completions", json={"mode": "hold"}) as resp:
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+            assert first == b'data: {"n": 1}\n\n'  # here while the upstream still holds chunk 2
+            seen.release.set()
+            rest = await asyncio.wait_for(resp.content.read(), 5)
+            assert rest.endswith(b"data: [DONE]\n\n")
+    finally:
+        await router.stop()
+
+
+async def test_leaving_mid_stream_closes_the_upstream_request(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    seen, url = upstream
+    router, base = await serve(FakeFleet(ready("demo", url)))
+    try:
+        resp = await client.post(f"{base}/v1/chat/completions", json={"mode": "forever"})
+        await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+        resp.close()  # the client hangs up
+        await asyncio.wait_for(seen.gone.wait(), 5)
+    finally:
+        await router.stop()
+
+
+async def test_leaving_before_any_answer_closes_the_upstream_request(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    seen, url = upstream
+    router, base = await serve(FakeFleet(ready("demo", url)))
+    try:
+        with pytest.raises(TimeoutError):
+            async with client.post(
+                f"{base}/v1/completions",
+                json={"mode": "silent"},
+                timeout=aiohttp.ClientTimeout(total=0.3),
+            ) as resp:
+                await resp.read()
+        await asyncio.wait_for(seen.gone.wait(), 5)
+    finally:
+        await router.stop()
+
+
+async def test_waits_for_a_starting_server(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    _, url = upstream
+    starting = FakeServer("demo")
+    router, base = await serve(FakeFleet(starting), ready_timeout=10)
+
+    async def load() -> None:
+        await asyncio.sleep(0.2)
+        starting.become(State.LOADING)
+        await asyncio.sleep(0.1)
+        starting.become(State.READY, url)
+
+    loader = asyncio.create_task(load())
+    try:
+        async with client.post(f"{base}/v1/chat/completions", json={"messages": []}) as resp:
+            assert resp.status == 200
+    finally:
+        await loader
+        await router.stop()
+
+
+async def test_not_ready_in_time_is_503_with_retry_after(client: aiohttp.ClientSession) -> None:
+    router, base = await serve(FakeFleet(FakeServer("demo")), ready_timeout=0.1, retry_after=7)
+    try:
+        async with client.post(f"{base}/v1/chat/completions", json={}) as resp:
+            assert resp.status == 503
+            assert resp.headers["Retry-After"] == "7"
+            error = (await resp.json())["error"]
+            assert error["code"] == "model_not_ready"
+    finally:
+        await router.stop()
+
+
+async def test_failed_server_is_503_with_its_reason(client: aiohttp.ClientSession) -> None:
+    failed = FakeServer("demo", state=State.FAILED, last_reason="6 crashes within 60 s")
+    router, base = await serve(FakeFleet(failed))
+    try:
+        async with client.post(f"{base}/v1/completions", json={}) as resp:
+            assert resp.status == 503
+            assert "Retry-After" not in resp.headers
+            assert "6 crashes" in (await resp.json())["error"]["message"]
+    finally:
+        await router.stop()
+
+
+async def test_connection_refused_is_retried_until_restarted(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    from procman._ports import pick_free_port
+
+    _, url = upstream
+    crashed = ready("demo", f"http://127.0.0.1:{pick_free_port()}")  # nobody listens there
+    router, base = await serve(FakeFleet(crashed), ready_timeout=10)
+
+    async def restart() -> None:
+        await asyncio.sleep(0.1)
+        crashed.become(State.RESTARTING)
+        await asyncio.sleep(0.1)
+        crashed.become(State.READY, url)
+
+    restarter = asyncio.create_task(restart())
+    try:
+        async with client.post(f"{base}/v1/chat/completions", json={"messages": []}) as resp:
+            assert resp.status == 200
+    finally:
+        await restarter
+        await router.stop()
+
+
+async def test_a_connection_lost_before_any_answer_is_sent_once_more(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    seen, url = upstream
+    router, base = await serve(FakeFleet(ready("demo", url)))
+    try:
+        async with client.post(f"{base}/v1/completions", json={"mode": "hangup-1"}) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"attempt": 2}
+        seen.requests.clear()
+        async with client.post(f"{base}/v1/completions", json={"mode": "hangup-9"}) as resp:
+            assert resp.status == 502  # never a third time: it could be the request's fault
+            assert (await resp.json())["error"]["code"] == "upstream_error"
+        assert len(seen.requests) == 2
+    finally:
+        await router.stop()
+
+
+async def test_upstream_dying_mid_stream_is_not_a_clean_end(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    _, url = upstream
+    router, base = await serve(FakeFleet(ready("demo", url)))
+    try:
+        async with client.post(f"{base}/v1/completions", json={"mode": "broken"}) as resp:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+    finally:
+        await router.stop()
+
+
+async def test_routes_by_model_name_and_alias(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    _, url = upstream
+    a, b = ready("a", url), FakeServer("b", aliases=("bee",))
+    router, base = await serve(FakeFleet(a, b), ready_timeout=0.1)
+    try:
+        async with client.post(f"{base}/v1/chat/completions", json={"model": "a"}) as resp:
+            assert resp.status == 200
+        async with client.post(f"{base}/v1/chat/completions", json={"model": "bee"}) as resp:
+            assert resp.status == 503  # b is found (and still starting)
+        for body in ({"model": "c"}, {}):
+            async with client.post(f"{base}/v1/chat/completions", json=body) as resp:
+                assert resp.status == 404
+                error = (await resp.json())["error"]
+                assert error["code"] == "model_not_found"
+                assert "a, b" in error["message"]
+        async with client.get(f"{base}/v1/models") as resp:
+            data = (await resp.json())["data"]
+            assert [(m["id"], m["state"]) for m in data] == [("a", "ready"), ("b", "starting")]
+    finally:
+        await router.stop()
+
+
+async def test_bad_bodies_are_400(client: aiohttp.ClientSession) -> None:
+    router, base = await serve(FakeFleet(FakeServer("demo")))
+    try:
+        for body in (b"{nope", b"[1, 2]", b'{"model": 5}'):
+            async with client.post(f"{base}/v1/chat/completions", data=body) as resp:
+                assert resp.status == 400
+    finally:
+        await router.stop()
+
+
+async def test_api_key_guards_everything_but_health(client: aiohttp.ClientSession) -> None:
+    router, base = await serve(FakeFleet(ready("demo", "http://127.0.0.1:9")), api_key="s3cret")
+    try:
+        async with client.get(f"{base}/health") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["models"]["demo"]["state"] == "ready"
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+            async with client.get(f"{base}/v1/models", headers=headers) as resp:
+                assert resp.status == 401
+                assert resp.headers["WWW-Authenticate"] == "Bearer"
+                assert (await resp.json())["error"]["code"] == "invalid_api_key"
+            async with client.post(f"{base}/v1/completions", json={}, headers=headers) as resp:
+                assert resp.status == 401
+        good = {"Authorization": "Bearer s3cret"}
+        async with client.get(f"{base}/v1/models", headers=good) as resp:
+            assert resp.status == 200
+    finally:
+        await router.stop()
+
+
+async def test_health_is_503_until_every_server_is_up(client: aiohttp.ClientSession) -> None:
+    server = FakeServer("demo", state=State.LOADING)
+    router, base = await serve(FakeFleet(server))
+    try:
+        async with client.get(f"{base}/health") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["status"] == "unavailable"
+        server.become(State.UNHEALTHY)  # up, if slow: still served
+        async with client.get(f"{base}/health") as resp:
+            assert resp.status == 200
+    finally:
+        await router.stop()
+
+
+def test_exposure_needs_a_key_or_consent() -> None:
+    check_exposure("127.0.0.1", None)
+    check_exposure("localhost", None)
+    check_exposure("0.0.0.0", "key")
+    check_exposure("0.0.0.0", None, allow_unauthenticated=True)
+    with pytest.raises(ConfigError, match="without an API key") as info:
+        check_exposure("0.0.0.0", None)
+    assert info.value.hint and "--api-key" in info.value.hint
+
+
+def test_supervisor_finds_servers_by_name_and_alias(tmp_path: Path) -> None:
+    def spec(name: str, *aliases: str) -> ServerSpec:
+        return ServerSpec(
+            name=name, aliases=aliases, model=tmp_path / "m.gguf", binary=tmp_path / "llama-server"
+        )
+
+    supervisor = Supervisor()
+    only = supervisor.add(spec("a", "alpha"))
+    assert supervisor.find(None) is only
+    assert supervisor.find("anything") is only  # one model: any name reaches it
+    other = supervisor.add(spec("b"))
+    assert supervisor.find("alpha") is only
+    assert supervisor.find("b") is other
+    assert supervisor.find(None) is None
+    assert supervisor.find("c") is None
+    with pytest.raises(ConfigError, match="already served"):
+        supervisor.add(spec("c", "b"))
+    assert only.state is State.STOPPED

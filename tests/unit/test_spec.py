@@ -1,0 +1,112 @@
+"""ServerSpec: validated once, turned into the llama-server command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from procman.errors import ConfigError, ModelError
+from procman.spec import (
+    LogSettings,
+    ServerSpec,
+    default_name,
+    parse_gpu_layers,
+    resolve_model,
+)
+
+
+def spec(**fields: object) -> ServerSpec:
+    base: dict[str, object] = {
+        "name": "demo",
+        "model": Path("/m/model.gguf"),
+        "binary": Path("/bin/llama-server"),
+    }
+    return ServerSpec(**(base | fields))  # type: ignore[arg-type]
+
+
+def test_minimal_argv() -> None:
+    assert spec().argv(4321) == [
+        "/bin/llama-server", "-m", "/m/model.gguf", "--host", "127.0.0.1", "--port", "4321",
+        "--alias", "demo", "--log-colors", "off",
+    ]  # fmt: skip
+
+
+def test_full_argv_keeps_extra_args_last() -> None:
+    argv = spec(
+        aliases=("small",), ctx=2048, parallel=2, gpu_layers="all", extra_args=("-fa", "on")
+    ).argv(1)
+    assert argv[argv.index("--alias") + 1] == "demo,small"
+    assert argv[argv.index("-c") + 1] == "2048"
+    assert argv[argv.index("-np") + 1] == "2"
+    assert argv[argv.index("-ngl") + 1] == "all"
+    assert argv[-2:] == ["-fa", "on"]
+
+
+@pytest.mark.parametrize("arg", ["--port", "--host=0.0.0.0", "-m", "--model", "--api-key"])
+def test_extra_args_cannot_take_over_managed_options(arg: str) -> None:
+    with pytest.raises(ConfigError, match="managed by llamactl"):
+        spec(extra_args=(arg, "x"))
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", "has space", "-dash"])
+def test_bad_names_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError):
+        spec(name=name)
+
+
+def test_negative_sizes_and_timeouts_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        spec(ctx=-1)
+    with pytest.raises(ConfigError):
+        spec(startup_timeout=0)
+
+
+def test_log_path_follows_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert spec(log=LogSettings(directory=tmp_path)).log_path == tmp_path / "demo.log"
+    monkeypatch.setenv("LLAMACTL_HOME", str(tmp_path / "home"))
+    assert spec().log_path == tmp_path / "home" / "logs" / "demo.log"
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"), [(None, None), ("auto", "auto"), ("ALL", "all"), ("12", 12), ("0", 0)]
+)
+def test_gpu_layers_parsing(text: str | None, parsed: object) -> None:
+    assert parse_gpu_layers(text) == parsed
+
+
+def test_gpu_layers_rejects_nonsense() -> None:
+    with pytest.raises(ConfigError, match="gpu-layers"):
+        parse_gpu_layers("many")
+
+
+def test_resolve_model_demo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import buildtools.demo
+
+    demo = tmp_path / "demo.gguf"
+    monkeypatch.setattr(buildtools.demo, "demo_model_path", lambda: demo)
+    assert resolve_model(None) == demo
+    assert resolve_model("demo") == demo
+
+
+def test_resolve_model_path_and_cache_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny.gguf").write_bytes(b"GGUF")
+    given = tmp_path / "x.gguf"
+    given.write_bytes(b"GGUF")
+    assert resolve_model(str(given), models_dir=models) == given
+    assert resolve_model("tiny", models_dir=models) == models / "tiny.gguf"
+    assert resolve_model("tiny.gguf", models_dir=models) == models / "tiny.gguf"
+    with pytest.raises(ModelError, match="not found") as info:
+        resolve_model("nope", models_dir=models)
+    assert info.value.hint and "tiny.gguf" in info.value.hint
+
+
+def test_default_names() -> None:
+    assert default_name(Path("/x/SmolLM2.Q4_1.gguf"), "demo") == "demo"
+    assert default_name(Path("/x/SmolLM2.Q4_1.gguf"), None) == "demo"
+    assert default_name(Path("/x/SmolLM2.Q4_1.gguf"), "/x/SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1"
+    assert default_name(Path("/x/my model (v2).gguf"), "p") == "my-model-v2"
