@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -79,3 +80,47 @@ def test_installed_wheel_serves_with_its_bundled_server(wheel_venv: Path, tmp_pa
         [uses["binary"], "--version"], capture_output=True, text=True, timeout=30, check=False
     )
     assert "build 11312" in version.stdout + version.stderr
+
+
+def test_installed_wheel_serves_the_demo_model(
+    wheel_venv: Path, demo_model: Path, tmp_path: Path
+) -> None:
+    """`llamactl serve` from a fresh venv, no cache, no compiler: the bundled server answers."""
+    from openai import OpenAI
+
+    from buildtools.verify import _free_port
+
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    shutil.copy(demo_model, home / "models" / demo_model.name)  # skip a 98 MB re-download
+    marker = demo_model.parent / f".{demo_model.name}.sha256"
+    shutil.copy(marker, home / "models" / marker.name)
+    env = {**os.environ, "LLAMACTL_HOME": str(home), "PATH": f"{wheel_venv}/bin:/usr/bin:/bin"}
+    env.pop("LLAMACTL_SERVER", None)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(wheel_venv / "bin" / "llamactl"), "serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "ready" in line and "/v1" in line:
+                break
+        else:
+            pytest.fail("serve exited before ready:\n" + "".join(lines))
+        assert any("bundled in the installed wheel" in line for line in lines), "".join(lines)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=30)
+        reply = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+        )
+        assert reply.choices[0].message.content
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
