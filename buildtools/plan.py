@@ -61,6 +61,15 @@ _X86_REQUIRES = {
     "GGML_AMX_INT8": "GGML_AMX_TILE",
     "GGML_AMX_BF16": "GGML_AMX_TILE",
 }
+#: groups given up together after SIGILL, newest first (see sigill_fallback)
+_FALLBACK_LEVELS = (
+    ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16"),
+    ("GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16"),
+    ("GGML_AVX512",),
+    ("GGML_AVX_VNNI",),
+    ("GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_BMI2"),
+    ("GGML_AVX",),
+)
 #: arm64 extensions mapped onto -march modifiers for GGML_CPU_ARM_ARCH
 _ARM_MODIFIERS = (("dotprod", "dotprod"), ("i8mm", "i8mm"), ("sve", "sve"), ("fp16", "fp16"))
 
@@ -334,12 +343,15 @@ def sigill_fallback(plan: BuildPlan, returncode: int | None) -> frozenset[str] |
     """CPU features to give up after a verification run ended with ``returncode``.
 
     Only SIGILL earns a retry: it means the binary used an instruction the
-    machine would not execute. The highest enabled x86 level goes first,
-    since the newest extensions are the ones OSes and hypervisors hide.
+    machine would not execute. The highest enabled x86 level goes first, as
+    a whole (all of AMX, then the AVX-512 extensions, ...), since the newest
+    extensions are the ones OSes and hypervisors hide.
     """
     if returncode is None or returncode != -4:  # -SIGILL from subprocess
         return None
-    for option, needs in reversed(_X86_OPTIONS):
-        if plan.cmake_defines.get(option) == "ON":
-            return frozenset(needs)
+    needs = dict(_X86_OPTIONS)
+    for level in _FALLBACK_LEVELS:
+        enabled = [option for option in level if plan.cmake_defines.get(option) == "ON"]
+        if enabled:
+            return frozenset(f for option in enabled for f in needs[option])
     return None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from buildtools.builder import _require_tools
 from buildtools.errors import ToolchainError
 from buildtools.hardware._model import Tool
+from buildtools.plan import BuildPlan
 from tests.unit import profiles as p
 
 
@@ -45,3 +47,58 @@ def test_missing_or_old_tools_are_named_with_a_fix(
     with pytest.raises(ToolchainError, match=re.escape(message)) as info:
         _require_tools(profile)
     assert info.value.hint is not None and hint in info.value.hint
+
+
+def test_sigill_in_verification_rebuilds_without_the_top_extension(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A binary that dies with SIGILL is rebuilt with fewer extensions, and says so."""
+    from buildtools import builder
+    from buildtools.errors import VerificationError
+    from buildtools.plan import BuildOptions
+    from buildtools.source import SourceTree
+    from buildtools.verify import VerifyResult
+
+    compiled: list[dict[str, str]] = []
+
+    def fake_compile(plan: BuildPlan, source: SourceTree, *args: object, **kwargs: object) -> None:
+        compiled.append(dict(plan.cmake_defines))
+        work = args[1]
+        assert isinstance(work, Path)
+        (work / "bin").mkdir(parents=True, exist_ok=True)
+        for target in plan.targets:
+            (work / "bin" / target).write_text("binary")
+
+    def fake_verify(binary: Path, model: Path, *, log_path: Path) -> VerifyResult:
+        if compiled[-1].get("GGML_AVX512_BF16") == "ON":
+            raise VerificationError("died with SIGILL", returncode=-4)
+        return VerifyResult(
+            ok=True, seconds_to_ready=0.1, completion_tokens=4, text="hi", exit_code=0
+        )
+
+    monkeypatch.setattr(builder, "_compile", fake_compile)
+    monkeypatch.setattr(builder, "verify_server", fake_verify)
+    monkeypatch.setattr(builder, "read_version", lambda b: {"build": "11312", "commit": "0c1e570"})
+    source = SourceTree(
+        path=tmp_path, origin="directory", source_id="s", build_number=1, commit="c"
+    )
+    result = builder.build(
+        p.AVX512_SERVER, BuildOptions(), source, model=tmp_path / "m.gguf", home=tmp_path / "home"
+    )
+    assert [(c["GGML_AMX_INT8"], c["GGML_AVX512_BF16"]) for c in compiled] == [
+        ("ON", "ON"),
+        ("OFF", "ON"),
+        ("OFF", "OFF"),
+    ]
+    assert compiled[-1]["GGML_AVX512"] == "ON", "only the failing level is given up"
+    assert set(result.turned_off) == {
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",
+        "avx512_vbmi",
+        "avx512_vnni",
+        "avx512_bf16",
+    }
+    assert "SIGILL" in result.turned_off["avx512_bf16"]
+    assert result.build.verified and result.build.manifest["turned_off"] == result.turned_off
+    assert result.plan.reasons["GGML_AVX512_BF16"].startswith("avx512_bf16 turned off")

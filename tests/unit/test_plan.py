@@ -128,7 +128,9 @@ def test_extra_defines_override_the_plan() -> None:
 
 def test_sigill_gives_up_the_highest_level_first() -> None:
     plan = make_plan(p.AVX512_SERVER, DEFAULT)
-    assert sigill_fallback(plan, -4) == frozenset({"amx_bf16"})
+    assert sigill_fallback(plan, -4) == frozenset({"amx_tile", "amx_int8", "amx_bf16"})
+    no_amx = make_plan(p.AVX512_SERVER, BuildOptions(disabled_features=frozenset({"amx_tile"})))
+    assert sigill_fallback(no_amx, -4) == frozenset({"avx512_vbmi", "avx512_vnni", "avx512_bf16"})
     assert sigill_fallback(plan, 1) is None
     assert sigill_fallback(plan, -11) is None
     retry = make_plan(p.AVX512_SERVER, BuildOptions(disabled_features=frozenset({"avx512f"})))
