@@ -46,6 +46,11 @@ def run(argv: list[str] | None = None) -> int:
         # always ends in SystemExit; our own errors propagate to us untouched.
         app(args=argv, prog_name="llamactl")
     except SystemExit as exc:
+        # click turns Ctrl-C into Abort (raised from the KeyboardInterrupt) and
+        # exits 1; keep the conventional 130 without importing click's internals
+        aborted = exc.__context__
+        if aborted is not None and isinstance(aborted.__cause__, KeyboardInterrupt):
+            return EXIT_INTERRUPTED
         code = exc.code
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_ERROR)
     except LlamactlError as exc:

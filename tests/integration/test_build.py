@@ -143,3 +143,45 @@ def test_failing_configure_reports_command_status_and_log_tail(tmp_path: Path) -
     assert all("broken-llama" not in json.dumps(b) for b in listed["builds"]), (
         "a failed build was cached"
     )
+
+
+def test_interrupted_build_leaves_the_cache_consistent(llama_server: Path) -> None:
+    """Ctrl-C mid-compile: exit 130, nothing published, no compiler left running;
+    the next build of the same plan completes and is verified."""
+    import signal
+
+    import psutil
+
+    plan_args = ("build", "-D", "GGML_LTO=OFF")  # a distinct cache key, same compile flags
+    key = json.loads(run_cli(*plan_args, "--dry-run", "--json").stdout)["cache_key"]
+    run_cli("builds", "--remove", key)
+    proc = subprocess.Popen(
+        [*CLI, *plan_args, "--json", "-j", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    from buildtools.paths import home
+
+    log = home() / "work" / key / "llamactl-build.log"
+    deadline = time.monotonic() + 300
+    while not (log.is_file() and "[1/" in log.read_text(errors="replace")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the compile never started"
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    psutil.wait_procs(children, timeout=15)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    listed = json.loads(run_cli("builds", "--json").stdout)["builds"]
+    assert key not in {b["key"] for b in listed}, "an interrupted build was published"
+    assert not list((home() / "builds").glob(f".stage-{key}-*"))
+
+    resumed = run_cli(*plan_args, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    doc = json.loads(resumed.stdout)
+    assert doc["key"] == key and doc["cached"] is False and doc["verified"] is True
+    run_cli("builds", "--remove", key)
