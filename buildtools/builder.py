@@ -237,6 +237,22 @@ def _compile(
     _run_logged(compile_cmd, log_path, stage="compile", env=env, on_progress=on_progress)
 
 
+def _configured_from(work: Path) -> Path | None:
+    """The source tree an existing cmake build tree was configured from.
+
+    Keys are content addresses, so the same tree moved elsewhere maps to the
+    same work directory; cmake refuses to reuse a tree configured from another
+    path, so such a tree is started afresh instead.
+    """
+    try:
+        for line in (work / "CMakeCache.txt").read_text(errors="replace").splitlines():
+            if line.startswith("CMAKE_HOME_DIRECTORY:INTERNAL="):
+                return Path(line.partition("=")[2])
+    except OSError:
+        return None
+    return None
+
+
 def _stage(work: Path, staged: Path, targets: Sequence[str]) -> None:
     """Copy the binaries (and shared libraries of a shared build) out of the tree."""
     out = work / "bin"
@@ -286,7 +302,7 @@ def build(
                     turned_off=turned_off,
                 )
             work = cache.work_dir(key)
-            if force and work.exists():
+            if work.exists() and (force or _configured_from(work) not in {None, source.path}):
                 shutil.rmtree(work)
             work.mkdir(parents=True, exist_ok=True)
             log_path = work / "llamactl-build.log"
