@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from buildtools import paths
+from buildtools._runner import capture
 from buildtools.cache import BuildCache, CachedBuild
 from buildtools.errors import BuildError, ToolchainError, VerificationError
 from buildtools.hardware._model import HardwareProfile
 from buildtools.plan import BuildOptions, BuildPlan, make_plan, sigill_fallback
 from buildtools.source import SourceTree
-from buildtools.verify import read_version, verify_server
+from buildtools.verify import VerifyResult, read_version, verify_server
 
 __all__ = ["BuildProgress", "BuildResult", "build", "compiler_identity"]
 
@@ -233,8 +234,64 @@ def _compile(
     if on_progress:
         on_progress(BuildProgress("configure"))
     _run_logged(configure, log_path, stage="configure", env=env, on_progress=on_progress)
-    compile_cmd = [cmake, "--build", str(work), "--target", *plan.targets, "-j", str(jobs)]
+    targets = [*plan.targets, *_backend_modules(ninja, work, plan)]
+    compile_cmd = [cmake, "--build", str(work), "--target", *targets, "-j", str(jobs)]
     _run_logged(compile_cmd, log_path, stage="compile", env=env, on_progress=on_progress)
+
+
+_MODULE_TARGET = re.compile(
+    r"^(ggml-cpu-[A-Za-z0-9_.]+|ggml-(?:cuda|vulkan|opencl|metal|blas)): phony"
+)
+
+
+def _backend_modules(ninja: str, work: Path, plan: BuildPlan) -> list[str]:
+    """With GGML_BACKEND_DL the backends are modules llama-server loads at run
+    time, so building llama-server alone would not build them: list them from
+    the configured tree (one per CPU variant under GGML_CPU_ALL_VARIANTS)."""
+    if plan.cmake_defines.get("GGML_BACKEND_DL") != "ON":
+        return []
+    listed = capture([ninja, "-C", str(work), "-t", "targets", "all"], timeout=60)
+    return sorted(
+        {m.group(1) for line in listed.stdout.splitlines() if (m := _MODULE_TARGET.match(line))}
+    )
+
+
+_LOADED_CPU = re.compile(r"loaded CPU backend from (\S+)")
+
+
+def _verify_portable(
+    binary: Path, model: Path, staged: Path
+) -> tuple[VerifyResult, dict[str, str]]:
+    """Verify a backend-DL build: if the CPU variant ggml picks for this
+    machine dies with SIGILL, drop that variant (the next best is loaded on
+    the next run) and verify again. Returns what was dropped and why."""
+    dropped: dict[str, str] = {}
+    log_path = staged / "verify.log"
+    while True:
+        try:
+            return verify_server(binary, model, log_path=log_path), dropped
+        except VerificationError as exc:
+            found = (
+                _LOADED_CPU.findall(log_path.read_text(errors="replace"))
+                if log_path.exists()
+                else []
+            )
+            if exc.returncode != -4 or not found:
+                raise
+            variant = Path(found[-1])
+            if not variant.is_file():
+                raise
+            variant.unlink()
+            dropped[variant.name] = exc.message
+
+
+def _picked_variant(log_path: Path) -> str | None:
+    """Which CPU variant a backend-DL build loaded during verification."""
+    try:
+        found = _LOADED_CPU.findall(log_path.read_text(errors="replace"))
+    except OSError:
+        return None
+    return Path(found[-1]).name if found else None
 
 
 def _configured_from(work: Path) -> Path | None:
@@ -328,9 +385,15 @@ def build(
                         BuildProgress("verify", line="running the built server on the demo model")
                     )
                 try:
-                    verified = verify_server(
-                        staged / "bin" / "llama-server", model, log_path=staged / "verify.log"
-                    )
+                    if plan.cmake_defines.get("GGML_BACKEND_DL") == "ON":
+                        verified, dropped = _verify_portable(
+                            staged / "bin" / "llama-server", model, staged
+                        )
+                        turned_off.update(dropped)
+                    else:
+                        verified = verify_server(
+                            staged / "bin" / "llama-server", model, log_path=staged / "verify.log"
+                        )
                 except VerificationError as exc:
                     fallback = sigill_fallback(plan, exc.returncode)
                     if fallback is None:
@@ -357,6 +420,7 @@ def build(
                     "compile_seconds": round(compile_seconds, 1),
                     "verified": verified.to_json(),
                     "turned_off": turned_off,
+                    "cpu_variant": _picked_variant(staged / "verify.log"),
                     "log": str(log_path),
                 }
                 published = cache.publish(key, staged, manifest)

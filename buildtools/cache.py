@@ -60,6 +60,11 @@ class CachedBuild:
         return str(self.manifest.get("plan", {}).get("backend", "cpu"))
 
     @property
+    def portable(self) -> bool:
+        defines = self.manifest.get("plan", {}).get("cmake_defines", {})
+        return bool(defines.get("GGML_BACKEND_DL") == "ON")
+
+    @property
     def cpu_features(self) -> tuple[str, ...]:
         return tuple(self.manifest.get("plan", {}).get("cpu_features", ()))
 

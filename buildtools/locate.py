@@ -2,7 +2,8 @@
 
 1. an explicit path (``--server PATH``), then ``$LLAMACTL_SERVER``;
 2. the newest verified cached build that suits this machine (its CPU
-   features are all usable here, its GPU backend has a GPU);
+   features are all usable here, its GPU backend has a GPU), builds made for
+   this machine before portable ones;
 3. the server bundled in the installed wheel (``buildtools/bin/``);
 4. ``llama-server`` on ``PATH``;
 5. when allowed, a fresh ``llamactl build`` with the default plan.
@@ -50,13 +51,18 @@ def _usable_cpu_features() -> frozenset[str]:
 
 
 def candidates(
-    home: Path | None = None, *, cpu_features: Callable[[], frozenset[str]] = _usable_cpu_features
+    home: Path | None = None, *, cpu_features: Callable[[], frozenset[str]] | None = None
 ) -> list[Candidate]:
-    """Every cached build, newest first, with whether it suits this machine."""
-    builds = BuildCache(home or paths.home()).list()
+    """Every cached build with whether it suits this machine, best first.
+
+    Builds made for this machine rank before portable ones (a portable build
+    is for shipping, and picks its CPU variant at run time); within each
+    group, newest first.
+    """
+    builds = sorted(BuildCache(home or paths.home()).list(), key=lambda b: b.portable)
     if not builds:
         return []
-    have = cpu_features()
+    have = (cpu_features or _usable_cpu_features)()
     out = []
     for b in builds:
         missing = sorted(set(b.cpu_features) - have)
