@@ -15,19 +15,23 @@ Overrides, strongest first: ``-C cmake.define.NAME=VALUE`` (forwarded here as
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from buildtools._wheelfile import relabel
 from buildtools.builder import BuildProgress, build
 from buildtools.errors import BuildError, LlamactlError
 from buildtools.plan import BuildOptions, make_plan
 
-__all__ = ["BUNDLED_DIR", "build_wheel", "bundled_server", "main", "project_root"]
+__all__ = ["BUNDLED_DIR", "build_wheel", "bundled_server", "main", "project_root", "repair"]
 
 #: where an installed wheel keeps its server
 BUNDLED_DIR = Path(__file__).resolve().parent / "bin"
@@ -158,4 +162,37 @@ def build_wheel(
     made = sorted(set(out.glob("llamactl-*.whl")) - before) or sorted(out.glob("llamactl-*.whl"))
     if not made:
         raise BuildError("pip wheel succeeded but left no llamactl wheel", command=argv)
-    return max(made, key=lambda p: p.stat().st_mtime)
+    wheel = max(made, key=lambda p: p.stat().st_mtime)
+    return relabel(wheel, _label(wheel))
+
+
+def _label(wheel: Path) -> str:
+    """``cpu``, ``cpu.portable``, ``cuda130``... from the manifest the wheel carries."""
+    with zipfile.ZipFile(wheel) as zf:
+        manifest = json.loads(zf.read(f"buildtools/bin/{MANIFEST}"))
+    plan = manifest.get("plan", {})
+    backend = str(plan.get("backend", "cpu"))
+    if backend == "cuda":
+        nvcc = re.search(r"nvcc@(\d+)\.(\d+)", str(manifest.get("compiler", "")))
+        backend = f"cu{nvcc.group(1)}{nvcc.group(2)}" if nvcc else "cuda"
+    portable = plan.get("cmake_defines", {}).get("GGML_BACKEND_DL") == "ON"
+    return f"{backend}.portable" if portable else backend
+
+
+def repair(wheel: Path, out: Path) -> Path:
+    """``auditwheel repair`` for wheels meant to be shared (manylinux tags)."""
+    if shutil.which("auditwheel") is None and importlib.util.find_spec("auditwheel") is None:
+        raise BuildError(
+            "auditwheel is not installed", hint="pip install auditwheel (needs patchelf)"
+        )
+    argv = [sys.executable, "-m", "auditwheel", "repair", "-w", str(out), str(wheel)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise BuildError(
+            "auditwheel repair failed",
+            command=argv,
+            returncode=done.returncode,
+            log_tail=(done.stderr or done.stdout)[-3000:],
+        )
+    repaired = [p for p in out.glob("*.whl") if "manylinux" in p.name]
+    return max(repaired, key=lambda p: p.stat().st_mtime)

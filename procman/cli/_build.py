@@ -57,6 +57,9 @@ def build(
     out_dir: Annotated[Path, typer.Option("--out", help="where --wheel puts the wheel")] = Path(
         "dist"
     ),
+    repair: Annotated[
+        bool, typer.Option("--repair", help="with --wheel: auditwheel repair to a manylinux tag")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="machine-readable output on stdout")
     ] = False,
@@ -77,6 +80,10 @@ def build(
             defines=_parse_defines(define),
             on_line=lambda line: console.print(line, markup=False),
         )
+        if repair:
+            from buildtools.wheel import repair as repair_wheel
+
+            made = repair_wheel(made, out_dir)
         out.print(str(made))
         return
     options = BuildOptions(

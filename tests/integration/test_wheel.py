@@ -48,7 +48,7 @@ def wheel_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_wheel_carries_the_server_and_its_plan(wheel: Path, default_build: BuildResult) -> None:
-    assert wheel.name.endswith("-py3-none-linux_x86_64.whl")
+    assert wheel.name.endswith("+cpu-py3-none-linux_x86_64.whl"), wheel.name
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert "buildtools/bin/llama-server" in names
