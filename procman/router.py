@@ -19,18 +19,20 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 from aiohttp import web
 
 from procman._ports import is_loopback
-from procman.errors import ConfigError
+from procman.errors import ConfigError, LlamactlError
 from procman.events import State
+from procman.scheduler import QueueFullError, Scheduler
 
-__all__ = ["Router", "RouterSettings", "Upstream", "Upstreams", "check_exposure"]
+__all__ = ["Loader", "Router", "RouterSettings", "Upstream", "Upstreams", "check_exposure"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,17 @@ class Upstreams(Protocol):
 
     def find(self, model: str | None) -> Upstream | None: ...
     def upstreams(self) -> Sequence[Upstream]: ...
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """What a supervisor that loads models on demand adds (``Supervisor`` is one)."""
+
+    def using(self, name: str) -> AbstractAsyncContextManager[None]: ...
+    def on_demand(self, name: str) -> bool: ...
+    async def load(self, name: str) -> object: ...
+    async def unload(self, name: str, reason: str = ...) -> None: ...
+    def status(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,9 +124,17 @@ def _error(
 class Router:
     """The aiohttp application and its lifecycle: ``async with Router(supervisor) as r:``."""
 
-    def __init__(self, upstreams: Upstreams, settings: RouterSettings | None = None) -> None:
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        settings: RouterSettings | None = None,
+        *,
+        scheduler: Scheduler | None = None,
+    ) -> None:
         self.upstreams = upstreams
         self.settings = settings or RouterSettings()
+        self.scheduler = scheduler or Scheduler()
+        self.loader = upstreams if isinstance(upstreams, Loader) else None
         self._key = self.settings.api_key.encode() if self.settings.api_key else None
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -126,6 +147,10 @@ class Router:
         self.app.router.add_get("/v1/models", self._models)
         for path in PROXIED:
             self.app.router.add_post(path, self._proxy)
+        if self.loader is not None:
+            from procman._admin import add_admin_routes
+
+            add_admin_routes(self.app, self.loader, self.scheduler)
 
     async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=self.settings.pool_size, limit_per_host=0)
@@ -191,7 +216,18 @@ class Router:
     async def _health(self, request: web.Request) -> web.Response:
         servers = self.upstreams.upstreams()
         available = {State.READY, State.UNHEALTHY}
-        ok = bool(servers) and all(s.state in available for s in servers)
+        loader = self.loader
+
+        def fine(server: Upstream) -> bool:  # a stopped on-demand model starts when asked for
+            if server.state in available:
+                return True
+            return (
+                loader is not None
+                and server.state is State.STOPPED
+                and loader.on_demand(server.name)
+            )
+
+        ok = bool(servers) and all(fine(s) for s in servers)
         body = {
             "status": "ok" if ok else "unavailable",
             "models": {s.name: {"state": str(s.state), "reason": s.last_reason} for s in servers},
@@ -230,6 +266,29 @@ class Router:
         upstream = self._pick(body)
         if isinstance(upstream, web.Response):
             return upstream
+        async with AsyncExitStack() as stack:
+            if self.loader is not None:
+                await stack.enter_async_context(self.loader.using(upstream.name))
+            if (queue := self.scheduler.queue(upstream.name)) is not None:
+                try:
+                    await stack.enter_async_context(queue.slot())
+                except QueueFullError as exc:
+                    retry = str(self.settings.retry_after)
+                    return _error(
+                        429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry}
+                    )
+            if self.loader is not None and self.loader.on_demand(upstream.name):
+                try:
+                    await self.loader.load(upstream.name)
+                except LlamactlError as exc:
+                    message = f"model {upstream.name!r} could not be loaded: {exc.message}"
+                    return _error(503, message, "server_error", "model_failed")
+            return await self._forward(request, upstream, body)
+        raise AssertionError("unreachable")  # pragma: no cover  # mypy: the stack may swallow
+
+    async def _forward(
+        self, request: web.Request, upstream: Upstream, body: bytes
+    ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.ready_timeout
         resent = False

@@ -5,12 +5,18 @@ exposure without a key, the public port, the server binary), binds the
 public port, starts the router at once (early requests wait for the model),
 then the supervised llama-server. Ctrl-C or SIGTERM stops the router, then
 the server (SIGTERM, grace, SIGKILL of its process group).
+
+``serve --config models.toml`` serves every model the file declares behind
+the one endpoint, each started on its first request (see
+:mod:`procman.config`); flags given on the command line override the file's
+``[server]`` values, and ``LLAMACTL_API_KEY`` overrides both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 import sys
@@ -28,6 +34,7 @@ from procman.cli._progress import BuildProgressView
 from procman.errors import ServerError
 
 if TYPE_CHECKING:
+    from procman.config import ServePlan
     from procman.events import Event
     from procman.spec import ServerSpec
 
@@ -49,8 +56,16 @@ def serve(
         typer.Argument(help="A .gguf path or a model name in the cache; default: the demo model."),
     ] = None,
     *,
-    host: Annotated[str, typer.Option(help="Interface of the public endpoint.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port of the public endpoint.")] = 8080,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Serve the models a TOML file declares (on demand)."),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Interface of the public endpoint [default: 127.0.0.1].")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port of the public endpoint [default: 8080].")
+    ] = None,
     ctx_size: Annotated[
         int | None, typer.Option("--ctx", help="Context size (default: llama-server's).")
     ] = None,
@@ -89,6 +104,18 @@ def serve(
     if model is not None and model.startswith("-"):  # `serve -- -fa on`: click gives -fa to MODEL
         extra.insert(0, model)
         model = None
+    if config is not None:
+        if model is not None or extra:
+            raise LlamactlError(
+                "--config declares the models: pass no MODEL or extra arguments with it",
+                hint="put per-model llama-server arguments in the file's `args`",
+            )
+        _serve_config(
+            config, host=host, port=port, api_key=api_key, binary=server, insecure=insecure
+        )
+        return
+    host = host or "127.0.0.1"
+    port = 8080 if port is None else port
     layers = parse_gpu_layers(gpu_layers)
     check_exposure(host, api_key, allow_unauthenticated=insecure)
     model_path = resolve_model(model)
@@ -121,6 +148,85 @@ def serve(
         failure = asyncio.run(_serve(spec, listener, api_key))
     if failure is not None:
         raise ServerError(failure.reason, log_tail=failure.log_tail, hint=f"log: {spec.log_path}")
+
+
+def _serve_config(
+    path: Path,
+    *,
+    host: str | None,
+    port: int | None,
+    api_key: str | None,
+    binary: Path | None,
+    insecure: bool,
+) -> None:
+    """``serve --config``: validate everything, bind, then serve until Ctrl-C."""
+    import buildtools
+    from procman._ports import bind_listener
+    from procman.config import load_config
+    from procman.model_file import validate_model
+    from procman.router import check_exposure
+
+    loaded = load_config(path)
+    # CLI/env over the file, applied here only
+    given: dict[str, Any] = {"host": host, "port": port, "api_key": api_key}
+    section = dataclasses.replace(
+        loaded.server, **{key: value for key, value in given.items() if value is not None}
+    )
+    loaded = dataclasses.replace(loaded, server=section)
+    check_exposure(section.host, section.api_key, allow_unauthenticated=insecure)
+    with BuildProgressView(
+        "no llama-server is built for this machine yet: building and verifying one "
+        "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
+    ) as view:
+        resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
+    plan = loaded.plan(resolved.binary)
+    for model in plan.models:
+        info = validate_model(model.spec.model)
+        what = f"{info.architecture}, {info.file_type or '?'}, {info.size_bytes / 1e6:.0f} MB"
+        console.print(
+            f"[bold]{escape(model.spec.name)}[/]: {escape(str(model.spec.model))} ({escape(what)})"
+        )
+    listener = bind_listener(section.host, section.port)
+    with listener:
+        asyncio.run(_serve_plan(plan, listener))
+
+
+async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
+    """Run the router over on-demand servers until Ctrl-C/SIGTERM; a failed model only reports."""
+    from procman.router import Router, RouterSettings
+    from procman.scheduler import QueueSettings, Scheduler
+    from procman.supervisor import Supervisor
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    supervisor = Supervisor(max_loaded=plan.server.max_loaded)
+    supervisor.bus.subscribe(_print_event)
+    scheduler = Scheduler()
+    for model in plan.models:
+        supervisor.add(model.spec, validate=False, ttl=model.ttl, on_demand=True)
+        slots = QueueSettings(
+            slots=model.spec.parallel or 1, maxsize=model.queue, order=model.order
+        )
+        scheduler.add(model.spec.name, slots)
+    router = Router(supervisor, RouterSettings(api_key=plan.server.api_key), scheduler=scheduler)
+    try:
+        await router.start(listener)
+        host, port = router.address or ("?", 0)
+        url = f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+        names = ", ".join(m.spec.name for m in plan.models)
+        console.print(
+            f"[bold green]serving[/] {escape(names)} at [bold]{url}[/] "
+            "[dim](each model starts on its first request; Ctrl-C stops)[/]"
+        )
+        await stop.wait()
+    finally:
+        await router.stop()
+        await supervisor.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    console.print("stopped")
 
 
 def _print_event(event: Event) -> None:

@@ -37,20 +37,14 @@ from procman import (
     ServerSpec,
     StartupTimeout,
     State,
-    Supervisor,
     bind_listener,
 )
 from procman.events import Event
 from procman.spec import HealthSettings
+from procman.supervisor import Supervisor  # the async core; procman.Supervisor is the sync facade
 
 REPO = Path(__file__).resolve().parents[2]
-CLI = [
-    sys.executable,
-    "-c",
-    # `serve` registers itself on import, whether or not _commands lists it yet
-    "import sys, procman.cli._serve; from procman.cli._main import run;"
-    " sys.exit(run(sys.argv[1:]))",
-]
+CLI = [sys.executable, "-m", "procman.cli"]
 PROMPT: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Say hello in three words."}
 ]

@@ -1,0 +1,61 @@
+"""The router's control endpoints: what ``llamactl ps``, ``stop`` and ``load`` talk to.
+
+``GET /admin/status`` lists every configured model (state, pid, private
+port, model file, RSS, restarts, queue); ``POST /admin/load/{name}`` starts
+one and answers once it is ready; ``POST /admin/unload/{name}`` (or
+``/admin/unload`` with no name: all of them) stops it. They sit behind the
+same API key as ``/v1``, because unloading is as disruptive as using.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from procman.errors import ConfigError, LlamactlError
+
+if TYPE_CHECKING:
+    from procman.router import Loader
+    from procman.scheduler import Scheduler
+
+__all__ = ["add_admin_routes"]
+
+
+def _error(status: int, message: str, code: str) -> web.Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "code": code}}
+    return web.json_response(body, status=status)
+
+
+def add_admin_routes(app: web.Application, loader: Loader, scheduler: Scheduler) -> None:
+    def status() -> list[dict[str, object]]:
+        queues = scheduler.snapshot()
+        return [{**row, "queue": queues.get(str(row["name"]))} for row in loader.status()]
+
+    async def get_status(request: web.Request) -> web.Response:
+        return web.json_response({"models": status()})
+
+    async def load(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        try:
+            await loader.load(name)
+        except ConfigError as exc:
+            return _error(404, exc.message, "model_not_found")
+        except LlamactlError as exc:
+            return _error(503, exc.message, "model_failed")
+        return web.json_response({"models": [r for r in status() if r["name"] == name]})
+
+    async def unload(request: web.Request) -> web.Response:
+        name = request.match_info.get("name")
+        names = [name] if name else [str(row["name"]) for row in loader.status()]
+        for each in names:
+            try:
+                await loader.unload(each, "unloaded via the admin API")
+            except ConfigError as exc:
+                return _error(404, exc.message, "model_not_found")
+        return web.json_response({"models": status()})
+
+    app.router.add_get("/admin/status", get_status)
+    app.router.add_post("/admin/load/{name}", load)
+    app.router.add_post("/admin/unload", unload)
+    app.router.add_post("/admin/unload/{name}", unload)

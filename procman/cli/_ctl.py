@@ -1,0 +1,110 @@
+"""``llamactl ps``, ``stop`` and ``load``: talk to a running router's admin API.
+
+They reach the router over HTTP (``--url``, else ``$LLAMACTL_URL``, else
+http://127.0.0.1:8080) with ``$LLAMACTL_API_KEY`` as the bearer key, so they
+work the same against a router on this machine or another one. Plain
+:mod:`urllib`: one short request does not need an event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from buildtools.errors import LlamactlError
+from procman.cli._app import app, console, out
+
+__all__ = ["load", "ps", "stop"]
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+Url = Annotated[
+    str | None,
+    typer.Option(help=f"The router ($LLAMACTL_URL, default {DEFAULT_URL}).", show_default=False),
+]
+
+
+def _call(url: str | None, method: str, path: str, timeout: float = 10.0) -> Any:
+    base = (url or os.environ.get("LLAMACTL_URL") or DEFAULT_URL).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise LlamactlError(f"the router URL must be http(s)://..., got {base!r}")
+    body = b"" if method == "POST" else None
+    request = urllib.request.Request(f"{base}{path}", method=method, data=body)  # noqa: S310 - checked above
+    if key := os.environ.get("LLAMACTL_API_KEY"):
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - checked above
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        hint = "set LLAMACTL_API_KEY to the router's key" if exc.code == 401 else None
+        raise LlamactlError(f"{base}: {message}", hint=hint) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise LlamactlError(
+            f"no llamactl router answers at {base} ({getattr(exc, 'reason', exc)})",
+            hint="start one with `llamactl serve --config models.toml`, or pass --url",
+        ) from exc
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.0f} MiB"
+
+
+@app.command()
+def ps(
+    *,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout.")] = False,
+    url: Url = None,
+) -> None:
+    """List the router's models: state, pid, private port, memory, restarts, queue."""
+    models: list[dict[str, Any]] = _call(url, "GET", "/admin/status")["models"]
+    if as_json:
+        out.print_json(json.dumps(models))
+        return
+    table = Table("name", "state", "pid", "port", "rss", "restarts", "queue", "model")
+    for row in models:
+        queue = row.get("queue") or {}
+        busy = f"{queue.get('active', 0)}+{queue.get('waiting', 0)}" if queue else "-"
+        table.add_row(
+            escape(row["name"]), escape(row["state"]), str(row["pid"] or "-"),
+            str(row["port"] or "-"), _size(row["rss_bytes"]), str(row["restarts"]), busy,
+            escape(row["model"]),
+        )  # fmt: skip
+    out.print(table)
+
+
+@app.command()
+def stop(
+    name: Annotated[str | None, typer.Argument(help="The model to stop.")] = None,
+    *,
+    all_models: Annotated[bool, typer.Option("--all", help="Stop every model.")] = False,
+    url: Url = None,
+) -> None:
+    """Stop (unload) a model in the running router; it starts again on its next request."""
+    if (name is None) == (not all_models):
+        raise LlamactlError("pass a model NAME or --all")
+    _call(url, "POST", "/admin/unload" if all_models else f"/admin/unload/{name}", timeout=60)
+    console.print(f"stopped {'every model' if all_models else escape(str(name))}")
+
+
+@app.command()
+def load(
+    name: Annotated[str, typer.Argument(help="The model to load.")],
+    *,
+    url: Url = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for it to be ready.")] = 300,
+) -> None:
+    """Start a model in the running router now, and wait until it is ready."""
+    rows = _call(url, "POST", f"/admin/load/{name}", timeout=timeout)["models"]
+    state = rows[0]["state"] if rows else "?"
+    console.print(f"{escape(name)}: {escape(state)}")

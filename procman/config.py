@@ -1,0 +1,415 @@
+"""The ``models.toml`` file: one endpoint's settings and the models it serves.
+
+Three layers, kept apart on purpose:
+
+* the TOML text, read with :mod:`tomllib`;
+* :class:`Config` (:class:`ServerSection` + one :class:`ModelSection` per
+  model): validated input, units already parsed ("2GiB" is bytes, "10m" is
+  seconds), but nothing resolved: no file looked up, no binary chosen;
+* :class:`ServePlan` (one :class:`ModelPlan` each, wrapping a
+  :class:`~procman.spec.ServerSpec`): the resolved plan that ``serve`` runs.
+
+The field docstrings below are the documentation: ``python -m procman.config
+--reference`` prints them as Markdown, and ``llamactl config init`` writes
+them as comments into a starter file. Unknown keys are errors that suggest
+the nearest known key, and every error names the key path (``models.chat.ttl``).
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import itertools
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from procman._units import format_duration, parse_duration, parse_size
+from procman.errors import ConfigError
+from procman.spec import DEMO_MODEL, GpuLayers, LogSettings, ServerSpec, resolve_model
+
+__all__ = [
+    "Budget",
+    "Config",
+    "ModelPlan",
+    "ModelSection",
+    "Order",
+    "ServePlan",
+    "ServerSection",
+    "load_config",
+    "parse_config",
+    "reference",
+    "starter",
+]
+
+Budget = int | Literal["auto"] | None
+
+
+class Order(StrEnum):
+    """Which waiting request a freed slot goes to."""
+
+    FIFO = "fifo"
+    """The oldest: fair, the usual choice."""
+    LIFO = "lifo"
+    """The newest: under overload, recent (still-watched) requests finish while old ones wait."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSection:
+    """The ``[server]`` table: the public endpoint and global limits."""
+
+    host: str = "127.0.0.1"
+    """Interface of the public endpoint; anything but loopback needs ``api_key``."""
+    port: int = 8080
+    """Port of the public endpoint."""
+    api_key: str | None = None
+    """If set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``."""
+    max_loaded: int | None = None
+    """Most models running at once; to load another, the least recently used idle one stops. Unset: no limit."""  # noqa: E501
+    memory_budget: Budget = "auto"
+    """RAM all models may use together: a size such as ``"24GiB"``, or ``"auto"`` (from free memory)."""  # noqa: E501
+    vram_budget: Budget = "auto"
+    """GPU memory all models may use together: a size, or ``"auto"`` (from free VRAM)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """A ``[models.NAME]`` table: one model; NAME is what clients send as ``model``."""
+
+    path: str = DEMO_MODEL
+    """A ``.gguf`` file, a model name in the cache, or ``"demo"`` for the built-in demo model."""
+    ctx: int | None = None
+    """Context size in tokens (``-c``); unset lets llama-server choose."""
+    parallel: int = 1
+    """Requests served at once (llama-server slots, ``-np``); more wait in the queue."""
+    gpu_layers: GpuLayers | None = None
+    """Layers offloaded to the GPU: a number, ``"auto"`` or ``"all"``; unset lets llama-server choose."""  # noqa: E501
+    memory_limit: int | None = None
+    """Most RAM this model's server may use, a size such as ``"2GiB"``; unset: no own limit."""
+    ttl: float | None = None
+    """Idle time after which the server stops, e.g. ``"10m"``; the next request starts it again. Unset: stays loaded."""  # noqa: E501
+    queue: int = 64
+    """Requests that may wait for a slot; one more gets HTTP 429 with ``Retry-After``."""
+    order: Order = Order.FIFO
+    """Which waiting request goes next: ``"fifo"`` (oldest) or ``"lifo"`` (newest)."""
+    args: tuple[str, ...] = ()
+    """Further llama-server arguments, e.g. ``["--temp", "0.7"]``; ``/v1/embeddings`` needs ``["--embeddings", "--pooling", "mean"]``."""  # noqa: E501
+    aliases: tuple[str, ...] = ()
+    """Other names clients may send for this model."""
+    startup_timeout: float = 120.0
+    """Seconds the model may take to load before the start counts as failed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole config file, validated but not resolved."""
+
+    server: ServerSection = field(default_factory=ServerSection)
+    models: Mapping[str, ModelSection] = field(default_factory=lambda: MappingProxyType({}))
+
+    def plan(
+        self, binary: Path, *, log: LogSettings | None = None, models_dir: Path | None = None
+    ) -> ServePlan:
+        """Resolve every model file and build the specs (raises ``ModelError``/``ConfigError``)."""
+        plans = []
+        for name, model in self.models.items():
+            try:
+                spec = ServerSpec(
+                    name=name,
+                    model=resolve_model(model.path, models_dir=models_dir),
+                    binary=binary,
+                    aliases=model.aliases,
+                    ctx=model.ctx,
+                    parallel=model.parallel,
+                    gpu_layers=model.gpu_layers,
+                    extra_args=model.args,
+                    startup_timeout=model.startup_timeout,
+                    log=log or LogSettings(),
+                )
+            except ConfigError as exc:
+                raise ConfigError(f"models.{name}: {exc.message}", hint=exc.hint) from exc
+            plans.append(
+                ModelPlan(
+                    spec=spec,
+                    ttl=model.ttl,
+                    queue=model.queue,
+                    order=model.order,
+                    memory_limit=model.memory_limit,
+                )
+            )
+        return ServePlan(server=self.server, models=tuple(plans))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelPlan:
+    """One model as it will run: its server spec plus what the router and supervisor enforce."""
+
+    spec: ServerSpec
+    ttl: float | None
+    queue: int
+    order: Order
+    memory_limit: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServePlan:
+    """What ``llamactl serve --config`` runs."""
+
+    server: ServerSection
+    models: tuple[ModelPlan, ...]
+
+
+# -- parsing ------------------------------------------------------------------------------------
+Convert = Callable[[Any], Any]
+
+
+def _integer(minimum: int) -> Convert:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"expected an integer, got {value!r}")
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return convert
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _budget(value: Any) -> int | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    return parse_size(value)
+
+
+def _duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"must be longer than zero, got {value!r}")
+    return seconds
+
+
+def _gpu_layers(value: Any) -> GpuLayers:
+    match value:
+        case "auto" | "all":
+            return value  # type: ignore[no-any-return]  # narrowed by the pattern
+        case int() if not isinstance(value, bool) and value >= 0:
+            return value
+    raise ValueError(f"expected a number of layers, 'auto' or 'all', got {value!r}")
+
+
+def _order(value: Any) -> Order:
+    try:
+        return Order(value)
+    except ValueError:
+        raise ValueError(f"expected 'fifo' or 'lifo', got {value!r}") from None
+
+
+_SERVER_KEYS: dict[str, Convert] = {
+    "host": _string,
+    "port": _integer(0),
+    "api_key": _string,
+    "max_loaded": _integer(1),
+    "memory_budget": _budget,
+    "vram_budget": _budget,
+}
+_MODEL_KEYS: dict[str, Convert] = {
+    "path": _string,
+    "ctx": _integer(0),
+    "parallel": _integer(1),
+    "gpu_layers": _gpu_layers,
+    "memory_limit": parse_size,
+    "ttl": _duration,
+    "queue": _integer(0),
+    "order": _order,
+    "args": _strings,
+    "aliases": _strings,
+    "startup_timeout": _duration,
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _unknown(path: str, key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+    return ConfigError(f"{path}{key}: unknown key", hint=hint)
+
+
+def _section(table: Any, path: str, converters: dict[str, Convert]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path.rstrip('.')}: expected a table, got {table!r}")
+    values = {}
+    for key, value in table.items():
+        if key not in converters:
+            raise _unknown(path, key, list(converters))
+        try:
+            values[key] = converters[key](value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}{key}: {exc}") from exc
+    return values
+
+
+def parse_config(data: Mapping[str, Any]) -> Config:
+    """Validate parsed TOML (a dict); raises :class:`ConfigError` naming the key path."""
+    for key in data:
+        if key not in ("server", "models"):
+            raise _unknown("", key, ["server", "models"])
+    server = ServerSection(**_section(data.get("server", {}), "server.", _SERVER_KEYS))
+    tables = data.get("models", {})
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError("models: declare at least one [models.NAME] table")
+    models: dict[str, ModelSection] = {}
+    taken: dict[str, str] = {}
+    for name, table in tables.items():
+        if not _NAME.match(name):
+            raise ConfigError(
+                f"models.{name}: invalid model name",
+                hint="use letters, digits, '.', '_' or '-' (it also names the log file)",
+            )
+        model = ModelSection(**_section(table, f"models.{name}.", _MODEL_KEYS))
+        for alias in (name, *model.aliases):
+            if alias in taken:
+                raise ConfigError(f"models.{name}: the name {alias!r} is taken by {taken[alias]}")
+            taken[alias] = f"models.{name}"
+        models[name] = model
+    return Config(server=server, models=MappingProxyType(models))
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}", hint=exc.hint) from exc
+
+
+# -- documentation from the docstrings -----------------------------------------------------------
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field name → the docstring written under it (Python keeps these only in the source)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            # single backticks: the text goes into Markdown and TOML comments, not reST
+            docs[node.target.id] = " ".join(after.value.value.split()).replace("``", "`")
+    return docs
+
+
+_KINDS = {
+    "host": "string", "port": "integer", "api_key": "string", "max_loaded": "integer",
+    "memory_budget": 'size or "auto"', "vram_budget": 'size or "auto"', "path": "string",
+    "ctx": "integer", "parallel": "integer", "gpu_layers": 'integer, "auto" or "all"',
+    "memory_limit": "size", "ttl": "duration", "queue": "integer", "order": '"fifo" or "lifo"',
+    "args": "list of strings", "aliases": "list of strings", "startup_timeout": "duration",
+}  # fmt: skip
+
+
+def _show_default(name: str, value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, tuple):
+        return "`[]`"
+    if isinstance(value, StrEnum | str):
+        return f'`"{value}"`'
+    if name == "startup_timeout":
+        return f'`"{format_duration(value)}"`'
+    return f"`{value}`"
+
+
+def reference() -> str:
+    """The config file reference as Markdown, generated from the field docstrings."""
+    lines = [
+        'Sizes are bytes or strings such as `"512MiB"`, `"2GiB"`, `"1.5GB"`; durations are '
+        'seconds or strings such as `"90s"`, `"10m"`, `"1h30m"`.',
+    ]
+    for table, cls in (("[server]", ServerSection), ("[models.NAME]", ModelSection)):
+        lines += ["", f"### `{table}`", "", (inspect.getdoc(cls) or "").replace("``", "`"), ""]
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        docs = _field_docs(cls)
+        for item in fields(cls):
+            default = item.default if item.default is not MISSING else None
+            shown = _show_default(item.name, default)
+            lines.append(f"| `{item.name}` | {_KINDS[item.name]} | {shown} | {docs[item.name]} |")
+    return "\n".join(lines) + "\n"
+
+
+#: the starter file's data: two models that work out of the box with the demo model
+_STARTER: dict[str, Any] = {
+    "server": {"host": "127.0.0.1", "port": 8080, "max_loaded": 2,
+               "memory_budget": "auto", "vram_budget": "auto"},
+    "models": {
+        "chat": {"path": DEMO_MODEL, "ctx": 2048, "parallel": 1, "ttl": "10m", "queue": 64,
+                 "order": "fifo", "args": ["--temp", "0.7"], "aliases": ["default"]},
+        "embed": {"path": DEMO_MODEL, "ctx": 512, "ttl": "5m",
+                  "args": ["--embeddings", "--pooling", "mean"]},
+    },
+}  # fmt: skip
+
+
+def starter() -> str:
+    """A commented starter ``models.toml``: tomli-w writes the data, the docstrings the comments."""
+    import tomli_w
+
+    docs = {"server": _field_docs(ServerSection), "models": _field_docs(ModelSection)}
+    out = [
+        "# llamactl config: `llamactl serve --config THIS_FILE`.",
+        '# Sizes: "2GiB", "512MiB"; durations: "90s", "10m", "1h".',
+        "# Unset keys take their defaults; see `python -m procman.config --reference`.",
+        "",
+    ]
+    section = docs["server"]
+    for line in tomli_w.dumps(_STARTER).splitlines():
+        if line.startswith("["):
+            section = docs["server" if line == "[server]" else "models"]
+        key = line.split(" = ", 1)[0]
+        if " = " in line and key in section:
+            out.append(f"# {section[key]}")
+        out.append(line)
+    at = out.index("[server]") + 1
+    out[at:at] = [f"# {docs['server']['api_key']}", '# api_key = "change-me"']
+    text = "\n".join(out) + "\n"
+    parse_config(tomllib.loads(text))  # the starter must stay valid as the schema changes
+    return text
+
+
+def main(argv: list[str]) -> int:
+    """``python -m procman.config --reference``: the docs generator, kept out of the library API."""
+    if argv != ["--reference"]:
+        sys.stderr.write("usage: python -m procman.config --reference\n")
+        return 2
+    sys.stdout.write(reference())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

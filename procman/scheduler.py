@@ -1,0 +1,141 @@
+"""Per-model request queues: bounded, FIFO or LIFO, one slot per llama-server slot.
+
+Why the router queues at all, when llama-server has its own queue: its queue
+is unbounded and strictly first come first served, and a request waiting in
+it cannot be told apart from one being generated. Holding requests here, and
+letting at most ``slots`` (= the server's ``-np``) through at once, gives a
+bound (the next request is refused with 429 at once instead of timing out
+minutes later), a choice of order, and cancellation for free: a waiting
+request is just a future, so a client that goes away before its turn is
+dropped without the server ever seeing it.
+
+Pure asyncio, no I/O: the router holds a slot from dispatch until the last
+byte of its response is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from procman.config import Order
+from procman.errors import LlamactlError
+
+__all__ = ["ModelQueue", "QueueFullError", "QueueSettings", "Scheduler"]
+
+
+class QueueFullError(LlamactlError):
+    """A model's queue holds ``maxsize`` waiting requests already (HTTP 429)."""
+
+    def __init__(self, name: str, maxsize: int) -> None:
+        super().__init__(
+            f"model {name!r} has {maxsize} requests waiting already",
+            hint="retry later, or raise the model's `queue` setting",
+        )
+        self.name = name
+        self.maxsize = maxsize
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueSettings:
+    """How requests for one model wait."""
+
+    slots: int = 1
+    """Requests forwarded at once: the server's ``parallel``."""
+    maxsize: int = 64
+    """Requests that may wait; one more is refused."""
+    order: Order = Order.FIFO
+    """Which waiting request a freed slot goes to."""
+
+    def __post_init__(self) -> None:
+        if self.slots < 1 or self.maxsize < 0:
+            raise ValueError("slots must be >= 1 and maxsize >= 0")
+
+
+class ModelQueue:
+    """Slots and waiters for one model: ``async with queue.slot(): ...``."""
+
+    def __init__(self, name: str, settings: QueueSettings | None = None) -> None:
+        self.name = name
+        self.settings = settings or QueueSettings()
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in line if none is free; raises :class:`QueueFullError`.
+
+        Cancelling a waiting ``acquire`` removes it from the line; if the slot
+        was granted in the same instant, it is passed on to the next waiter.
+        """
+        if self.active < self.settings.slots and not self._waiters:
+            self.active += 1
+            return
+        if self.waiting >= self.settings.maxsize:
+            raise QueueFullError(self.name, self.settings.maxsize)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted, but nobody will use it
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back; the next waiter (oldest or newest, per ``order``) gets it."""
+        self.active -= 1
+        while self.active < self.settings.slots and self._waiters:
+            waiter = (
+                self._waiters.pop()
+                if self.settings.order is Order.LIFO
+                else self._waiters.popleft()
+            )
+            if waiter.done():  # cancelled while in line
+                continue
+            self.active += 1
+            waiter.set_result(None)
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "active": self.active,
+            "waiting": self.waiting,
+            "slots": self.settings.slots,
+            "queue": self.settings.maxsize,
+            "order": str(self.settings.order),
+        }
+
+
+class Scheduler:
+    """The queues of every configured model, by model name (not alias)."""
+
+    def __init__(self, settings: Mapping[str, QueueSettings] | None = None) -> None:
+        self._queues = {name: ModelQueue(name, s) for name, s in (settings or {}).items()}
+
+    def add(self, name: str, settings: QueueSettings) -> ModelQueue:
+        queue = self._queues[name] = ModelQueue(name, settings)
+        return queue
+
+    def queue(self, name: str) -> ModelQueue | None:
+        """The queue for ``name``; ``None`` means requests go straight through."""
+        return self._queues.get(name)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {name: queue.snapshot() for name, queue in self._queues.items()}

@@ -1,0 +1,135 @@
+"""The per-model queue: slots, bounds, FIFO/LIFO order, cancellation. Pure asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from procman.config import Order
+from procman.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def served_in_order(order: Order, waiting: int = 3) -> list[int]:
+    queue = ModelQueue("m", QueueSettings(slots=1, maxsize=8, order=order))
+    served: list[int] = []
+    await queue.acquire()  # the slot is busy: everyone else waits
+
+    async def request(number: int) -> None:
+        async with queue.slot():
+            served.append(number)
+            await asyncio.sleep(0)
+
+    tasks = []
+    for number in range(waiting):
+        tasks.append(asyncio.create_task(request(number)))
+        await settle()  # arrival order is the creation order
+    assert queue.waiting == waiting
+    queue.release()
+    await asyncio.gather(*tasks)
+    assert queue.active == 0 and queue.waiting == 0
+    return served
+
+
+async def test_fifo_serves_the_oldest_first() -> None:
+    assert await served_in_order(Order.FIFO) == [0, 1, 2]
+
+
+async def test_lifo_serves_the_newest_first() -> None:
+    assert await served_in_order(Order.LIFO) == [2, 1, 0]
+
+
+async def test_slots_bound_concurrency() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=2, maxsize=10))
+    running = peak = 0
+
+    async def request() -> None:
+        nonlocal running, peak
+        async with queue.slot():
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.01)
+            running -= 1
+
+    await asyncio.gather(*(request() for _ in range(6)))
+    assert peak == 2 and queue.active == 0
+
+
+async def test_a_full_queue_refuses_at_once() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=1, maxsize=2))
+    await queue.acquire()
+    waiters = [asyncio.create_task(queue.acquire()) for _ in range(2)]
+    await settle()
+    with pytest.raises(QueueFullError) as caught:
+        await queue.acquire()
+    assert caught.value.maxsize == 2 and "queue" in (caught.value.hint or "")
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def test_zero_queue_means_no_waiting() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=1, maxsize=0))
+    async with queue.slot():
+        with pytest.raises(QueueFullError):
+            await queue.acquire()
+
+
+async def test_a_cancelled_waiter_leaves_the_line() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=1, maxsize=1))
+    await queue.acquire()
+    gone = asyncio.create_task(queue.acquire())
+    await settle()
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    assert queue.waiting == 0
+    stays = asyncio.create_task(queue.acquire())  # its place is free again
+    await settle()
+    queue.release()
+    await asyncio.wait_for(stays, 1)
+    assert queue.active == 1
+
+
+async def test_a_slot_granted_to_a_cancelled_waiter_passes_on() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=1, maxsize=4))
+    await queue.acquire()
+    first = asyncio.create_task(queue.acquire())
+    second = asyncio.create_task(queue.acquire())
+    await settle()
+    queue.release()  # grants `first` its slot...
+    first.cancel()  # ...which is cancelled before it runs
+    await asyncio.gather(first, return_exceptions=True)
+    await asyncio.wait_for(second, 1)
+    assert queue.active == 1 and queue.waiting == 0
+
+
+async def test_cancelling_inside_the_slot_frees_it() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=1, maxsize=4))
+    holding = asyncio.Event()
+
+    async def long_request() -> None:
+        async with queue.slot():
+            holding.set()
+            await asyncio.sleep(60)
+
+    task = asyncio.create_task(long_request())
+    await holding.wait()
+    task.cancel()  # the client went away mid-answer
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.wait_for(queue.acquire(), 1)
+
+
+def test_scheduler_knows_queues_by_name() -> None:
+    scheduler = Scheduler({"a": QueueSettings(slots=2)})
+    scheduler.add("b", QueueSettings(order=Order.LIFO))
+    assert scheduler.queue("c") is None
+    assert scheduler.snapshot()["b"] == {
+        "active": 0, "waiting": 0, "slots": 1, "queue": 64, "order": "lifo",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="slots"):
+        QueueSettings(slots=0)
