@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Completed", "Runner", "capture"]
+__all__ = ["Completed", "Runner", "capture", "describe_exit"]
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +81,20 @@ def capture(
     except subprocess.TimeoutExpired:
         return Completed(argv, TIMED_OUT, "", f"timed out after {timeout:.0f} s")
     return Completed(argv, proc.returncode, proc.stdout, proc.stderr)
+
+
+def describe_exit(code: int | None) -> str:
+    """``exit status 1``, ``SIGKILL``, ``SIGILL (illegal instruction...)``."""
+    if code is None:
+        return "still running"
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+    if -code == signal.SIGILL:
+        return f"{name} (illegal instruction: built for another CPU?)"
+    if -code == signal.SIGKILL:
+        return f"{name} (killed: out of memory, or by someone)"
+    return name

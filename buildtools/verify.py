@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from buildtools._runner import capture
+from buildtools._runner import capture, describe_exit
 from buildtools.errors import VerificationError
 
 __all__ = ["VerifyResult", "read_version", "verify_server"]
@@ -67,21 +67,6 @@ def _tail(path: Path) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-_TAIL_LINES:])
     except OSError:
         return ""
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        if -code == signal.SIGILL:
-            return (
-                f"{name} (illegal instruction: the binary uses an instruction "
-                "this CPU or OS does not allow)"
-            )
-        return name
-    return f"exit status {code}"
 
 
 def _get(url: str, timeout: float) -> int:
@@ -141,7 +126,7 @@ def verify_server(
         while ready_at is None:
             if (code := proc.poll()) is not None:
                 raise VerificationError(
-                    f"the built server died while loading the demo model: {_describe_exit(code)}",
+                    f"the built server died while loading the demo model: {describe_exit(code)}",
                     returncode=code,
                     log_tail=_tail(log_path),
                 )
@@ -163,7 +148,7 @@ def verify_server(
             code = proc.poll()
             raise VerificationError(
                 f"the built server failed a chat completion: "
-                f"{_describe_exit(code) if code is not None else exc}",
+                f"{describe_exit(code) if code is not None else exc}",
                 returncode=code,
                 log_tail=_tail(log_path),
             ) from exc
@@ -182,7 +167,7 @@ def verify_server(
             ) from exc
         if exit_code != 0:
             raise VerificationError(
-                f"the built server did not exit cleanly: {_describe_exit(exit_code)}",
+                f"the built server did not exit cleanly: {describe_exit(exit_code)}",
                 returncode=exit_code,
                 log_tail=_tail(log_path),
             )

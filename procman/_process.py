@@ -34,6 +34,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from buildtools._runner import describe_exit
 from procman.logs import LineTail, RotatingLog
 
 __all__ = ["Child", "describe_exit", "spawn", "terminate", "within"]
@@ -41,23 +42,6 @@ __all__ = ["Child", "describe_exit", "spawn", "terminate", "within"]
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-
-
-def describe_exit(code: int | None) -> str:
-    """``exit status 1``, ``SIGKILL``, ``SIGILL (illegal instruction...)``."""
-    if code is None:
-        return "still running"
-    if code >= 0:
-        return f"exit status {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        return f"signal {-code}"
-    if -code == signal.SIGILL:
-        return f"{name} (illegal instruction: built for another CPU?)"
-    if -code == signal.SIGKILL:
-        return f"{name} (killed: out of memory, or by someone)"
-    return name
 
 
 @functools.cache
