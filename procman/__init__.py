@@ -1,17 +1,28 @@
 """Run GGUF models under llama-server, supervised, behind one OpenAI-compatible endpoint.
 
-The library a desktop app embeds and the ``llamactl`` CLI drives::
+The library a desktop app embeds and the ``llamactl`` CLI drives. Blocking::
+
+    with procman.Supervisor() as sup:              # owns its servers; they end with it
+        sup.on_event(print)                        # state changes (called from its loop thread)
+        server = sup.serve("model.gguf", ctx=2048) # returns when ready
+        server.base_url                            # http://127.0.0.1:PORT/v1
+
+    with procman.connect() as client:              # the shared daemon, started if none runs
+        server = client.serve("demo")
+
+Async, the core the blocking facade runs on a private loop thread::
 
     spec = ServerSpec(name="demo", model=path, binary=resolve_server().binary)
-    async with Supervisor() as supervisor:
-        supervisor.bus.subscribe(print)             # every state change, with a reason
+    async with AsyncSupervisor() as supervisor:
+        async with supervisor.bus.listen() as events: ...  # or bus.subscribe(callback)
         await supervisor.serve(spec)                # validated, spawned, ready
         async with Router(supervisor) as router:
             await router.start(bind_listener("127.0.0.1", 8080))
             ...
 
 It never prints, exits or configures logging. ``import procman`` stays fast:
-the modules that need aiohttp (server, supervisor, router) load on first use.
+the modules that need aiohttp (server, supervisor, router), and the daemon
+client, load on first use.
 """
 
 from __future__ import annotations
@@ -44,16 +55,22 @@ from procman.spec import (
 )
 
 if TYPE_CHECKING:
+    from procman._request import ServeRequest, ServerInfo
+    from procman._sync import Supervisor
+    from procman.client import DaemonClient, DaemonStatus, connect
     from procman.model_file import ModelInfo, validate_model
     from procman.router import Router, RouterSettings, check_exposure
     from procman.server import ManagedServer
-    from procman.supervisor import Supervisor
+    from procman.supervisor import Supervisor as AsyncSupervisor
 
 __all__ = [
     "Action",
     "AdmissionError",
+    "AsyncSupervisor",
     "ConfigError",
+    "DaemonClient",
     "DaemonError",
+    "DaemonStatus",
     "Decision",
     "Event",
     "EventBus",
@@ -68,7 +85,9 @@ __all__ = [
     "RestartSettings",
     "Router",
     "RouterSettings",
+    "ServeRequest",
     "ServerError",
+    "ServerInfo",
     "ServerSpec",
     "StartupTimeout",
     "State",
@@ -76,6 +95,7 @@ __all__ = [
     "Supervisor",
     "bind_listener",
     "check_exposure",
+    "connect",
     "default_name",
     "follow",
     "log_path",
@@ -86,21 +106,28 @@ __all__ = [
     "validate_model",
 ]
 
-#: public names whose modules import aiohttp or gguf: loaded on first access
+#: public names whose modules import aiohttp, gguf or sockets: name -> (module, attribute)
 _LAZY = {
-    "ManagedServer": "procman.server",
-    "ModelInfo": "procman.model_file",
-    "Router": "procman.router",
-    "RouterSettings": "procman.router",
-    "Supervisor": "procman.supervisor",
-    "check_exposure": "procman.router",
-    "validate_model": "procman.model_file",
+    "AsyncSupervisor": ("procman.supervisor", "Supervisor"),
+    "DaemonClient": ("procman.client", "DaemonClient"),
+    "DaemonStatus": ("procman.client", "DaemonStatus"),
+    "ManagedServer": ("procman.server", "ManagedServer"),
+    "ModelInfo": ("procman.model_file", "ModelInfo"),
+    "Router": ("procman.router", "Router"),
+    "RouterSettings": ("procman.router", "RouterSettings"),
+    "ServeRequest": ("procman._request", "ServeRequest"),
+    "ServerInfo": ("procman._request", "ServerInfo"),
+    "Supervisor": ("procman._sync", "Supervisor"),
+    "check_exposure": ("procman.router", "check_exposure"),
+    "connect": ("procman.client", "connect"),
+    "validate_model": ("procman.model_file", "validate_model"),
 }
 
 
 def __getattr__(name: str) -> Any:
-    if module := _LAZY.get(name):
-        value = getattr(importlib.import_module(module), name)
+    if target := _LAZY.get(name):
+        module, attribute = target
+        value = getattr(importlib.import_module(module), attribute)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'procman' has no attribute {name!r}")

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from procman.cli import _build, _config, _ctl, _detect, _estimate, _serve  # noqa: F401
+from procman.cli import _build, _config, _ctl, _daemon, _detect, _estimate, _serve  # noqa: F401
 
 __all__: list[str] = []

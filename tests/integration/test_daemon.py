@@ -1,0 +1,314 @@
+"""The shared daemon for real: client processes, the start race, idle exit, crash recovery.
+
+Clients are real ``python -c`` processes calling ``procman.connect()``; each
+test has its own ``LLAMACTL_HOME`` (the demo model linked in), bounds every
+wait, and stops the daemons it caused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from procman.daemon import DaemonPaths, daemon_alive
+
+CLIENT_SERVE = """
+import json, sys, procman
+client = procman.connect(idle_timeout=30, timeout=60)
+server = client.serve("demo", ctx=512, parallel=1, startup_timeout=90)
+status = client.status()
+print(json.dumps({"server": server.pid, "url": server.base_url, "daemon": status.pid}), flush=True)
+sys.stdin.read()  # stay attached until the test closes our stdin
+"""
+
+CLIENT_RACE = """
+import sys, time, procman
+start = float(sys.argv[1])
+time.sleep(max(0.0, start - time.time()))  # both clients connect at the same instant
+print(procman.connect(idle_timeout=2, timeout=30).status().pid, flush=True)
+"""
+
+
+def make_home(root: Path, demo_model: Path | None = None) -> Path:
+    home = root / "h"
+    (home / "models").mkdir(parents=True)
+    if demo_model is not None:
+        for item in demo_model.parent.iterdir():  # the model and its checksum marker
+            if item.name.endswith((".gguf", ".sha256")):
+                (home / "models" / item.name).symlink_to(item)
+    return home
+
+
+def client_env(home: Path, binary: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "LLAMACTL_HOME": str(home), "LLAMACTL_LOG": "WARNING"}
+    if binary is not None:
+        env["LLAMACTL_SERVER"] = str(binary)
+    return env
+
+
+def daemon_pid(home: Path) -> int | None:
+    pid_file = DaemonPaths.default(home=home).pid_file
+    try:
+        return int(pid_file.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def stop_daemon(home: Path, timeout: float = 20) -> None:
+    """Ask the daemon to exit (SIGKILL if it does not) and wait until its lock is free."""
+    paths = DaemonPaths.default(home=home)
+    pid = daemon_pid(home)
+    if pid is not None and psutil.pid_exists(pid):
+        os.kill(pid, signal.SIGTERM)
+        try:
+            psutil.Process(pid).wait(timeout)
+        except psutil.TimeoutExpired:
+            os.kill(pid, signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    deadline = time.monotonic() + timeout
+    while daemon_alive(paths):
+        assert time.monotonic() < deadline, "daemon lock still held"
+        time.sleep(0.05)
+
+
+def llama_servers_of(pid: int, binary: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["exe", "ppid"]):
+        exe = proc.info["exe"]
+        if exe and Path(exe).resolve() == binary.resolve() and proc.info["ppid"] == pid:
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def home(tmp_path: Path, demo_model: Path) -> Iterator[Path]:
+    home = make_home(tmp_path, demo_model)
+    yield home
+    stop_daemon(home)
+
+
+def kill_all(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+# -- many clients, one server --------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("clients", [2, 8])
+def test_clients_asking_at_once_share_one_llama_server(
+    clients: int, home: Path, llama_server: Path
+) -> None:
+    env = client_env(home, llama_server)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLIENT_SERVE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(clients)
+    ]
+    try:
+        answers = []
+        deadline = time.monotonic() + 120
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # each client prints one line once served
+            assert line, proc.stderr.read() if proc.stderr else ""
+            answers.append(json.loads(line))
+            assert time.monotonic() < deadline
+        daemons = {a["daemon"] for a in answers}
+        servers = {a["server"] for a in answers}
+        assert len(daemons) == 1, answers
+        assert len(servers) == 1, answers
+        daemon = daemons.pop()
+        running = llama_servers_of(daemon, llama_server)
+        assert [p.pid for p in running] == list(servers), running
+        status = json.loads(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import procman, json; s = procman.connect(start=False)"
+                    ".status(); print(json.dumps({'clients': s.clients}))",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+        )
+        assert status["clients"] == clients + 1
+    finally:
+        for proc in procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        kill_all(procs)
+
+
+# -- the start race ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_clients_racing_to_start_end_with_one_daemon_fifty_times(tmp_path: Path) -> None:
+    failures = []
+    for attempt in range(50):
+        home = make_home(tmp_path / f"r{attempt}")
+        env = client_env(home)
+        start = time.time() + 0.4
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", CLIENT_RACE, str(start)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for _ in range(2)
+        ]
+        try:
+            outputs = [proc.communicate(timeout=30) for proc in procs]
+            pids = {out.strip() for out, _ in outputs}
+            codes = [proc.returncode for proc in procs]
+            daemons = [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if "procman.daemon" in " ".join(p.info["cmdline"] or ())
+                and str(home) in " ".join(p.info["cmdline"] or ())
+            ]
+            if codes != [0, 0] or len(pids) != 1 or len(daemons) != 1:
+                failures.append((attempt, codes, outputs, [d.pid for d in daemons]))
+        finally:
+            kill_all(procs)
+            stop_daemon(home)
+    print(f"\nstart race: 50 repetitions, {len(failures)} failures")
+    assert failures == []
+
+
+# -- idle exit, and staying up while attached ----------------------------------------------------
+def test_daemon_exits_when_idle_but_not_while_a_client_is_attached(tmp_path: Path) -> None:
+    home = make_home(tmp_path)
+    env = client_env(home)
+    attached = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, procman; c = procman.connect(idle_timeout=1);"
+            " print(c.status().pid, flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert attached.stdout is not None
+        pid = int(attached.stdout.readline())
+        paths = DaemonPaths.default(home=home)
+        assert paths.socket.exists()
+        assert oct(paths.socket.stat().st_mode & 0o777) == "0o600"
+        assert oct(paths.root.stat().st_mode & 0o777) == "0o700"
+        time.sleep(2.5)  # longer than the idle timeout: the attached client keeps it up
+        assert psutil.pid_exists(pid)
+        assert attached.stdin is not None
+        attached.stdin.close()
+        attached.wait(10)
+        started = time.monotonic()
+        while paths.socket.exists():  # the daemon unlinks it as it shuts down
+            assert time.monotonic() - started < 15, "daemon did not exit when idle"
+            time.sleep(0.02)
+        idle_exit = time.monotonic() - started
+        print(f"\nidle exit {idle_exit:.2f} s after the last client left (timeout 1 s)")
+        psutil.Process(pid).wait(15)
+        assert not daemon_alive(paths)
+    finally:
+        kill_all([attached])
+        stop_daemon(home)
+
+
+# -- crash recovery --------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigkilled_daemon_is_replaced_and_its_server_dies(home: Path, llama_server: Path) -> None:
+    env = client_env(home, llama_server)
+    code = (
+        "import json, procman; c = procman.connect(idle_timeout=30, timeout=60);"
+        " s = c.serve('demo', ctx=512, startup_timeout=90);"
+        " print(json.dumps({'daemon': c.status().pid, 'server': s.pid}))"
+    )
+    first = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    )
+    time.sleep(0.5)  # the first client has gone: its server stays up for others until idle
+    assert psutil.pid_exists(first["server"])
+    os.kill(first["daemon"], signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(first["daemon"]).wait(10)
+    paths = DaemonPaths.default(home=home)
+    assert paths.socket.exists() and paths.pid_file.exists()  # stale files are left behind
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(first["server"]):  # PDEATHSIG: the server died with its daemon
+        assert time.monotonic() < deadline, "llama-server outlived its SIGKILLed daemon"
+        time.sleep(0.05)
+    second = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    )
+    assert second["daemon"] != first["daemon"]
+    assert psutil.pid_exists(second["server"])
+
+
+def test_client_of_a_daemon_that_exits_moves_to_a_new_one(tmp_path: Path) -> None:
+    home = make_home(tmp_path)
+    env = client_env(home)
+    code = (
+        "import os, time, procman\n"
+        "a = procman.connect(idle_timeout=5)\n"
+        "b = procman.connect(idle_timeout=5)\n"
+        "old = a.status().pid\n"
+        "b.stop_daemon()\n"
+        "while True:\n"
+        "    try: os.kill(old, 0)\n"
+        "    except ProcessLookupError: break\n"
+        "    time.sleep(0.02)\n"
+        "print(old, a.status().pid)\n"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+        old, new = out.split()
+        assert old != new
+    finally:
+        stop_daemon(home)
