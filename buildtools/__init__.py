@@ -11,9 +11,8 @@ The flow, each step a value you can print and test::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from buildtools.builder import BuildProgress, BuildResult, ProgressCallback, build
-from buildtools.cache import BuildCache, CachedBuild
 from buildtools.errors import (
     BuildError,
     CacheError,
@@ -24,9 +23,45 @@ from buildtools.errors import (
     ToolchainError,
     VerificationError,
 )
-from buildtools.locate import Candidate, ResolvedServer, candidates, resolve_server
-from buildtools.plan import BuildOptions, BuildPlan, make_plan
-from buildtools.source import SourceTree, provision
+
+if TYPE_CHECKING:
+    from buildtools.builder import BuildProgress, BuildResult, ProgressCallback, build
+    from buildtools.cache import BuildCache, CachedBuild
+    from buildtools.locate import Candidate, ResolvedServer, candidates, resolve_server
+    from buildtools.plan import BuildOptions, BuildPlan, make_plan
+    from buildtools.source import SourceTree, provision
+
+#: public name -> defining module, imported on first access so that importing
+#: an error class (as procman does) costs microseconds, not the build layer
+_LAZY = {
+    "BuildProgress": "buildtools.builder",
+    "BuildResult": "buildtools.builder",
+    "ProgressCallback": "buildtools.builder",
+    "build": "buildtools.builder",
+    "BuildCache": "buildtools.cache",
+    "CachedBuild": "buildtools.cache",
+    "Candidate": "buildtools.locate",
+    "ResolvedServer": "buildtools.locate",
+    "candidates": "buildtools.locate",
+    "resolve_server": "buildtools.locate",
+    "BuildOptions": "buildtools.plan",
+    "BuildPlan": "buildtools.plan",
+    "make_plan": "buildtools.plan",
+    "SourceTree": "buildtools.source",
+    "provision": "buildtools.source",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'buildtools' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BuildCache",
@@ -59,8 +94,11 @@ def build_default(
     *, home: Path | None = None, on_progress: ProgressCallback | None = None
 ) -> BuildResult:
     """Build (or reuse) the default plan for this machine: what ``llamactl build`` does."""
+    from buildtools.builder import build
     from buildtools.demo import demo_model_path
     from buildtools.hardware import detect
+    from buildtools.plan import BuildOptions
+    from buildtools.source import provision
 
     profile = detect()
     source = provision(home=home)
