@@ -269,7 +269,8 @@ def _verify_portable(
     log_path = staged / "verify.log"
     while True:
         try:
-            return verify_server(binary, model, log_path=log_path), dropped
+            # verbose logging is what makes ggml say which CPU variant it loaded
+            result = verify_server(binary, model, log_path=log_path, extra_args=("-lv", "4"))
         except VerificationError as exc:
             found = (
                 _LOADED_CPU.findall(log_path.read_text(errors="replace"))
@@ -283,6 +284,8 @@ def _verify_portable(
                 raise
             variant.unlink()
             dropped[variant.name] = exc.message
+        else:
+            return result, dropped
 
 
 def _picked_variant(log_path: Path) -> str | None:

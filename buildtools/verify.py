@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,12 @@ def _chat(base: str, timeout: float) -> dict[str, Any]:
 
 
 def verify_server(
-    binary: Path, model: Path, *, log_path: Path, timeout: float = 120.0
+    binary: Path,
+    model: Path,
+    *,
+    log_path: Path,
+    timeout: float = 120.0,
+    extra_args: Sequence[str] = (),
 ) -> VerifyResult:
     """Run ``binary`` on ``model`` until it answers one chat completion.
 
@@ -114,6 +120,7 @@ def verify_server(
         "512",
         "-np",
         "1",
+        *extra_args,
     ]
     base = f"http://127.0.0.1:{port}"
     started = time.monotonic()
