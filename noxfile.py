@@ -45,3 +45,14 @@ def unit(session: nox.Session) -> None:
 def integration(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run("pytest", "tests/integration", *session.posargs)
+
+
+@nox.session(python=PY)
+def bench(session: nox.Session) -> None:
+    """The comparison suite: writes bench/results/<date>.json and bench/REPORT.md.
+
+    ``nox -s bench -- --quick`` for a short run, ``-- --full`` to add cold builds
+    (about 20 minutes more on 2 cores).
+    """
+    session.install("-e", ".[bench]")
+    session.run("python", "bench/suite.py", *session.posargs)

@@ -1,0 +1,835 @@
+"""llamactl's comparison suite: ``python bench/suite.py [--quick] [--full]`` or ``nox -s bench``.
+
+Writes ``bench/results/<date>.json`` (every raw figure) and ``bench/REPORT.md``
+(medians, spreads, ratios, each with the command that produced it and the
+machine it ran on). Every comparison is interleaved within one run (A, B, A,
+B, ...) so that noise from other processes on the machine falls on both
+sides; ratios are computed per round and reported as median [p10-p90].
+
+Sections: inference speed (llama-bench per build), router overhead (direct
+vs ``llamactl serve`` vs llama.cpp's router mode), time to first answer
+after launch, supervisor footprint, memory estimate accuracy, build time.
+Every server this script starts listens on 127.0.0.1 only and is killed
+(with its process group) before the script exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from buildtools import BuildCache, resolve_server  # noqa: E402 - after the path fix-up
+from buildtools.demo import demo_model_path  # noqa: E402
+from buildtools.paths import home  # noqa: E402
+from buildtools.wheel import bundled_server  # noqa: E402
+from procman._ports import pick_free_port  # noqa: E402
+from procman.bench import BenchCase, machine_info, percentile, stream_case  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+REPORT = ROOT / "bench" / "REPORT.md"
+HOST = "127.0.0.1"
+LLAMACTL = [sys.executable, "-m", "procman.cli"]
+
+Section = dict[str, Any]
+
+
+class NotReadyError(RuntimeError):
+    """HTTP 503: the model is still loading (llamactl's router says so with Retry-After)."""
+
+
+# -- small helpers --------------------------------------------------------------------------------
+def spread(values: Sequence[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {
+        "median": percentile(values, 50),
+        "p10": percentile(values, 10),
+        "p90": percentile(values, 90),
+        "n": len(values),
+    }
+
+
+def fmt(st: dict[str, float] | None, unit: str = "", digits: int = 1) -> str:
+    if st is None:
+        return "not measured"
+    d = digits
+    return f"{st['median']:.{d}f}{unit} [{st['p10']:.{d}f}-{st['p90']:.{d}f}] (n={st['n']:.0f})"
+
+
+def ratios(a: Sequence[float], b: Sequence[float]) -> dict[str, float] | None:
+    """b/a per interleaved round."""
+    return spread([y / x for x, y in zip(a, b, strict=False) if x > 0])
+
+
+def diffs(a: Sequence[float], b: Sequence[float]) -> dict[str, float] | None:
+    return spread([y - x for x, y in zip(a, b, strict=False)])
+
+
+def cmdline(argv: Sequence[str | Path]) -> str:
+    text = shlex.join(str(a) for a in argv)
+    return text.replace(str(Path.home()), "~").replace(
+        sys.executable + " -m procman.cli", "llamactl"
+    )
+
+
+def stop(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
+    """SIGTERM the process (llamactl stops its servers), then SIGKILL its group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+
+
+@contextlib.contextmanager
+def launched(argv: Sequence[str | Path], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            [str(a) for a in argv], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def server_argv(binary: Path, model: Path, port: int, *extra: str) -> list[str]:
+    return [
+        str(binary),
+        "-m",
+        str(model),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--log-colors",
+        "off",
+        *extra,
+    ]
+
+
+async def wait_until(
+    probe: Callable[[], Awaitable[bool]], proc: subprocess.Popen[bytes], limit: float = 120.0
+) -> float:
+    """Poll ``probe`` every 10 ms until it is true; returns the monotonic time it was."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError, NotReadyError):
+            if await probe():
+                return time.monotonic()
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"{proc.args!r} not ready in {limit} s")
+
+
+def _session() -> aiohttp.ClientSession:
+    # fresh connections: llama-server may close keep-alive connections after
+    # streamed answers, and every target pays the same loopback connect
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True, limit=64))
+
+
+async def healthy(session: aiohttp.ClientSession, base: str) -> bool:
+    async with session.get(f"{base}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
+        await r.read()
+        return r.status == 200
+
+
+async def one_token(session: aiohttp.ClientSession, base: str, model: str) -> float:
+    """Seconds for a non-streamed one-token chat completion."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    t0 = time.perf_counter()
+    async with session.post(
+        f"{base}/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=120)
+    ) as r:
+        await r.read()
+        if r.status == 503:
+            raise NotReadyError(f"{base} answered HTTP 503")
+        if r.status != 200:
+            raise RuntimeError(f"{base} answered HTTP {r.status}")
+    return time.perf_counter() - t0
+
+
+async def answered(session: aiohttp.ClientSession, base: str, model: str) -> bool:
+    await one_token(session, base, model)
+    return True
+
+
+# -- 1. inference speed ---------------------------------------------------------------------------
+def _llama_bench(binary: Path, model: Path) -> tuple[list[str], dict[str, float]]:
+    argv = [str(binary), "-m", str(model), "-p", "128", "-n", "64", "-r", "3", "-o", "json"]
+    out = subprocess.run(argv, capture_output=True, check=True, timeout=300).stdout
+    figures = {}
+    for row in json.loads(out):
+        key = "pp128" if row.get("n_prompt") else "tg64"
+        figures[key] = float(row["avg_ts"])
+    return argv, figures
+
+
+def inference(model: Path, rounds: int) -> Section:
+    cache = BuildCache(home())
+    default = resolve_server()
+    builds: dict[str, Path | None] = {
+        "default verified build": default.build.bench_binary if default.build else None
+    }
+    native = [
+        b
+        for b in cache.list()
+        if b.manifest.get("plan", {}).get("cmake_defines", {}).get("GGML_NATIVE") == "ON"
+    ]
+    builds["GGML_NATIVE build (`llamactl build --native`)"] = (
+        native[0].bench_binary if native else None
+    )
+    wheel = bundled_server()
+    builds["portable wheel"] = (wheel.parent / "llama-bench") if wheel else None
+    present = {k: v for k, v in builds.items() if v is not None and v.is_file()}
+    runs: dict[str, dict[str, list[float]]] = {k: {"pp128": [], "tg64": []} for k in present}
+    commands: dict[str, str] = {}
+    for r in range(rounds):
+        order = list(present.items())
+        for label, binary in order[r % len(order) :] + order[: r % len(order)]:
+            argv, figures = _llama_bench(binary, model)
+            commands[label] = cmdline(argv)
+            for key, value in figures.items():
+                runs[label][key].append(value)
+    rows = []
+    base = next(iter(runs.values()), None)
+    for label in builds:
+        if label not in runs:
+            rows.append([label, "not measured (not cached/installed)", "", "", ""])
+            continue
+        got = runs[label]
+        rows.append(
+            [
+                label,
+                fmt(spread(got["pp128"]), " t/s"),
+                fmt(spread(got["tg64"]), " t/s"),
+                fmt(ratios(base["pp128"], got["pp128"]), "x", 3) if base else "",
+                fmt(ratios(base["tg64"], got["tg64"]), "x", 3) if base else "",
+            ]
+        )
+    return {
+        "title": "Inference speed (llama-bench)",
+        "commands": commands,
+        "header": ["build", "prompt 128 (t/s)", "generate 64 (t/s)", "pp ratio", "tg ratio"],
+        "rows": rows,
+        "raw": runs,
+        "notes": [
+            f"{rounds} interleaved rounds of `llama-bench -r 3`; figures are median [p10-p90] "
+            "over rounds of llama-bench's own average; ratios are per round vs the default build.",
+            "A GGML_NATIVE build is measured only when one is cached (`llamactl build --native`)"
+            "; the suite never compiles unless --full.",
+        ],
+    }
+
+
+# -- 2. router overhead ---------------------------------------------------------------------------
+class Targets:
+    """Direct llama-server, ``llamactl serve`` and llama.cpp's router mode, all running."""
+
+    def __init__(self, binary: Path, model: Path, work: Path) -> None:
+        self.binary, self.model, self.work = binary, model, work
+        self.stack = contextlib.ExitStack()
+        self.urls: dict[str, str] = {}
+        self.models: dict[str, str] = {}
+        self.commands: dict[str, str] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        models_dir = self.work / "models"
+        models_dir.mkdir(parents=True, exist_ok=True)
+        link = models_dir / self.model.name
+        if not link.exists():
+            link.symlink_to(self.model)
+        p1, p2, p3 = (pick_free_port(HOST) for _ in range(3))
+        argvs = {
+            "direct": server_argv(self.binary, self.model, p1),
+            "llamactl serve": [
+                *LLAMACTL,
+                "serve",
+                str(self.model),
+                "--port",
+                str(p2),
+                "--server",
+                str(self.binary),
+                "--name",
+                "demo",
+            ],
+            "llama.cpp router": [
+                str(self.binary),
+                "--models-dir",
+                str(models_dir),
+                "--models-max",
+                "1",
+                "--host",
+                HOST,
+                "--port",
+                str(p3),
+            ],
+        }
+        for (label, argv), port in zip(argvs.items(), (p1, p2, p3), strict=True):
+            proc = self.stack.enter_context(launched(argv, self.work / f"{label}.log"))
+            self.urls[label] = f"http://{HOST}:{port}"
+            self.commands[label] = cmdline(argv)
+            self.models[label] = "demo"
+            self.procs[label] = proc
+        for label, url in self.urls.items():
+            await wait_until(lambda url=url: healthy(session, url), self.procs[label])
+        router = self.urls["llama.cpp router"]
+        async with session.get(f"{router}/v1/models") as r:
+            data = (await r.json())["data"]
+        self.models["llama.cpp router"] = data[0]["id"]
+        for label, url in self.urls.items():  # loads the router-mode model; warms every path
+            model = self.models[label]
+            await wait_until(lambda u=url, m=model: answered(session, u, m), self.procs[label])
+            for _ in range(3):
+                await one_token(session, url, model)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+async def _router_overhead(binary: Path, model: Path, work: Path, quick: bool) -> Section:
+    n_seq = 30 if quick else 100
+    clients, per_client, blocks = 16, (2 if quick else 4), (1 if quick else 2)
+    # each phase also stops at a time budget: on a loaded machine a round can take seconds
+    budget = 40.0 if quick else 75.0
+    targets = Targets(binary, model, work)
+    async with _session() as session:
+        try:
+            await targets.start(session)
+            labels = list(targets.urls)
+            seq: dict[str, list[float]] = {k: [] for k in labels}
+            until = time.monotonic() + budget
+            for i in range(n_seq):
+                if time.monotonic() > until:
+                    break
+                for label in labels[i % 3 :] + labels[: i % 3]:
+                    url, name = targets.urls[label], targets.models[label]
+                    seq[label].append(1000 * await one_token(session, url, name))
+
+            conc: dict[str, list[float]] = {k: [] for k in labels}
+            rate: dict[str, list[float]] = {k: [] for k in labels}
+            until = time.monotonic() + budget
+            for b in range(blocks):
+                if b and time.monotonic() > until:
+                    break
+                for label in labels[b % 3 :] + labels[: b % 3]:
+                    url, name = targets.urls[label], targets.models[label]
+
+                    async def client(url: str = url, name: str = name) -> list[float]:
+                        return [
+                            1000 * await one_token(session, url, name) for _ in range(per_client)
+                        ]
+
+                    t0 = time.perf_counter()
+                    lat = await asyncio.gather(*(client() for _ in range(clients)))
+                    rate[label].append(clients * per_client / (time.perf_counter() - t0))
+                    conc[label] += [x for one in lat for x in one]
+
+            stream: dict[str, list[float]] = {k: [] for k in labels}
+            case = BenchCase(name="stream", prompt="Tell me a story.", max_tokens=64)
+            until = time.monotonic() + budget
+            for i in range(3 if quick else 5):
+                if i and time.monotonic() > until:
+                    break
+                for label in labels[i % 3 :] + labels[: i % 3]:
+                    url, name = targets.urls[label], targets.models[label]
+                    sample = await stream_case(session, url, case, model=name)
+                    if sample.tokens_per_s:
+                        stream[label].append(sample.tokens_per_s)
+        finally:
+            targets.close()
+    d = "direct"
+    rows = []
+    for label in labels:
+        rows.append(
+            [
+                label,
+                fmt(spread(seq[label]), " ms", 2),
+                "-" if label == d else fmt(diffs(seq[d], seq[label]), " ms", 2),
+                f"p50 {percentile(conc[label], 50):.1f} / p90 {percentile(conc[label], 90):.1f} ms",
+                fmt(spread(rate[label]), " req/s")
+                if label == d
+                else fmt(ratios(rate[d], rate[label]), "x", 3),
+                fmt(spread(stream[label]), " t/s")
+                if label == d
+                else fmt(ratios(stream[d], stream[label]), "x", 3),
+            ]
+        )
+    return {
+        "title": "Router overhead",
+        "commands": targets.commands,
+        "header": [
+            "path",
+            f"1-token latency, sequential (n={n_seq})",
+            "added vs direct (paired)",
+            f"{clients} concurrent clients",
+            "throughput (ratio vs direct)",
+            "streamed tokens/s (ratio vs direct)",
+        ],
+        "rows": rows,
+        "raw": {"sequential_ms": seq, "concurrent_ms": conc, "req_per_s": rate, "stream": stream},
+        "notes": [
+            "Each request is a non-streamed chat completion with max_tokens=1 and prompt 'Hi' "
+            "(prompt cache on, as for any client), sent on a fresh loopback connection; the "
+            "three paths take turns request by request (sequential) or block by block "
+            f"({clients} clients x {per_client} requests, {len(rate['direct'])} round(s)). "
+            "The load generator is Python in the same 2-core machine: it competes with the "
+            "servers and the llamactl router for CPU.",
+            "'added vs direct' is the per-round difference (path - direct): median [p10-p90].",
+            "Streaming: 64 tokens, ignore_eos, tokens/s after the first token, ratio per round.",
+        ],
+    }
+
+
+# -- 3. launch to first answer --------------------------------------------------------------------
+async def _startup(binary: Path, model: Path, work: Path, quick: bool) -> Section:
+    rounds = 3 if quick else 7
+    times: dict[str, list[float]] = {"direct (poll /health)": [], "llamactl serve": []}
+    commands: dict[str, str] = {}
+    async with _session() as session:
+        for r in range(rounds):
+            order = list(times)
+            for label in order[r % 2 :] + order[: r % 2]:
+                port = pick_free_port(HOST)
+                url = f"http://{HOST}:{port}"
+                if label.startswith("direct"):
+                    argv: list[str] = server_argv(binary, model, port)
+                else:
+                    argv = [
+                        *LLAMACTL,
+                        "serve",
+                        str(model),
+                        "--port",
+                        str(port),
+                        "--server",
+                        str(binary),
+                        "--name",
+                        "demo",
+                    ]
+                commands[label] = cmdline(argv)
+                t0 = time.monotonic()
+                with launched(argv, work / f"startup-{label.split()[0]}.log") as proc:
+                    if label.startswith("direct"):
+                        await wait_until(lambda url=url: healthy(session, url), proc)
+                    t1 = await wait_until(lambda url=url: answered(session, url, "demo"), proc)
+                    times[label].append(1000 * (t1 - t0))
+    direct, ours = times["direct (poll /health)"], times["llamactl serve"]
+    added = diffs(direct, ours)
+    rows = [[k, fmt(spread(v), " ms", 0)] for k, v in times.items()]
+    rows.append(["added by llamactl (paired)", fmt(added, " ms", 0)])
+    verdict = "met" if added and added["median"] <= 100 else "NOT met"
+    return {
+        "title": "Launch to first answered request",
+        "commands": commands,
+        "header": ["how", "launch -> first 1-token answer"],
+        "rows": rows,
+        "raw": times,
+        "notes": [
+            f"{rounds} interleaved rounds. Direct: spawn llama-server, poll /health every 10 ms, "
+            "then send the request. llamactl: spawn `llamactl serve`, retry the request every "
+            "10 ms until answered (its router accepts early and holds requests until ready).",
+            f"Target: added <= 100 ms: {verdict} (median added {added['median']:.0f} ms)."
+            if added
+            else "Target: not measured.",
+            "The added time includes the Python interpreter start and imports of the CLI.",
+        ],
+    }
+
+
+# -- 4. supervisor footprint ----------------------------------------------------------------------
+_HARNESS = """
+import asyncio, sys
+from pathlib import Path
+from procman._ports import bind_listener
+from procman.router import Router, RouterSettings
+from procman.spec import ServerSpec
+from procman.supervisor import Supervisor
+n, binary, model, port = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+async def main():
+    async with Supervisor() as sup:
+        for i in range(n):
+            await sup.serve(ServerSpec(name=f"m{i}", model=model, binary=binary, ctx=2048))
+        router = Router(sup, RouterSettings())
+        await router.start(bind_listener("127.0.0.1", port))
+        print("READY", flush=True)
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await router.stop()
+asyncio.run(main())
+"""
+
+
+async def _footprint(binary: Path, model: Path, work: Path, quick: bool) -> Section:
+    seconds = 5 if quick else 10
+    rows, raw, commands = [], {}, {}
+    setups = [
+        ("llamactl serve, 1 server", 1, "serve"),
+        ("Supervisor+Router (library), 1 server", 1, "lib"),
+        ("Supervisor+Router (library), 3 servers", 3, "lib"),
+    ]
+    async with _session() as session:
+        for label, n, kind in setups:
+            port = pick_free_port(HOST)
+            url = f"http://{HOST}:{port}"
+            if kind == "serve":
+                argv = [
+                    *LLAMACTL,
+                    "serve",
+                    str(model),
+                    "--port",
+                    str(port),
+                    "--server",
+                    str(binary),
+                    "--name",
+                    "demo",
+                ]
+            else:
+                argv = [sys.executable, "-c", _HARNESS, str(n), str(binary), str(model), str(port)]
+            shown = [*argv[:2], "<harness in bench/suite.py>", *argv[3:]]
+            commands[label] = cmdline(shown if kind == "lib" else argv)
+            name = "m0" if kind == "lib" else "demo"
+            with launched(argv, work / f"footprint-{kind}-{n}.log") as proc:
+                await wait_until(lambda url=url, name=name: answered(session, url, name), proc)
+                ps = psutil.Process(proc.pid)
+                children = len(ps.children(recursive=True))
+                ps.cpu_percent(None)
+                rss, cpu = [], []
+                for _ in range(seconds):
+                    await asyncio.sleep(1.0)
+                    rss.append(ps.memory_info().rss / 2**20)
+                    cpu.append(ps.cpu_percent(None))
+            raw[label] = {"rss_mib": rss, "cpu_percent": cpu, "children": children}
+            rows.append([label, str(children), fmt(spread(rss), " MiB"), fmt(spread(cpu), " %", 2)])
+    return {
+        "title": "Supervisor footprint while idle",
+        "commands": commands,
+        "header": [
+            "process",
+            "llama-server children",
+            "RSS of the llamactl process",
+            "CPU% of the llamactl process",
+        ],
+        "rows": rows,
+        "raw": raw,
+        "notes": [
+            f"Sampled once a second for {seconds} s after the first answer, via psutil, "
+            "for the Python process only (its llama-server children excluded). The library "
+            "harness runs procman.Supervisor + procman.router.Router with N demo servers "
+            "(ctx 2048): the multi-server shape `llamactl serve` does not expose yet.",
+        ],
+    }
+
+
+# -- 5. memory estimate accuracy ------------------------------------------------------------------
+async def _memory(binary: Path, model: Path, work: Path, quick: bool) -> Section:
+    from procman.estimate import estimate
+    from procman.model_file import validate_model
+
+    info = validate_model(model)
+    configs = [(c, p) for c in ((512, 2048) if quick else (512, 2048, 8192)) for p in (1, 4)]
+    rows, raw = [], []
+    command = ""
+    async with _session() as session:
+        for ctx, par in configs:
+            port = pick_free_port(HOST)
+            url = f"http://{HOST}:{port}"
+            argv = server_argv(
+                binary, model, port, "-c", str(ctx), "-np", str(par), "--cache-ram", "0"
+            )
+            command = cmdline(argv).replace(f"--port {port}", "--port PORT")
+            with launched(argv, work / f"memory-{ctx}-{par}.log") as proc:
+                await wait_until(lambda url=url: healthy(session, url), proc)
+                fill = ctx // par - 24  # leave room for the generated tokens
+
+                async def one(url: str = url, fill: int = fill) -> None:
+                    body = {"prompt": [1000] * fill, "n_predict": 8, "cache_prompt": False}
+                    async with session.post(f"{url}/completion", json=body) as r:
+                        await r.read()
+                        if r.status != 200:
+                            raise RuntimeError(f"fill failed: HTTP {r.status}")
+
+                await asyncio.gather(*(one() for _ in range(par)))
+                status = await asyncio.to_thread(Path(f"/proc/{proc.pid}/status").read_text)
+                hwm = next(
+                    int(line.split()[1]) * 1024
+                    for line in status.splitlines()
+                    if line.startswith("VmHWM:")
+                )
+            est = estimate(info, ctx=ctx, parallel=par).host_bytes
+            error = 100 * (est - hwm) / hwm
+            raw.append({"ctx": ctx, "parallel": par, "estimate": est, "vmhwm": hwm, "error": error})
+            rows.append(
+                [
+                    str(ctx),
+                    str(par),
+                    f"{est / 2**20:.1f} MiB",
+                    f"{hwm / 2**20:.1f} MiB",
+                    f"{error:+.1f}%",
+                ]
+            )
+    errs = [r["error"] for r in raw]
+    return {
+        "title": "Memory estimate accuracy",
+        "commands": {
+            "server": command,
+            "estimate": "llamactl estimate demo --ctx CTX --parallel NP",
+        },
+        "header": ["ctx", "parallel", "estimate (host)", "measured peak RSS (VmHWM)", "error"],
+        "rows": rows,
+        "raw": raw,
+        "notes": [
+            f"Error range: {min(errs):+.1f}% .. {max(errs):+.1f}% (the estimator's author "
+            "measured -1.1% .. +5.3%). Slots filled with concurrent /completion requests of "
+            "ctx/np - 24 prompt tokens each, then VmHWM read from /proc/PID/status.",
+        ],
+    }
+
+
+# -- 6. build time --------------------------------------------------------------------------------
+def _build_time(work: Path, full: bool, quick: bool) -> Section:
+    argv = [*LLAMACTL, "build"]
+    warm = []
+    for _ in range(2 if quick else 5):
+        t0 = time.monotonic()
+        subprocess.run(argv, capture_output=True, check=True, timeout=120)
+        warm.append(time.monotonic() - t0)
+    rows = [["`llamactl build`, warm (cache hit)", fmt(spread(warm), " s", 2)]]
+    raw: dict[str, Any] = {"warm_s": warm}
+    notes = [
+        "Warm: the verified build is in the cache; the time is the whole CLI run "
+        "(interpreter start, hardware probe, plan, cache lookup)."
+    ]
+    commands = {"warm": cmdline(argv)}
+    if full:
+        cold, upstream = _cold_builds(work)
+        raw |= {"cold_s": cold[1], "upstream_s": upstream[1]}
+        commands |= {"cold": cold[0], "upstream": upstream[0]}
+        rows.append(["`llamactl build`, cold (empty cache, ccache off)", f"{cold[1]:.0f} s"])
+        rows.append(["upstream default cmake build (ccache off)", f"{upstream[1]:.0f} s"])
+    else:
+        rows.append(["`llamactl build`, cold", "run with --full"])
+        rows.append(
+            ["upstream `cmake -B build && cmake --build build --config Release`", "run with --full"]
+        )
+        notes.append("Cold builds take ~8-10 min each on 2 cores; `python bench/suite.py --full`.")
+    return {
+        "title": "Build time",
+        "commands": commands,
+        "header": ["what", "seconds"],
+        "rows": rows,
+        "raw": raw,
+        "notes": notes,
+    }
+
+
+def _cold_builds(work: Path) -> tuple[tuple[str, float], tuple[str, float]]:
+    """One cold llamactl build into a scratch home, then upstream's default cmake build."""
+    resolved = resolve_server()
+    source = Path(resolved.build.manifest["source"]["path"]) if resolved.build else None
+    if source is None:
+        raise RuntimeError("no cached build to take the source tree from")
+    env = os.environ | {"CCACHE_DISABLE": "1"}
+    scratch = work / "cold-home"
+    scratch.mkdir(parents=True, exist_ok=True)
+    for shared in ("downloads", "sources", "models"):  # no re-download, same source
+        with contextlib.suppress(FileExistsError):
+            (scratch / shared).symlink_to(home() / shared)
+    argv = [*LLAMACTL, "build"]
+    t0 = time.monotonic()
+    subprocess.run(argv, env=env | {"LLAMACTL_HOME": str(scratch)}, check=True, timeout=3600)
+    ours = time.monotonic() - t0
+    build = work / "upstream-build"
+    configure = [
+        "cmake",
+        "-S",
+        str(source),
+        "-B",
+        str(build),
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+    ]
+    compile_ = ["cmake", "--build", str(build), "--config", "Release"]
+    t0 = time.monotonic()
+    subprocess.run(configure, env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(compile_, env=env, check=True, capture_output=True, timeout=3600)
+    theirs = time.monotonic() - t0
+    return (
+        (cmdline(argv), ours),
+        (f"{cmdline(configure)} && {cmdline(compile_)}", theirs),
+    )
+
+
+# -- the report -----------------------------------------------------------------------------------
+def render(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    lines = [
+        "# llamactl benchmark report",
+        "",
+        f"Produced by `{doc['command']}` on {doc['date']} in {doc['seconds']:.0f} s.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB RAM, "
+        f"GPU: {m['gpu']}; {m['platform']}, Python {m['python']}.",
+        f"llama-server: `{doc['server']}` ({doc['server_version']}); model: `{doc['model']}`.",
+        "",
+        "Figures are median [p10-p90] (n = samples or rounds). The machine was shared with "
+        "other jobs while this ran: comparisons are interleaved within the run so that noise "
+        "falls on both sides; absolute figures are noisy.",
+        f"Raw figures: `{doc['results_file']}`.",
+    ]
+    for sec in doc["sections"]:
+        lines += ["", f"## {sec['title']}", ""]
+        if "error" in sec:
+            lines += [f"Not measured: `{sec['error']}`"]
+            continue
+        lines += ["Commands:", ""]
+        lines += [f"- {k}: `{v}`" for k, v in sec["commands"].items()]
+        lines += ["", "| " + " | ".join(sec["header"]) + " |", "|" + "---|" * len(sec["header"])]
+        lines += ["| " + " | ".join(row) + " |" for row in sec["rows"]]
+        lines += [""] + [f"- {note}" for note in sec["notes"]]
+        lines += [f"- Section time: {sec['seconds']:.0f} s."]
+    lines += _cli_bench_section()
+    return "\n".join(lines) + "\n"
+
+
+CLI_BENCH = "llamactl-bench-demo"
+CLI_BENCH_COMMAND = (
+    f"llamactl bench demo --cases examples/bench_cases.toml --repeat 5 --json "
+    f"--csv bench/results/{CLI_BENCH}.csv --plot bench/results/{CLI_BENCH}.png "
+    f"> bench/results/{CLI_BENCH}.json"
+)
+
+
+def _cli_bench_section() -> list[str]:
+    """Points at the last `llamactl bench` run kept in bench/results, if there is one."""
+    doc_path = RESULTS / f"{CLI_BENCH}.json"
+    if not doc_path.is_file():
+        return []
+    doc = json.loads(doc_path.read_text())
+    lines = [
+        "",
+        "## `llamactl bench` on the demo model",
+        "",
+        f"Command: `{CLI_BENCH_COMMAND}` ({doc['started']}, {doc['seconds']:.0f} s).",
+        "",
+        "| case | first token (ms) | tokens/s | end (ms) |",
+        "|---|---|---|---|",
+    ]
+    for res in doc["results"]:
+        st = res["stats"]
+        cells = [
+            fmt(st[k], digits=1) if st.get(k) else "-" for k in ("ttft_ms", "tokens_per_s", "end")
+        ]
+        lines.append(f"| {res['case']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Table, CSV and plot: `bench/results/{CLI_BENCH}.{{txt,csv,png}}`."]
+    return lines
+
+
+def _machine() -> dict[str, Any]:
+    info = machine_info()
+    info["memory_gib"] = psutil.virtual_memory().total / 2**30
+    info["gpu"] = "none" if shutil.which("nvidia-smi") is None else "nvidia-smi present"
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (~3 min)")
+    parser.add_argument("--full", action="store_true", help="add cold builds (~20 min more)")
+    parser.add_argument("--only", action="append", help="run only sections with this word")
+    parser.add_argument(
+        "--render", type=Path, metavar="RESULTS.json", help="only rewrite REPORT.md from results"
+    )
+    args = parser.parse_args(argv)
+    if args.render is not None:
+        REPORT.write_text(render(json.loads(args.render.read_text())))
+        return 0
+    started = time.monotonic()
+    model = demo_model_path()
+    resolved = resolve_server()
+    binary = resolved.binary
+    version = (
+        subprocess.run(
+            [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=30
+        )
+        .stderr.strip()
+        .splitlines()
+    )
+    sections: list[Section] = []
+    runs: list[tuple[str, Callable[[Path], Any]]] = [
+        ("inference", lambda w: inference(model, 1 if args.quick else 2)),
+        ("router", lambda w: asyncio.run(_router_overhead(binary, model, w, args.quick))),
+        ("startup", lambda w: asyncio.run(_startup(binary, model, w, args.quick))),
+        ("footprint", lambda w: asyncio.run(_footprint(binary, model, w, args.quick))),
+        ("memory", lambda w: asyncio.run(_memory(binary, model, w, args.quick))),
+        ("build", lambda w: _build_time(w, args.full, args.quick)),
+    ]
+    with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp:
+        for name, run in runs:
+            if args.only and not any(word in name for word in args.only):
+                continue
+            t0 = time.monotonic()
+            print(f"[suite] {name} ...", file=sys.stderr, flush=True)
+            try:
+                sec = run(Path(tmp) / name)
+            except Exception as exc:  # one broken section must not lose the others
+                sec = {"title": name, "error": f"{type(exc).__name__}: {exc}"}
+            sec["seconds"] = time.monotonic() - t0
+            print(f"[suite] {name} done in {sec['seconds']:.0f} s", file=sys.stderr, flush=True)
+            sections.append(sec)
+    now = datetime.now(UTC)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "-quick" if args.quick else ""
+    results_file = RESULTS / f"{now:%Y-%m-%d}{suffix}.json"
+    flags = " ".join(
+        a for a in ("--quick" if args.quick else "", "--full" if args.full else "") if a
+    )
+    doc = {
+        "command": f"python bench/suite.py {flags}".strip(),
+        "date": now.isoformat(timespec="seconds"),
+        "seconds": time.monotonic() - started,
+        "machine": _machine(),
+        "server": cmdline([binary]),
+        "server_version": version[0] if version else "unknown",
+        "model": model.name,
+        "results_file": str(results_file.relative_to(ROOT)),
+        "sections": sections,
+    }
+    results_file.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    REPORT.write_text(render(doc))
+    print(
+        f"[suite] wrote {results_file.relative_to(ROOT)} and bench/REPORT.md "
+        f"in {doc['seconds']:.0f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
