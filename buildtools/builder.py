@@ -322,8 +322,29 @@ def _stage(work: Path, staged: Path, targets: Sequence[str]) -> None:
         if not src.is_file():
             raise BuildError(f"the compile finished but {src} is missing")
         shutil.copy2(src, staged / "bin" / target)
-    for lib in (*out.glob("*.so*"), *out.glob("*.dylib")):
+    for lib in _runtime_libraries(out):
         shutil.copy2(lib, staged / "bin" / lib.name, follow_symlinks=True)
+
+
+def _runtime_libraries(out: Path) -> list[Path]:
+    """The shared libraries a shared build needs at run time, once each.
+
+    A shared llama.cpp build leaves ``libllama.so -> libllama.so.0 ->
+    libllama.so.0.5.0``; binaries load the soname (``.so.0``), so that name
+    is kept with the real content, and the development link and the fully
+    versioned file are left out instead of shipping three copies. Modules
+    without versions (the CPU variants) are kept as they are.
+    """
+    libs = [*out.glob("*.so*"), *out.glob("*.dylib")]
+    link_targets = {lib.resolve() for lib in libs if lib.is_symlink()}
+    keep = []
+    for lib in libs:
+        if lib.is_symlink():
+            if not lib.name.endswith((".so", ".dylib")):  # a soname link
+                keep.append(lib)
+        elif lib.resolve() not in link_targets:
+            keep.append(lib)
+    return sorted(keep)
 
 
 def build(

@@ -102,3 +102,16 @@ def test_sigill_in_verification_rebuilds_without_the_top_extension(
     assert "SIGILL" in result.turned_off["avx512_bf16"]
     assert result.build.verified and result.build.manifest["turned_off"] == result.turned_off
     assert result.plan.reasons["GGML_AVX512_BF16"].startswith("avx512_bf16 turned off")
+
+
+def test_shared_build_ships_each_library_once_under_its_soname(tmp_path: Path) -> None:
+    from buildtools.builder import _runtime_libraries
+
+    (tmp_path / "libllama.so.0.5.0").write_text("lib")
+    (tmp_path / "libllama.so.0").symlink_to("libllama.so.0.5.0")
+    (tmp_path / "libllama.so").symlink_to("libllama.so.0")
+    (tmp_path / "libggml-cpu-zen4.so").write_text("module")
+    assert [p.name for p in _runtime_libraries(tmp_path)] == [
+        "libggml-cpu-zen4.so",
+        "libllama.so.0",
+    ]
