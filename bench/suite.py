@@ -38,7 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from buildtools import BuildCache, resolve_server  # noqa: E402 - after the path fix-up
+from buildtools import BuildCache, build_default  # noqa: E402 - after the path fix-up
 from buildtools.demo import demo_model_path  # noqa: E402
 from buildtools.paths import home  # noqa: E402
 from buildtools.wheel import bundled_server  # noqa: E402
@@ -192,10 +192,10 @@ def _llama_bench(binary: Path, model: Path) -> tuple[list[str], dict[str, float]
 
 def inference(model: Path, rounds: int) -> Section:
     cache = BuildCache(home())
-    default = resolve_server()
-    builds: dict[str, Path | None] = {
-        "default verified build": default.build.bench_binary if default.build else None
-    }
+    # the default plan's build, not whatever `serve` would pick (a newer
+    # --native build would win there)
+    default = build_default().build
+    builds: dict[str, Path | None] = {"default verified build": default.bench_binary}
     native = [
         b
         for b in cache.list()
@@ -204,8 +204,12 @@ def inference(model: Path, rounds: int) -> Section:
     builds["GGML_NATIVE build (`llamactl build --native`)"] = (
         native[0].bench_binary if native else None
     )
+    # the portable wheel carries exactly the cached portable build's bin/
+    portable = [b for b in cache.list() if b.portable]
     wheel = bundled_server()
-    builds["portable wheel"] = (wheel.parent / "llama-bench") if wheel else None
+    builds["portable build (what `build --wheel --portable` ships)"] = (
+        portable[0].bench_binary if portable else (wheel.parent / "llama-bench") if wheel else None
+    )
     present = {k: v for k, v in builds.items() if v is not None and v.is_file()}
     runs: dict[str, dict[str, list[float]]] = {k: {"pp128": [], "tg64": []} for k in present}
     commands: dict[str, str] = {}
@@ -651,10 +655,7 @@ def _build_time(work: Path, full: bool, quick: bool) -> Section:
 
 def _cold_builds(work: Path) -> tuple[tuple[str, float], tuple[str, float]]:
     """One cold llamactl build into a scratch home, then upstream's default cmake build."""
-    resolved = resolve_server()
-    source = Path(resolved.build.manifest["source"]["path"]) if resolved.build else None
-    if source is None:
-        raise RuntimeError("no cached build to take the source tree from")
+    source = Path(build_default().build.manifest["source"]["path"])
     env = os.environ | {"CCACHE_DISABLE": "1"}
     scratch = work / "cold-home"
     scratch.mkdir(parents=True, exist_ok=True)
@@ -772,8 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     model = demo_model_path()
-    resolved = resolve_server()
-    binary = resolved.binary
+    binary = build_default().build.binary
     version = (
         subprocess.run(
             [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=30
