@@ -5,6 +5,9 @@ port, model file, RSS, restarts, queue); ``POST /admin/load/{name}`` starts
 one and answers once it is ready; ``POST /admin/unload/{name}`` (or
 ``/admin/unload`` with no name: all of them) stops it. They sit behind the
 same API key as ``/v1``, because unloading is as disruptive as using.
+
+``GET /metrics`` is the Prometheus exposition (:mod:`procman.metrics`),
+behind the key too: model names and load are not for anyone on the network.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from procman.errors import ConfigError, LlamactlError
+from procman.errors import AdmissionError, ConfigError, LlamactlError
 
 if TYPE_CHECKING:
-    from procman.router import Loader
+    from procman.router import Loader, Metered
     from procman.scheduler import Scheduler
 
-__all__ = ["add_admin_routes"]
+__all__ = ["add_admin_routes", "add_metrics_route"]
 
 
 def _error(status: int, message: str, code: str) -> web.Response:
@@ -41,6 +44,8 @@ def add_admin_routes(app: web.Application, loader: Loader, scheduler: Scheduler)
             await loader.load(name)
         except ConfigError as exc:
             return _error(404, exc.message, "model_not_found")
+        except AdmissionError as exc:
+            return _error(503, exc.message, "over_budget")
         except LlamactlError as exc:
             return _error(503, exc.message, "model_failed")
         return web.json_response({"models": [r for r in status() if r["name"] == name]})
@@ -59,3 +64,22 @@ def add_admin_routes(app: web.Application, loader: Loader, scheduler: Scheduler)
     app.router.add_post("/admin/load/{name}", load)
     app.router.add_post("/admin/unload", unload)
     app.router.add_post("/admin/unload/{name}", unload)
+
+
+def add_metrics_route(app: web.Application, source: Metered, scheduler: Scheduler) -> None:
+    from procman.metrics import MetricsExporter, Snapshot
+
+    class _WithQueues:  # the supervisor knows the servers, the scheduler the queues
+        def metrics_snapshot(self) -> Snapshot:
+            depth = {name: int(q["waiting"]) for name, q in scheduler.snapshot().items()}
+            return source.metrics_snapshot(depth)
+
+    exporter = MetricsExporter(_WithQueues())
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = exporter.render()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = exporter.content_type
+        return response
+
+    app.router.add_get("/metrics", metrics)

@@ -18,19 +18,22 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiohttp
 from aiohttp import web
 
 from procman._ports import is_loopback
-from procman.errors import ConfigError, LlamactlError
+from procman.errors import AdmissionError, ConfigError, LlamactlError
 from procman.events import State
 from procman.scheduler import QueueFullError, Scheduler
+
+if TYPE_CHECKING:
+    from procman.metrics import Snapshot
 
 __all__ = ["Loader", "Router", "RouterSettings", "Upstream", "Upstreams", "check_exposure"]
 
@@ -84,12 +87,20 @@ class Loader(Protocol):
     def status(self) -> list[dict[str, Any]]: ...
 
 
+@runtime_checkable
+class Metered(Protocol):
+    """A supervisor that can describe itself for ``GET /metrics`` (``Supervisor`` is one)."""
+
+    def metrics_snapshot(self, queue_depth: Mapping[str, int] | None = None) -> Snapshot: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class RouterSettings:
     """How the public endpoint behaves."""
 
     api_key: str | None = None
-    """If set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``."""
+    """If set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``
+    (``/metrics`` included: give the scraper the key)."""
     ready_timeout: float = 120.0
     """Seconds a request waits for a starting or restarting server before 503."""
     retry_after: int = 5
@@ -151,6 +162,10 @@ class Router:
             from procman._admin import add_admin_routes
 
             add_admin_routes(self.app, self.loader, self.scheduler)
+        if isinstance(upstreams, Metered):
+            from procman._admin import add_metrics_route
+
+            add_metrics_route(self.app, upstreams, self.scheduler)
 
     async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=self.settings.pool_size, limit_per_host=0)
@@ -280,6 +295,11 @@ class Router:
             if self.loader is not None and self.loader.on_demand(upstream.name):
                 try:
                     await self.loader.load(upstream.name)
+                except AdmissionError as exc:
+                    message = f"model {upstream.name!r} does not fit: {exc.message}"
+                    if exc.hint:
+                        message += f" ({exc.hint})"
+                    return _error(503, message, "server_error", "over_budget")
                 except LlamactlError as exc:
                     message = f"model {upstream.name!r} could not be loaded: {exc.message}"
                     return _error(503, message, "server_error", "model_failed")

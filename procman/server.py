@@ -32,6 +32,8 @@ from procman.policy import Action, RestartPolicy
 from procman.spec import ServerSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     import aiohttp
 
 __all__ = ["ManagedServer"]
@@ -48,6 +50,7 @@ class _End(Enum):
     EXITED = "exited"
     TIMEOUT = "timeout"
     UNHEALTHY = "unhealthy"
+    RECYCLED = "recycled"
 
 
 class ManagedServer:
@@ -79,6 +82,7 @@ class ManagedServer:
         )
         self._tail = LineTail(_TAIL_LINES)
         self._session: aiohttp.ClientSession | None = None
+        self._recycle: asyncio.Future[str] | None = None
         self.restarts = 0
         self.last_reason = "not started"
         self.ready_since: float | None = None
@@ -155,25 +159,29 @@ class ManagedServer:
     ) -> None:
         await self.stop()
 
-    async def start(self) -> None:
+    async def start(self, before_spawn: Callable[[], Awaitable[None]] | None = None) -> None:
         """Validate the model, spawn the server and return once it is ready.
 
-        Raises :class:`~procman.errors.ModelError` before anything is
-        spawned, :class:`ServerError`/:class:`StartupTimeout` (with the log
-        tail) if the first start fails. If this call is cancelled half way,
+        ``before_spawn`` runs once the start has begun (concurrent callers
+        already wait for it) and before the process exists. Raises
+        :class:`~procman.errors.ModelError` before anything is spawned,
+        :class:`ServerError`/:class:`StartupTimeout` (with the log tail) if
+        the first start fails. If this call is cancelled half way,
         the child is killed and reaped before the cancellation propagates.
         """
         if not self._settled.is_set():
             raise ServerError(f"server {self.name!r} is already running")
         self._settled.clear()  # from here on, requests wait for this start
-        if self._validate:
-            from procman.model_file import validate_model
+        try:
+            if self._validate:
+                from procman.model_file import validate_model
 
-            try:
                 await asyncio.to_thread(validate_model, self.spec.model)
-            except BaseException:
-                self._settled.set()
-                raise
+            if before_spawn is not None:  # the supervisor's admission; it may replace the spec
+                await before_spawn()
+        except BaseException:
+            self._settled.set()
+            raise
         self._first = asyncio.get_running_loop().create_future()
         self._ever_ready = False
         self.policy.reset()
@@ -198,6 +206,17 @@ class ManagedServer:
         task.cancel()
         await asyncio.wait({task})
         self._set(State.STOPPED, reason)
+
+    def recycle(self, reason: str) -> bool:
+        """Kill the running process as if it had crashed for ``reason`` (a memory limit).
+
+        The restart policy answers as for a crash, so repeated recycling ends
+        in ``failed``. False when no ready process is running.
+        """
+        if self._recycle is None or self._recycle.done():
+            return False
+        self._recycle.set_result(reason)
+        return True
 
     # -- internals -------------------------------------------------------------
     def _set(self, state: State, reason: str, *, log_tail: str = "") -> Event:
@@ -332,21 +351,38 @@ class ManagedServer:
             first.set_result(None)
 
         failures = 0
-        while True:
-            if await within(child.exited, health.ready_interval):
-                return _End.EXITED, f"llama-server {describe_exit(child.exited.result())}", True
-            status, detail = await self._probe(health_url, health.timeout)
-            if status == 200:
-                failures = 0
-                if self._state is State.UNHEALTHY:
-                    self._set(State.READY, "health checks pass again")
-                continue
-            failures += 1
-            if failures >= health.restart_after:
-                return (
-                    _End.UNHEALTHY,
-                    f"/health failed {failures} times in a row ({detail}); killed",
-                    True,
-                )
-            if failures >= health.unhealthy_after and self._state is State.READY:
-                self._set(State.UNHEALTHY, f"/health failed {failures} times in a row ({detail})")
+        recycle = self._recycle = asyncio.get_running_loop().create_future()
+        try:
+            while True:
+                await asyncio.wait(
+                    {child.exited, recycle}, timeout=health.ready_interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+                if recycle.done():
+                    return _End.RECYCLED, recycle.result(), True
+                if child.exited.done():
+                    return _End.EXITED, f"llama-server {describe_exit(child.exited.result())}", True
+                failures, detail = await self._check(health_url, failures)
+                if failures >= health.restart_after:
+                    return (
+                        _End.UNHEALTHY,
+                        f"/health failed {failures} times in a row ({detail}); killed",
+                        True,
+                    )
+        finally:
+            self._recycle = None
+            if not recycle.done():
+                recycle.cancel()
+
+    async def _check(self, health_url: str, failures: int) -> tuple[int, str]:
+        """One health poll of a ready server; the consecutive failures after it."""
+        health = self.spec.health
+        status, detail = await self._probe(health_url, health.timeout)
+        if status == 200:
+            if self._state is State.UNHEALTHY:
+                self._set(State.READY, "health checks pass again")
+            return 0, detail
+        failures += 1
+        if failures >= health.unhealthy_after and self._state is State.READY:
+            self._set(State.UNHEALTHY, f"/health failed {failures} times in a row ({detail})")
+        return failures, detail

@@ -32,6 +32,10 @@ DEMO_MODEL = "demo"
 
 GpuLayers = int | Literal["auto", "all"]
 
+_CACHE_RAM = frozenset({"--cache-ram", "-cram"})
+_CACHE_RAM_DEFAULT_MIB = 8192  # llama-server's own default for --cache-ram
+_MIB = 1024 * 1024
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: llama-server options llamactl owns: letting extra args override them would
@@ -118,6 +122,10 @@ class ServerSpec:
     """Layers offloaded to the GPU (``-ngl``): a number, ``auto`` or ``all``."""
     extra_args: tuple[str, ...] = ()
     """Further llama-server arguments, passed as given."""
+    cache_ram: int | None = 0
+    """Prompt cache limit in MiB (``--cache-ram``); 0 disables it. It is passed explicitly
+    because llama-server's default (8 GiB) grows after start, beyond what admission reserved.
+    ``None`` leaves llama-server's default; a ``--cache-ram`` in ``extra_args`` wins."""
     host: str = "127.0.0.1"
     """Interface the private server listens on; only the router should reach it."""
     port: int | None = None
@@ -152,6 +160,20 @@ class ServerSpec:
     def log_path(self) -> Path:
         return self.log.path_for(self.name)
 
+    @property
+    def cache_ram_bytes(self) -> int:
+        """The prompt cache's limit in bytes, as the memory estimate takes it."""
+        mib = self.cache_ram
+        args = list(self.extra_args)
+        for i, arg in enumerate(args):
+            flag, eq, value = arg.partition("=")
+            if flag in _CACHE_RAM:
+                text = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+                mib = int(text) if text.lstrip("-").isdigit() else mib
+        if mib is None or mib < 0:  # llama-server's default, or -1 = no limit: count the default
+            return _CACHE_RAM_DEFAULT_MIB * _MIB
+        return mib * _MIB
+
     def argv(self, port: int) -> list[str]:
         """The llama-server command line for a server listening on ``port``."""
         argv = [str(self.binary), "-m", str(self.model), "--host", self.host, "--port", str(port)]
@@ -162,6 +184,9 @@ class ServerSpec:
             argv += ["-np", str(self.parallel)]
         if self.gpu_layers is not None:
             argv += ["-ngl", str(self.gpu_layers)]
+        given = any(arg.partition("=")[0] in _CACHE_RAM for arg in self.extra_args)
+        if self.cache_ram is not None and not given:
+            argv += ["--cache-ram", str(self.cache_ram)]
         # colours would put escape codes into the log file
         argv += ["--log-colors", "off", *self.extra_args]
         return argv

@@ -10,6 +10,15 @@ first stops the least recently used server that no request is using. "In
 use" is counted by :meth:`Supervisor.using`, which the router holds for a
 request's whole life, waiting in its queue included, so that an idle timer
 never stops a model that has requests waiting for it.
+
+Memory (see :mod:`procman._limits`): before each start the model's needs
+are estimated and reserved against ``memory_budget``/``vram_budget``; a
+server that does not fit evicts the least recently used idle ones, or is
+refused with :class:`~procman.budget.OverBudget` (an ``AdmissionError``).
+A sampling task reads every server's memory every ``sample_interval``
+seconds; a server over its ``memory_limit`` for long enough is restarted
+(through its restart policy, so repeated breaches end in ``failed``) or
+stopped, as ``limit_settings.action`` says.
 """
 
 from __future__ import annotations
@@ -20,13 +29,20 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from procman.budget import MachineMemory, Size
+from procman.enforce import LimitAction, LimitDecision, LimitSettings
 from procman.errors import ConfigError
-from procman.events import EventBus
+from procman.events import Event, EventBus, State
+from procman.metrics import Snapshot
 from procman.policy import RestartPolicy
 from procman.server import ManagedServer
 from procman.spec import ServerSpec
+
+if TYPE_CHECKING:
+    from procman._limits import Limits
+    from procman.budget import Reservation
 
 __all__ = ["Supervisor"]
 
@@ -38,7 +54,11 @@ class _Entry:
     server: ManagedServer
     ttl: float | None
     on_demand: bool
+    #: as configured: ``gpu_layers = "auto"`` is resolved again at each start
+    spec: ServerSpec
+    memory_limit: int | None = None
     users: int = 0
+    requests: int = 0
     last_used: float = field(default_factory=time.monotonic)
     timer: asyncio.TimerHandle | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -51,11 +71,33 @@ class _Entry:
 class Supervisor:
     """Owns :class:`ManagedServer` objects; leaving ``async with Supervisor()`` stops them all."""
 
-    def __init__(self, *, bus: EventBus | None = None, max_loaded: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        bus: EventBus | None = None,
+        max_loaded: int | None = None,
+        memory_budget: Size = "auto",
+        vram_budget: Size = "auto",
+        sample_interval: float = 5.0,
+        limit_settings: LimitSettings | None = None,
+        machine: MachineMemory | None = None,
+    ) -> None:
+        """``memory_budget``/``vram_budget``: bytes, ``"auto"``, or None (no limit);
+        ``limit_settings``: how a per-model ``memory_limit`` is enforced (its own
+        ``memory_limit`` is ignored); ``machine``: a memory probe, for tests."""
         if max_loaded is not None and max_loaded < 1:
             raise ConfigError(f"max_loaded must be at least 1, got {max_loaded}")
+        if sample_interval <= 0:
+            raise ConfigError(f"sample_interval must be positive, got {sample_interval}")
         self.bus = bus or EventBus()
         self.max_loaded = max_loaded
+        self.sample_interval = sample_interval
+        self._budget_settings = (memory_budget, vram_budget, machine)
+        self._limit_settings = limit_settings or LimitSettings()
+        self._limits: Limits | None = None
+        self._sampler: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.bus.subscribe(self._on_event)
         self._servers: dict[str, ManagedServer] = {}
         self._entries: dict[str, _Entry] = {}
         self._room = asyncio.Lock()  # one load at a time decides who makes room
@@ -77,11 +119,13 @@ class Supervisor:
         validate: bool = True,
         ttl: float | None = None,
         on_demand: bool = False,
+        memory_limit: int | None = None,
     ) -> ManagedServer:
         """Register a server (not started); its name and aliases must be unique.
 
         ``on_demand``: requests start it when it is stopped (or failed);
-        ``ttl``: seconds without requests after which it is stopped.
+        ``ttl``: seconds without requests after which it is stopped;
+        ``memory_limit``: bytes of RSS it may hold (see ``limit_settings``).
         """
         taken = {
             name for server in self._servers.values() for name in (server.name, *server.aliases)
@@ -90,7 +134,7 @@ class Supervisor:
             raise ConfigError(f"model name already served: {', '.join(clash)}")
         server = ManagedServer(spec, bus=self.bus, policy=policy, validate=validate)
         self._servers[spec.name] = server
-        self._entries[spec.name] = _Entry(server, ttl, on_demand)
+        self._entries[spec.name] = _Entry(server, ttl, on_demand, spec, memory_limit)
         return server
 
     async def serve(self, spec: ServerSpec) -> ManagedServer:
@@ -132,7 +176,9 @@ class Supervisor:
         """Start ``name`` unless it runs already; returns once it is ready.
 
         Makes room under ``max_loaded`` first, waiting for a server to become
-        idle if all are busy. Raises as :meth:`ManagedServer.start` does.
+        idle if all are busy, then within the memory budget (evicting idle
+        servers, or raising :class:`~procman.budget.OverBudget`). Raises as
+        :meth:`ManagedServer.start` does.
         """
         entry = self._entry(name)
         async with entry.lock:
@@ -140,11 +186,38 @@ class Supervisor:
                 return entry.server
             async with self._room:
                 await self._make_room(entry)
-                entry.last_used = time.monotonic()
-                await entry.server.start()
+                held: list[Reservation] = []
+
+                async def admit() -> None:
+                    held.append(await self._admit(entry))
+
+                try:
+                    await entry.server.start(before_spawn=admit)
+                except BaseException:
+                    for reservation in held:
+                        reservation.release()
+                    raise
+                self._start_sampler()
         if entry.users == 0:
             self._arm(entry)
         return entry.server
+
+    async def _admit(self, entry: _Entry) -> Reservation:
+        """Choose ``-ngl``, estimate, reserve, and stop whatever must be evicted for it."""
+        limits, name = self.limits, entry.spec.name
+        prepared = await asyncio.to_thread(limits.prepare, entry.spec, entry.memory_limit)
+        entry.server.spec = prepared.spec
+        if prepared.layers_reason:
+            state = entry.server.state
+            self.bus.emit(name, state, state, prepared.layers_reason)
+        reservation = limits.reserve(name, prepared.need)
+        with reservation:
+            for victim in reservation.evict:
+                why = f"evicted for {name!r}: {reservation.decision.reason}"
+                await self._stop_entry(self._entries[victim], why)
+                limits.release(victim)
+        entry.last_used = time.monotonic()
+        return reservation
 
     async def unload(self, name: str, reason: str = "unloaded on request") -> None:
         """Stop ``name`` (it stays configured; an on-demand model starts again when asked for)."""
@@ -164,15 +237,19 @@ class Supervisor:
                 continue
             victim = min(idle, key=lambda e: e.last_used)
             reason = f"making room for {entry.server.name!r} (max_loaded={self.max_loaded})"
-            async with victim.lock:
-                self._disarm(victim)
-                await victim.server.stop(reason)
+            await self._stop_entry(victim, reason)
+
+    async def _stop_entry(self, entry: _Entry, reason: str) -> None:
+        async with entry.lock:
+            self._disarm(entry)
+            await entry.server.stop(reason)
 
     @contextlib.asynccontextmanager
     async def using(self, name: str) -> AsyncIterator[None]:
         """Mark ``name`` busy for the block: no idle timer or eviction stops it meanwhile."""
         entry = self._entry(name)
         entry.users += 1
+        entry.requests += 1
         self._disarm(entry)
         try:
             yield
@@ -209,13 +286,92 @@ class Supervisor:
             if entry.users == 0 and entry.timer is None:  # nobody came meanwhile
                 await entry.server.stop(reason)
 
+    # -- memory: budget, sampling, limits ----------------------------------------------------
+    @property
+    def limits(self) -> Limits:
+        """The budget, ledger and meter; built at first use (probes memory, opens NVML)."""
+        if self._limits is None:
+            from procman._limits import Limits
+
+            memory, vram, machine = self._budget_settings
+            self._limits = Limits(
+                memory_budget=memory,
+                vram_budget=vram,
+                activity=self._activity,
+                settings=self._limit_settings,
+                machine=machine,
+            )
+        return self._limits
+
+    def _activity(self, name: str) -> tuple[float, bool]:
+        entry = self._entries.get(name)
+        if entry is None:
+            return 0.0, False
+        starting = {State.STARTING, State.LOADING, State.RESTARTING}
+        return entry.last_used, entry.users > 0 or entry.server.state in starting
+
+    def _on_event(self, event: Event) -> None:
+        entry = self._entries.get(event.server)
+        if entry is None or self._limits is None:
+            return
+        if event.state is State.STARTING and event.pid is not None:
+            self._limits.on_spawn(event.server, event.pid, entry.memory_limit)
+        elif event.state in {State.RESTARTING, State.STOPPED, State.FAILED}:
+            self._limits.on_reaped(event.server)
+        if event.state.is_final:
+            self._limits.release(event.server)
+
+    def set_memory_limit(self, name: str, memory_limit: int | None) -> None:
+        """Change ``name``'s limit; enforced from the next sample, checked at the next load."""
+        entry = self._entry(name)
+        entry.memory_limit = memory_limit
+        self.limits.set_limit(name, memory_limit)
+
+    def _start_sampler(self) -> None:
+        if self._sampler is None or self._sampler.done():
+            self._stopping.clear()
+            self._sampler = asyncio.create_task(self._sample_loop(), name="llamactl-sampler")
+
+    async def _sample_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.sample_interval)
+            if self._stopping.is_set():
+                return
+            await self.sample_now()
+
+    async def sample_now(self) -> None:
+        """One sampling round: memory of every running server, limits enforced."""
+        running = {
+            name: e.server.pid for name, e in self._entries.items() if e.server.pid is not None
+        }
+        decisions = self.limits.sample(running)
+        for name, decision in decisions.items():
+            self._enforce(self._entries[name], decision)
+        await self.limits.scrape(e.server for e in self._entries.values())
+
+    def _enforce(self, entry: _Entry, decision: LimitDecision) -> None:
+        if decision.action is LimitAction.RESTART:
+            entry.server.recycle(decision.reason)
+            return
+        task = asyncio.create_task(self._stop_entry(entry, decision.reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
-        """Per server: what ``llamactl ps`` shows (state, pid, private port, RSS, restarts...)."""
+        """Per server: what ``llamactl ps`` shows (state, pid, private port, RSS, restarts...).
+
+        ``rss_bytes`` is read now; ``cpu_percent``, ``vram_bytes`` and
+        ``tokens_per_second`` come from the last sample (None until there is one).
+        """
         now = time.monotonic()
         rows = []
+        samples = self._limits.samples if self._limits is not None else {}
+        speeds = self._limits.tokens_per_second if self._limits is not None else {}
         for name, entry in self._entries.items():
             server = entry.server
+            sample = samples.get(name)
             rows.append(
                 {
                     "name": name,
@@ -231,9 +387,18 @@ class Supervisor:
                     "idle_seconds": None if entry.users else round(now - entry.last_used, 3),
                     "ttl": entry.ttl,
                     "on_demand": entry.on_demand,
+                    "cpu_percent": sample.cpu_percent if sample else None,
+                    "vram_bytes": sample.vram_bytes if sample else None,
+                    "tokens_per_second": speeds.get(name),
+                    "memory_limit": entry.memory_limit,
                 }
             )
         return rows
+
+    def metrics_snapshot(self, queue_depth: Mapping[str, int] | None = None) -> Snapshot:
+        """The figures ``GET /metrics`` exports (see :mod:`procman.metrics`)."""
+        servers = [(e.server, e.requests) for e in self._entries.values()]
+        return self.limits.snapshot(servers, queue_depth or {})
 
     async def remove(self, name: str) -> None:
         server = self._servers.pop(name, None)
@@ -242,18 +407,26 @@ class Supervisor:
             self._disarm(entry)
         if server is not None:
             await server.stop("removed")
+        if self._limits is not None:
+            self._limits.release(name)
 
     async def stop(self) -> None:
         """Stop every server concurrently (each: SIGTERM, grace, SIGKILL)."""
+        self._stopping.set()
         for entry in self._entries.values():
             self._disarm(entry)
         for task in list(self._tasks):
             task.cancel()
+        sampler, self._sampler = self._sampler, None
         await asyncio.gather(
             *(server.stop("supervisor stopping") for server in self._servers.values()),
             *self._tasks,
+            *([sampler] if sampler is not None else []),
             return_exceptions=True,
         )
+        if self._limits is not None:
+            self._limits.close()
+            self._limits = None
 
     async def __aenter__(self) -> Supervisor:
         return self

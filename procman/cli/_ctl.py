@@ -8,6 +8,7 @@ work the same against a router on this machine or another one. Plain
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.error
@@ -60,27 +61,57 @@ def _size(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f} MiB"
 
 
-@app.command()
-def ps(
-    *,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout.")] = False,
-    url: Url = None,
-) -> None:
-    """List the router's models: state, pid, private port, memory, restarts, queue."""
-    models: list[dict[str, Any]] = _call(url, "GET", "/admin/status")["models"]
-    if as_json:
-        out.print_json(json.dumps(models))
-        return
-    table = Table("name", "state", "pid", "port", "rss", "restarts", "queue", "model")
+def _number(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:.0f}{unit}"
+
+
+def _table(models: list[dict[str, Any]]) -> Table:
+    table = Table(
+        "name", "state", "pid", "port", "rss", "cpu", "vram", "tok/s", "restarts", "queue", "model"
+    )
     for row in models:
         queue = row.get("queue") or {}
         busy = f"{queue.get('active', 0)}+{queue.get('waiting', 0)}" if queue else "-"
         table.add_row(
             escape(row["name"]), escape(row["state"]), str(row["pid"] or "-"),
-            str(row["port"] or "-"), _size(row["rss_bytes"]), str(row["restarts"]), busy,
+            str(row["port"] or "-"), _size(row["rss_bytes"]),
+            _number(row.get("cpu_percent"), "%"), _size(row.get("vram_bytes")),
+            _number(row.get("tokens_per_second")), str(row["restarts"]), busy,
             escape(row["model"]),
         )  # fmt: skip
-    out.print(table)
+    return table
+
+
+@app.command()
+def ps(
+    *,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout.")] = False,
+    watch: Annotated[
+        float | None,
+        typer.Option(help="Refresh the table every N seconds until Ctrl-C.", min=0.2),
+    ] = None,
+    url: Url = None,
+) -> None:
+    """List the router's models: state, pid, port, memory, CPU, VRAM, speed, restarts, queue.
+
+    CPU, VRAM and tokens per second are the router's last sample (every few
+    seconds; tokens per second only for servers run with ``--metrics``).
+    """
+    models: list[dict[str, Any]] = _call(url, "GET", "/admin/status")["models"]
+    if as_json:
+        out.print_json(json.dumps(models))
+        return
+    if watch is None:
+        out.print(_table(models))
+        return
+    import time
+
+    from rich.live import Live
+
+    with contextlib.suppress(KeyboardInterrupt), Live(_table(models), console=out) as live:
+        while True:
+            time.sleep(watch)  # a terminal refresh, not a wait on the router's state
+            live.update(_table(_call(url, "GET", "/admin/status")["models"]))
 
 
 @app.command()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -75,20 +75,52 @@ def _print_backends(profile: HardwareProfile) -> None:
     out.print(table)
 
 
+def _limits() -> dict[str, Any]:
+    """The memory side: what ``auto`` budgets resolve to, and whether cgroups can enforce."""
+    from procman.budget import probe_machine, resolve_budget
+    from procman.enforce import detect_cgroup_v2
+
+    cgroup = detect_cgroup_v2()
+    budget = resolve_budget("auto", "auto", probe_machine())
+    return {
+        "cgroup_v2": {"available": cgroup.available, "reason": cgroup.reason},
+        "budget": {
+            "memory_bytes": budget.memory_bytes,
+            "memory_reason": budget.memory_reason,
+            "vram_bytes": budget.vram_bytes,
+            "vram_reason": budget.vram_reason,
+        },
+    }
+
+
+def _print_limits(limits: dict[str, Any]) -> None:
+    from procman.budget import format_bytes
+
+    out.print("[bold]Limits[/]")
+    budget = limits["budget"]
+    for what, key in (("memory", "memory"), ("VRAM", "vram")):
+        size = budget[f"{key}_bytes"]
+        shown = "unlimited" if size is None else format_bytes(size)
+        out.print(f"  auto {what} budget: {shown} [dim]({escape(budget[f'{key}_reason'])})[/]")
+    cgroup = limits["cgroup_v2"]
+    mark = "[green]✓[/]" if cgroup["available"] else "[red]✗[/]"
+    out.print(f"  {mark} cgroup v2 memory.max: {escape(cgroup['reason'])}")
+
+
 @app.command()
 def detect(
     as_json: Annotated[
         bool, typer.Option("--json", help="machine-readable output on stdout")
     ] = False,
 ) -> None:
-    """Show the CPU features, GPUs, toolchains and buildable backends of this machine."""
+    """Show the CPU features, GPUs, toolchains, buildable backends and memory limits here."""
     from buildtools.hardware import detect as detect_hardware
 
     profile = detect_hardware()
+    limits = _limits()
     if as_json:
-        out.print(
-            json.dumps(profile.to_json(), indent=2), markup=False, highlight=False, emoji=False
-        )
+        data = {**profile.to_json(), **limits}
+        out.print(json.dumps(data, indent=2), markup=False, highlight=False, emoji=False)
         return
     _print_cpu(profile)
     out.print()
@@ -97,3 +129,5 @@ def detect(
     _print_toolchains(profile)
     out.print()
     _print_backends(profile)
+    out.print()
+    _print_limits(limits)

@@ -31,12 +31,13 @@ from rich.markup import escape
 from buildtools.errors import LlamactlError
 from procman.cli._app import app, console
 from procman.cli._progress import BuildProgressView
-from procman.errors import ServerError
+from procman.errors import AdmissionError, ServerError
 
 if TYPE_CHECKING:
     from procman.config import ServePlan
     from procman.events import Event
     from procman.spec import ServerSpec
+    from procman.supervisor import Supervisor
 
 __all__ = ["logs", "serve"]
 
@@ -201,11 +202,19 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    supervisor = Supervisor(max_loaded=plan.server.max_loaded)
+    supervisor = Supervisor(
+        max_loaded=plan.server.max_loaded,
+        memory_budget=plan.server.memory_budget,
+        vram_budget=plan.server.vram_budget,
+    )
     supervisor.bus.subscribe(_print_event)
+    _print_budget(supervisor)
     scheduler = Scheduler()
     for model in plan.models:
-        supervisor.add(model.spec, validate=False, ttl=model.ttl, on_demand=True)
+        supervisor.add(
+            model.spec, validate=False, ttl=model.ttl, on_demand=True,
+            memory_limit=model.memory_limit,
+        )  # fmt: skip
         slots = QueueSettings(
             slots=model.spec.parallel or 1, maxsize=model.queue, order=model.order
         )
@@ -227,6 +236,20 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     console.print("stopped")
+
+
+def _print_budget(supervisor: Supervisor) -> None:
+    from procman.budget import format_bytes
+
+    budget = supervisor.limits.budget
+    parts = []
+    for what, size, why in (
+        ("memory", budget.memory_bytes, budget.memory_reason),
+        ("VRAM", budget.vram_bytes, budget.vram_reason),
+    ):
+        shown = "unlimited" if size is None else format_bytes(size)
+        parts.append(f"{what} {shown} [dim]({escape(why)})[/]")
+    console.print(f"[dim]budget:[/] {'; '.join(parts)}")
 
 
 def _print_event(event: Event) -> None:
@@ -255,17 +278,21 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
 
     supervisor = Supervisor()
     supervisor.bus.subscribe(on_event)
+    _print_budget(supervisor)
     router = Router(supervisor, RouterSettings(api_key=api_key))
     started = time.monotonic()
     try:
-        managed = supervisor.add(spec, validate=False)  # validated before the port was bound
-        starting = asyncio.ensure_future(managed.start())
+        supervisor.add(spec, validate=False)  # validated before the port was bound
+        # through the supervisor: the -ngl choice (printed as an event) and admission
+        starting = asyncio.ensure_future(supervisor.load(spec.name))
         await router.start(listener)  # from now on requests wait for the model, never refused
         stopping = asyncio.ensure_future(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             starting.cancel()  # kills and reaps the half-started server
             await asyncio.wait({starting})
+        elif isinstance(refused := starting.exception(), AdmissionError):
+            raise refused  # `main` prints it with its numbers and exits 1
         elif starting.exception() is None:
             host, port = router.address or ("?", 0)
             url = f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"

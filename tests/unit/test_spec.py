@@ -28,8 +28,18 @@ def spec(**fields: object) -> ServerSpec:
 def test_minimal_argv() -> None:
     assert spec().argv(4321) == [
         "/bin/llama-server", "-m", "/m/model.gguf", "--host", "127.0.0.1", "--port", "4321",
-        "--alias", "demo", "--log-colors", "off",
+        "--alias", "demo", "--cache-ram", "0", "--log-colors", "off",
     ]  # fmt: skip
+
+
+def test_cache_ram_is_explicit_and_extra_args_win() -> None:
+    assert spec().cache_ram_bytes == 0
+    assert spec(cache_ram=64).cache_ram_bytes == 64 * 2**20
+    none = spec(cache_ram=None)
+    assert "--cache-ram" not in none.argv(1) and none.cache_ram_bytes == 8192 * 2**20
+    given = spec(extra_args=("--cache-ram", "128"))
+    assert given.argv(1).count("--cache-ram") == 1 and given.cache_ram_bytes == 128 * 2**20
+    assert spec(extra_args=("-cram=-1",)).cache_ram_bytes == 8192 * 2**20
 
 
 def test_full_argv_keeps_extra_args_last() -> None:

@@ -1,0 +1,258 @@
+"""The supervisor's memory side: budget, admission ledger, meter and per-model limits.
+
+Kept apart from :mod:`procman.supervisor` (which owns the servers and their
+timers) so that the numbers can be read and tested without processes. The
+supervisor asks :meth:`Limits.prepare` before each start (the ``-ngl``
+choice and what the server will need), :meth:`Limits.reserve` to be
+admitted, and :meth:`Limits.sample` periodically; it acts on what comes back.
+
+Everything is built lazily, at the first load: constructing a supervisor
+(as the desktop facade and the unit tests do) must not open NVML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from procman.budget import (
+    Activity,
+    Budget,
+    Ledger,
+    MachineMemory,
+    Need,
+    OverBudget,
+    Reservation,
+    Size,
+    probe_machine,
+    resolve_budget,
+)
+from procman.enforce import CgroupSupport, LimitDecision, LimitSettings, MemoryLimit
+from procman.meter import LlamaMetrics, Meter, Sample
+from procman.metrics import ServerStats, Snapshot
+from procman.spec import ServerSpec
+
+if TYPE_CHECKING:
+    from procman.server import ManagedServer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Limits", "Prepared", "is_cuda_build"]
+
+
+def is_cuda_build(binary: Path) -> bool:
+    """Whether ``binary`` can offload to an NVIDIA GPU: its CUDA backend lies beside it.
+
+    Backend-DL builds ship ``libggml-cuda.so`` next to ``llama-server``; a
+    static CUDA build has no module to see, so its build manifest's
+    ``backend`` is asked too (``<build>/manifest.json``, one level up).
+    """
+    here = binary.parent
+    if any(here.glob("*ggml-cuda*")):
+        return True
+    import json
+
+    try:
+        manifest = json.loads((here.parent / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    plan = manifest.get("plan") if isinstance(manifest, dict) else None
+    return isinstance(plan, dict) and plan.get("backend") == "cuda"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prepared:
+    """What one start will run and hold."""
+
+    spec: ServerSpec
+    need: Need
+    #: why ``-ngl`` is what it is ("" when the spec does not set gpu_layers)
+    layers_reason: str = ""
+
+
+class Limits:
+    """Budget, ledger, meter and memory limits of one supervisor."""
+
+    def __init__(
+        self,
+        *,
+        memory_budget: Size,
+        vram_budget: Size,
+        activity: Activity,
+        settings: LimitSettings,
+        machine: MachineMemory | None = None,
+        use_nvml: bool = True,
+    ) -> None:
+        self.machine = machine or probe_machine()
+        self.budget: Budget = resolve_budget(memory_budget, vram_budget, self.machine)
+        self.ledger = Ledger(self.budget, activity)
+        self.meter = Meter(use_nvml=use_nvml)
+        self.settings = settings
+        from procman.enforce import detect_cgroup_v2
+
+        self.cgroup: CgroupSupport = detect_cgroup_v2()
+        self._limits: dict[str, MemoryLimit] = {}
+        self.samples: dict[str, Sample] = {}
+        self.tokens_per_second: dict[str, float] = {}
+        self._scraped: dict[str, tuple[float, LlamaMetrics]] = {}
+        self._groups: dict[str, Path] = {}
+
+    # -- before a start ------------------------------------------------------------------------
+    def prepare(self, spec: ServerSpec, memory_limit: int | None) -> Prepared:
+        """Validate the model, choose ``-ngl``, estimate; blocking (reads the GGUF header).
+
+        Raises ``ModelError`` for a bad file and ``OverBudget`` when the
+        estimate alone exceeds ``memory_limit``.
+        """
+        from procman.estimate import estimate
+        from procman.gpu_layers import choose_gpu_layers
+        from procman.model_file import validate_model
+
+        info = validate_model(spec.model)
+        reason = ""
+        layers = 0
+        if spec.gpu_layers is not None:
+            free = probe_machine().vram_free_bytes if is_cuda_build(spec.binary) else None
+            choice = choose_gpu_layers(
+                spec.gpu_layers,
+                info,
+                free_vram_bytes=free,
+                ctx=spec.ctx or 0,
+                parallel=spec.parallel,
+                cache_ram=spec.cache_ram_bytes,
+            )
+            layers, reason = choice.layers, f"gpu_layers: {choice.reason}"
+            if free is None:
+                layers = 0  # a CPU build offloads nothing, whatever -ngl says
+            spec = dataclasses.replace(spec, gpu_layers=choice.layers)
+        est = estimate(
+            info,
+            ctx=spec.ctx or 0,
+            parallel=spec.parallel,
+            gpu_layers=layers,
+            cache_ram=spec.cache_ram_bytes,
+        )
+        self.set_limit(spec.name, memory_limit)
+        try:
+            need = Need.of(est, memory_limit=memory_limit)
+        except OverBudget:
+            self.ledger.stats.refusals += 1  # refused as surely as by the budget
+            raise
+        return Prepared(spec=spec, need=need, layers_reason=reason)
+
+    def set_limit(self, name: str, memory_limit: int | None) -> None:
+        """(Re)set ``name``'s enforced limit; it applies from the next sample."""
+        self._limits[name] = MemoryLimit(
+            dataclasses.replace(self.settings, memory_limit=memory_limit)
+        )
+
+    def reserve(self, name: str, need: Need) -> Reservation:
+        return self.ledger.reserve(name, need)
+
+    def release(self, name: str) -> None:
+        self.ledger.release(name)
+        self._limits.get(name, MemoryLimit(LimitSettings())).reset()
+        self.samples.pop(name, None)
+        self.tokens_per_second.pop(name, None)
+        self._scraped.pop(name, None)
+
+    # -- while running ---------------------------------------------------------------------------
+    def sample(self, pids: Mapping[str, int]) -> dict[str, LimitDecision]:
+        """Read every running server; the limit decisions due now, by server name."""
+        by_pid = self.meter.sample(pids.values())
+        decisions: dict[str, LimitDecision] = {}
+        for name, pid in pids.items():
+            s = by_pid[pid]
+            if not s.alive:
+                continue
+            self.samples[name] = s
+            self.ledger.measure(name, s.rss_bytes, s.vram_bytes)
+            limit = self._limits.get(name)
+            if limit is not None and (d := limit.observe(s.time, s.rss_bytes)) is not None:
+                decisions[name] = d
+        for gone in self.samples.keys() - pids.keys():
+            del self.samples[gone]
+        return decisions
+
+    async def scrape(self, servers: Iterable[ManagedServer]) -> None:
+        """Token counts of the servers run with ``--metrics`` (llama-server serves none without)."""
+        import asyncio
+        import time
+
+        from procman.meter import scrape_llama_metrics
+
+        asked = [s for s in servers if s.url is not None and "--metrics" in s.spec.extra_args]
+        if not asked:
+            return
+        got = await asyncio.gather(*(scrape_llama_metrics(str(s.url)) for s in asked))
+        now = time.monotonic()
+        for server, metrics in zip(asked, got, strict=True):
+            if metrics is not None:
+                self.record_metrics(server.name, now, metrics)
+
+    def record_metrics(self, name: str, now: float, metrics: LlamaMetrics) -> None:
+        """A scrape of llama-server's ``/metrics``: tokens per second since the previous one."""
+        previous = self._scraped.get(name)
+        self._scraped[name] = (now, metrics)
+        if previous is not None:
+            self.tokens_per_second[name] = metrics.tokens_per_second_since(
+                previous[1], now - previous[0]
+            )
+
+    # -- cgroups: the kernel enforces where it can --------------------------------------------
+    def on_spawn(self, name: str, pid: int, memory_limit: int | None) -> None:
+        """Right after spawn: put a limited server in its own ``memory.max`` group, if possible."""
+        if memory_limit is None or not self.cgroup.available:
+            return
+        from procman.enforce import limit_in_cgroup
+        from procman.errors import ConfigError
+
+        try:
+            self._groups[name] = limit_in_cgroup(self.cgroup, name, pid, memory_limit)
+        except ConfigError as exc:  # the polling limit still applies
+            log.warning("%s", exc.message)
+
+    def on_reaped(self, name: str) -> None:
+        from procman.enforce import remove_cgroup
+
+        if (group := self._groups.pop(name, None)) is not None:
+            remove_cgroup(group)
+
+    def snapshot(
+        self, servers: Iterable[tuple[ManagedServer, int]], queue_depth: Mapping[str, int]
+    ) -> Snapshot:
+        """``servers``: each with its request count."""
+        stats = []
+        restarts = 0
+        for server, requests in servers:
+            s = self.samples.get(server.name) if server.pid is not None else None
+            restarts += server.restarts
+            stats.append(
+                ServerStats(
+                    name=server.name,
+                    state=server.state,
+                    rss_bytes=s.rss_bytes if s else None,
+                    pss_bytes=s.pss_bytes if s else None,
+                    cpu_percent=s.cpu_percent if s else None,
+                    vram_bytes=s.vram_bytes if s else None,
+                    tokens_per_second=self.tokens_per_second.get(server.name),
+                    restarts_total=server.restarts,
+                    requests_total=requests,
+                )
+            )
+        counts = self.ledger.stats
+        return Snapshot(
+            servers=stats,
+            queue_depth=dict(queue_depth),
+            admissions_total=counts.admissions,
+            evictions_total=counts.evictions,
+            refusals_total=counts.refusals,
+            restarts_total=restarts,
+        )
+
+    def close(self) -> None:
+        self.meter.close()
