@@ -29,7 +29,7 @@ import typer
 from rich.markup import escape
 
 from buildtools.errors import LlamactlError
-from procman.cli._app import app, console
+from procman.cli._app import app, console, out
 from procman.cli._progress import BuildProgressView
 from procman.errors import AdmissionError, ServerError
 
@@ -87,6 +87,13 @@ def serve(
     startup_timeout: Annotated[
         float, typer.Option(help="Seconds the model may take to load.")
     ] = 120.0,
+    daemon: Annotated[
+        bool,
+        typer.Option(
+            "--daemon",
+            help="Have the shared daemon (started if none runs) serve MODEL; print its URL.",
+        ),
+    ] = False,
     insecure: Annotated[
         bool, typer.Option(help="Allow a non-loopback --host without --api-key.")
     ] = False,
@@ -113,6 +120,18 @@ def serve(
             )
         _serve_config(
             config, host=host, port=port, api_key=api_key, binary=server, insecure=insecure
+        )
+        return
+    if daemon:
+        _serve_via_daemon(
+            model,
+            name=name,
+            ctx=ctx_size,
+            parallel=parallel,
+            gpu_layers=gpu_layers,
+            args=extra,
+            binary=server,
+            startup_timeout=startup_timeout,
         )
         return
     host = host or "127.0.0.1"
@@ -250,6 +269,39 @@ def _print_budget(supervisor: Supervisor) -> None:
         shown = "unlimited" if size is None else format_bytes(size)
         parts.append(f"{what} {shown} [dim]({escape(why)})[/]")
     console.print(f"[dim]budget:[/] {'; '.join(parts)}")
+
+
+def _serve_via_daemon(
+    model: str | None,
+    *,
+    name: str | None,
+    ctx: int | None,
+    parallel: int | None,
+    gpu_layers: str | None,
+    args: list[str],
+    binary: Path | None,
+    startup_timeout: float,
+) -> None:
+    """The daemon owns the server (shared with other clients until idle); we only ask."""
+    import procman
+    from procman.spec import parse_gpu_layers
+
+    with procman.connect() as client:
+        info = client.serve(
+            model or "demo",
+            name=name,
+            ctx=ctx,
+            parallel=parallel,
+            gpu_layers=parse_gpu_layers(gpu_layers),
+            args=args,
+            binary=str(binary) if binary else None,
+            startup_timeout=startup_timeout,
+        )
+    console.print(
+        f"[bold green]ready[/]: model [bold]{escape(info.name)}[/] at [bold]{info.base_url}[/] "
+        f"[dim](served by the shared daemon, pid {info.pid}; `llamactl daemon --stop` ends it)[/]"
+    )
+    out.print(info.base_url)
 
 
 def _print_event(event: Event) -> None:

@@ -312,3 +312,35 @@ def test_client_of_a_daemon_that_exits_moves_to_a_new_one(tmp_path: Path) -> Non
         assert old != new
     finally:
         stop_daemon(home)
+
+
+def test_serve_daemon_prints_a_url_the_shared_server_answers(
+    home: Path, llama_server: Path
+) -> None:
+    """`llamactl serve --daemon` returns once the daemon's server is ready; a second
+    call gets the same server; the server outlives the command."""
+    env = client_env(home, llama_server)
+    cli = [sys.executable, "-m", "procman.cli", "serve", "--daemon"]
+    try:
+        first = subprocess.run(
+            cli, capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert first.returncode == 0, first.stderr
+        url = first.stdout.strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        second = subprocess.run(
+            cli, capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert second.stdout.strip() == url, "a second client must share the running server"
+        import urllib.request
+
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        request = urllib.request.Request(  # noqa: S310 - loopback URL
+            f"{url}/chat/completions",
+            data=body.encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 - loopback
+            assert json.loads(reply.read())["usage"]["completion_tokens"] > 0
+    finally:
+        stop_daemon(home)
