@@ -1,0 +1,551 @@
+"""The suite's measurements, one function per report section.
+
+Each returns a Section: rows, the commands behind them, raw figures and notes.
+Comparisons are interleaved (A, B, A, B, ...) within one run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+from _common import (  # first: it puts the repository on sys.path
+    HOST,
+    LLAMACTL,
+    Section,
+    _session,
+    answered,
+    cmdline,
+    diffs,
+    fmt,
+    healthy,
+    launched,
+    one_token,
+    ratios,
+    server_argv,
+    spread,
+    wait_until,
+)
+
+from buildtools import BuildCache, build_default
+from buildtools.paths import home
+from buildtools.wheel import bundled_server
+from procman._ports import pick_free_port
+from procman.bench import BenchCase, percentile, stream_case
+
+
+# -- 1. inference speed ---------------------------------------------------------------------------
+def _llama_bench(binary: Path, model: Path) -> tuple[list[str], dict[str, float]]:
+    argv = [str(binary), "-m", str(model), "-p", "128", "-n", "64", "-r", "3", "-o", "json"]
+    out = subprocess.run(argv, capture_output=True, check=True, timeout=300).stdout
+    figures = {}
+    for row in json.loads(out):
+        key = "pp128" if row.get("n_prompt") else "tg64"
+        figures[key] = float(row["avg_ts"])
+    return argv, figures
+
+
+def inference(model: Path, rounds: int) -> Section:
+    cache = BuildCache(home())
+    # the default plan's build, not whatever `serve` would pick (a newer
+    # --native build would win there)
+    default = build_default().build
+    builds: dict[str, Path | None] = {"default verified build": default.bench_binary}
+    native = [
+        b
+        for b in cache.list()
+        if b.manifest.get("plan", {}).get("cmake_defines", {}).get("GGML_NATIVE") == "ON"
+    ]
+    builds["GGML_NATIVE build (`llamactl build --native`)"] = (
+        native[0].bench_binary if native else None
+    )
+    # the portable wheel carries exactly the cached portable build's bin/
+    portable = [b for b in cache.list() if b.portable]
+    wheel = bundled_server()
+    builds["portable build (what `build --wheel --portable` ships)"] = (
+        portable[0].bench_binary if portable else (wheel.parent / "llama-bench") if wheel else None
+    )
+    present = {k: v for k, v in builds.items() if v is not None and v.is_file()}
+    runs: dict[str, dict[str, list[float]]] = {k: {"pp128": [], "tg64": []} for k in present}
+    commands: dict[str, str] = {}
+    for r in range(rounds):
+        order = list(present.items())
+        for label, binary in order[r % len(order) :] + order[: r % len(order)]:
+            argv, figures = _llama_bench(binary, model)
+            commands[label] = cmdline(argv)
+            for key, value in figures.items():
+                runs[label][key].append(value)
+    rows = []
+    base = next(iter(runs.values()), None)
+    for label in builds:
+        if label not in runs:
+            rows.append([label, "not measured (not cached/installed)", "", "", ""])
+            continue
+        got = runs[label]
+        rows.append(
+            [
+                label,
+                fmt(spread(got["pp128"]), " t/s"),
+                fmt(spread(got["tg64"]), " t/s"),
+                fmt(ratios(base["pp128"], got["pp128"]), "x", 3) if base else "",
+                fmt(ratios(base["tg64"], got["tg64"]), "x", 3) if base else "",
+            ]
+        )
+    return {
+        "title": "Inference speed (llama-bench)",
+        "commands": commands,
+        "header": ["build", "prompt 128 (t/s)", "generate 64 (t/s)", "pp ratio", "tg ratio"],
+        "rows": rows,
+        "raw": runs,
+        "notes": [
+            f"{rounds} interleaved rounds of `llama-bench -r 3`; figures are median [p10-p90] "
+            "over rounds of llama-bench's own average; ratios are per round vs the default build.",
+            "A GGML_NATIVE build is measured only when one is cached (`llamactl build --native`)"
+            "; the suite never compiles unless --full.",
+        ],
+    }
+
+
+# -- 2. router overhead ---------------------------------------------------------------------------
+class Targets:
+    """Direct llama-server, ``llamactl serve`` and llama.cpp's router mode, all running."""
+
+    def __init__(self, binary: Path, model: Path, work: Path) -> None:
+        self.binary, self.model, self.work = binary, model, work
+        self.stack = contextlib.ExitStack()
+        self.urls: dict[str, str] = {}
+        self.models: dict[str, str] = {}
+        self.commands: dict[str, str] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        models_dir = self.work / "models"
+        models_dir.mkdir(parents=True, exist_ok=True)
+        link = models_dir / self.model.name
+        if not link.exists():
+            link.symlink_to(self.model)
+        p1, p2, p3 = (pick_free_port(HOST) for _ in range(3))
+        argvs = {
+            "direct": server_argv(self.binary, self.model, p1),
+            "llamactl serve": [
+                *LLAMACTL,
+                "serve",
+                str(self.model),
+                "--port",
+                str(p2),
+                "--server",
+                str(self.binary),
+                "--name",
+                "demo",
+            ],
+            "llama.cpp router": [
+                str(self.binary),
+                "--models-dir",
+                str(models_dir),
+                "--models-max",
+                "1",
+                "--host",
+                HOST,
+                "--port",
+                str(p3),
+            ],
+        }
+        for (label, argv), port in zip(argvs.items(), (p1, p2, p3), strict=True):
+            proc = self.stack.enter_context(launched(argv, self.work / f"{label}.log"))
+            self.urls[label] = f"http://{HOST}:{port}"
+            self.commands[label] = cmdline(argv)
+            self.models[label] = "demo"
+            self.procs[label] = proc
+        for label, url in self.urls.items():
+            await wait_until(lambda url=url: healthy(session, url), self.procs[label])
+        router = self.urls["llama.cpp router"]
+        async with session.get(f"{router}/v1/models") as r:
+            data = (await r.json())["data"]
+        self.models["llama.cpp router"] = data[0]["id"]
+        for label, url in self.urls.items():  # loads the router-mode model; warms every path
+            model = self.models[label]
+            await wait_until(lambda u=url, m=model: answered(session, u, m), self.procs[label])
+            for _ in range(3):
+                await one_token(session, url, model)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+async def _router_overhead(binary: Path, model: Path, work: Path, quick: bool) -> Section:
+    n_seq = 30 if quick else 100
+    clients, per_client, blocks = 16, (2 if quick else 4), (1 if quick else 2)
+    # each phase also stops at a time budget: on a loaded machine a round can take seconds
+    budget = 40.0 if quick else 75.0
+    targets = Targets(binary, model, work)
+    async with _session() as session:
+        try:
+            await targets.start(session)
+            labels = list(targets.urls)
+            seq: dict[str, list[float]] = {k: [] for k in labels}
+            until = time.monotonic() + budget
+            for i in range(n_seq):
+                if time.monotonic() > until:
+                    break
+                for label in labels[i % 3 :] + labels[: i % 3]:
+                    url, name = targets.urls[label], targets.models[label]
+                    seq[label].append(1000 * await one_token(session, url, name))
+
+            conc: dict[str, list[float]] = {k: [] for k in labels}
+            rate: dict[str, list[float]] = {k: [] for k in labels}
+            until = time.monotonic() + budget
+            for b in range(blocks):
+                if b and time.monotonic() > until:
+                    break
+                for label in labels[b % 3 :] + labels[: b % 3]:
+                    url, name = targets.urls[label], targets.models[label]
+
+                    async def client(url: str = url, name: str = name) -> list[float]:
+                        return [
+                            1000 * await one_token(session, url, name) for _ in range(per_client)
+                        ]
+
+                    t0 = time.perf_counter()
+                    lat = await asyncio.gather(*(client() for _ in range(clients)))
+                    rate[label].append(clients * per_client / (time.perf_counter() - t0))
+                    conc[label] += [x for one in lat for x in one]
+
+            stream: dict[str, list[float]] = {k: [] for k in labels}
+            case = BenchCase(name="stream", prompt="Tell me a story.", max_tokens=64)
+            until = time.monotonic() + budget
+            for i in range(3 if quick else 5):
+                if i and time.monotonic() > until:
+                    break
+                for label in labels[i % 3 :] + labels[: i % 3]:
+                    url, name = targets.urls[label], targets.models[label]
+                    sample = await stream_case(session, url, case, model=name)
+                    if sample.tokens_per_s:
+                        stream[label].append(sample.tokens_per_s)
+        finally:
+            targets.close()
+    d = "direct"
+    rows = []
+    for label in labels:
+        rows.append(
+            [
+                label,
+                fmt(spread(seq[label]), " ms", 2),
+                "-" if label == d else fmt(diffs(seq[d], seq[label]), " ms", 2),
+                f"p50 {percentile(conc[label], 50):.1f} / p90 {percentile(conc[label], 90):.1f} ms",
+                fmt(spread(rate[label]), " req/s")
+                if label == d
+                else fmt(ratios(rate[d], rate[label]), "x", 3),
+                fmt(spread(stream[label]), " t/s")
+                if label == d
+                else fmt(ratios(stream[d], stream[label]), "x", 3),
+            ]
+        )
+    return {
+        "title": "Router overhead",
+        "commands": targets.commands,
+        "header": [
+            "path",
+            f"1-token latency, sequential (n={n_seq})",
+            "added vs direct (paired)",
+            f"{clients} concurrent clients",
+            "throughput (ratio vs direct)",
+            "streamed tokens/s (ratio vs direct)",
+        ],
+        "rows": rows,
+        "raw": {"sequential_ms": seq, "concurrent_ms": conc, "req_per_s": rate, "stream": stream},
+        "notes": [
+            "Each request is a non-streamed chat completion with max_tokens=1 and prompt 'Hi' "
+            "(prompt cache on, as for any client), sent on a fresh loopback connection; the "
+            "three paths take turns request by request (sequential) or block by block "
+            f"({clients} clients x {per_client} requests, {len(rate['direct'])} round(s)). "
+            "The load generator is Python in the same 2-core machine: it competes with the "
+            "servers and the llamactl router for CPU.",
+            "'added vs direct' is the per-round difference (path - direct): median [p10-p90].",
+            "Streaming: 64 tokens, ignore_eos, tokens/s after the first token, ratio per round.",
+        ],
+    }
+
+
+# -- 3. launch to first answer --------------------------------------------------------------------
+async def _startup(binary: Path, model: Path, work: Path, quick: bool) -> Section:
+    rounds = 3 if quick else 7
+    times: dict[str, list[float]] = {"direct (poll /health)": [], "llamactl serve": []}
+    commands: dict[str, str] = {}
+    async with _session() as session:
+        for r in range(rounds):
+            order = list(times)
+            for label in order[r % 2 :] + order[: r % 2]:
+                port = pick_free_port(HOST)
+                url = f"http://{HOST}:{port}"
+                if label.startswith("direct"):
+                    argv: list[str] = server_argv(binary, model, port)
+                else:
+                    argv = [
+                        *LLAMACTL,
+                        "serve",
+                        str(model),
+                        "--port",
+                        str(port),
+                        "--server",
+                        str(binary),
+                        "--name",
+                        "demo",
+                    ]
+                commands[label] = cmdline(argv)
+                t0 = time.monotonic()
+                with launched(argv, work / f"startup-{label.split()[0]}.log") as proc:
+                    if label.startswith("direct"):
+                        await wait_until(lambda url=url: healthy(session, url), proc)
+                    t1 = await wait_until(lambda url=url: answered(session, url, "demo"), proc)
+                    times[label].append(1000 * (t1 - t0))
+    direct, ours = times["direct (poll /health)"], times["llamactl serve"]
+    added = diffs(direct, ours)
+    rows = [[k, fmt(spread(v), " ms", 0)] for k, v in times.items()]
+    rows.append(["added by llamactl (paired)", fmt(added, " ms", 0)])
+    verdict = "met" if added and added["median"] <= 100 else "NOT met"
+    return {
+        "title": "Launch to first answered request",
+        "commands": commands,
+        "header": ["how", "launch -> first 1-token answer"],
+        "rows": rows,
+        "raw": times,
+        "notes": [
+            f"{rounds} interleaved rounds. Direct: spawn llama-server, poll /health every 10 ms, "
+            "then send the request. llamactl: spawn `llamactl serve`, retry the request every "
+            "10 ms until answered (its router accepts early and holds requests until ready).",
+            f"Target: added <= 100 ms: {verdict} (median added {added['median']:.0f} ms)."
+            if added
+            else "Target: not measured.",
+            "The added time includes the Python interpreter start and imports of the CLI.",
+        ],
+    }
+
+
+# -- 4. supervisor footprint ----------------------------------------------------------------------
+_HARNESS = """
+import asyncio, sys
+from pathlib import Path
+from procman._ports import bind_listener
+from procman.router import Router, RouterSettings
+from procman.spec import ServerSpec
+from procman.supervisor import Supervisor
+n, binary, model, port = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+async def main():
+    async with Supervisor() as sup:
+        for i in range(n):
+            await sup.serve(ServerSpec(name=f"m{i}", model=model, binary=binary, ctx=2048))
+        router = Router(sup, RouterSettings())
+        await router.start(bind_listener("127.0.0.1", port))
+        print("READY", flush=True)
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await router.stop()
+asyncio.run(main())
+"""
+
+
+async def _footprint(binary: Path, model: Path, work: Path, quick: bool) -> Section:
+    seconds = 5 if quick else 10
+    rows, raw, commands = [], {}, {}
+    setups = [
+        ("llamactl serve, 1 server", 1, "serve"),
+        ("Supervisor+Router (library), 1 server", 1, "lib"),
+        ("Supervisor+Router (library), 3 servers", 3, "lib"),
+    ]
+    async with _session() as session:
+        for label, n, kind in setups:
+            port = pick_free_port(HOST)
+            url = f"http://{HOST}:{port}"
+            if kind == "serve":
+                argv = [
+                    *LLAMACTL,
+                    "serve",
+                    str(model),
+                    "--port",
+                    str(port),
+                    "--server",
+                    str(binary),
+                    "--name",
+                    "demo",
+                ]
+            else:
+                argv = [sys.executable, "-c", _HARNESS, str(n), str(binary), str(model), str(port)]
+            shown = [*argv[:2], "<harness in bench/suite.py>", *argv[3:]]
+            commands[label] = cmdline(shown if kind == "lib" else argv)
+            name = "m0" if kind == "lib" else "demo"
+            with launched(argv, work / f"footprint-{kind}-{n}.log") as proc:
+                await wait_until(lambda url=url, name=name: answered(session, url, name), proc)
+                ps = psutil.Process(proc.pid)
+                children = len(ps.children(recursive=True))
+                ps.cpu_percent(None)
+                rss, cpu = [], []
+                for _ in range(seconds):
+                    await asyncio.sleep(1.0)
+                    rss.append(ps.memory_info().rss / 2**20)
+                    cpu.append(ps.cpu_percent(None))
+            raw[label] = {"rss_mib": rss, "cpu_percent": cpu, "children": children}
+            rows.append([label, str(children), fmt(spread(rss), " MiB"), fmt(spread(cpu), " %", 2)])
+    return {
+        "title": "Supervisor footprint while idle",
+        "commands": commands,
+        "header": [
+            "process",
+            "llama-server children",
+            "RSS of the llamactl process",
+            "CPU% of the llamactl process",
+        ],
+        "rows": rows,
+        "raw": raw,
+        "notes": [
+            f"Sampled once a second for {seconds} s after the first answer, via psutil, "
+            "for the Python process only (its llama-server children excluded). The library "
+            "harness runs procman.Supervisor + procman.router.Router with N demo servers "
+            "(ctx 2048): the multi-server shape `llamactl serve` does not expose yet.",
+        ],
+    }
+
+
+# -- 5. memory estimate accuracy ------------------------------------------------------------------
+async def _memory(binary: Path, model: Path, work: Path, quick: bool) -> Section:
+    from procman.estimate import estimate
+    from procman.model_file import validate_model
+
+    info = validate_model(model)
+    configs = [(c, p) for c in ((512, 2048) if quick else (512, 2048, 8192)) for p in (1, 4)]
+    rows, raw = [], []
+    command = ""
+    async with _session() as session:
+        for ctx, par in configs:
+            port = pick_free_port(HOST)
+            url = f"http://{HOST}:{port}"
+            argv = server_argv(
+                binary, model, port, "-c", str(ctx), "-np", str(par), "--cache-ram", "0"
+            )
+            command = cmdline(argv).replace(f"--port {port}", "--port PORT")
+            with launched(argv, work / f"memory-{ctx}-{par}.log") as proc:
+                await wait_until(lambda url=url: healthy(session, url), proc)
+                fill = ctx // par - 24  # leave room for the generated tokens
+
+                async def one(url: str = url, fill: int = fill) -> None:
+                    body = {"prompt": [1000] * fill, "n_predict": 8, "cache_prompt": False}
+                    async with session.post(f"{url}/completion", json=body) as r:
+                        await r.read()
+                        if r.status != 200:
+                            raise RuntimeError(f"fill failed: HTTP {r.status}")
+
+                await asyncio.gather(*(one() for _ in range(par)))
+                status = await asyncio.to_thread(Path(f"/proc/{proc.pid}/status").read_text)
+                hwm = next(
+                    int(line.split()[1]) * 1024
+                    for line in status.splitlines()
+                    if line.startswith("VmHWM:")
+                )
+            est = estimate(info, ctx=ctx, parallel=par).host_bytes
+            error = 100 * (est - hwm) / hwm
+            raw.append({"ctx": ctx, "parallel": par, "estimate": est, "vmhwm": hwm, "error": error})
+            rows.append(
+                [
+                    str(ctx),
+                    str(par),
+                    f"{est / 2**20:.1f} MiB",
+                    f"{hwm / 2**20:.1f} MiB",
+                    f"{error:+.1f}%",
+                ]
+            )
+    errs = [r["error"] for r in raw]
+    return {
+        "title": "Memory estimate accuracy",
+        "commands": {
+            "server": command,
+            "estimate": "llamactl estimate demo --ctx CTX --parallel NP",
+        },
+        "header": ["ctx", "parallel", "estimate (host)", "measured peak RSS (VmHWM)", "error"],
+        "rows": rows,
+        "raw": raw,
+        "notes": [
+            f"Error range: {min(errs):+.1f}% .. {max(errs):+.1f}% (the estimator's author "
+            "measured -1.1% .. +5.3%). Slots filled with concurrent /completion requests of "
+            "ctx/np - 24 prompt tokens each, then VmHWM read from /proc/PID/status.",
+        ],
+    }
+
+
+# -- 6. build time --------------------------------------------------------------------------------
+def _build_time(work: Path, full: bool, quick: bool) -> Section:
+    argv = [*LLAMACTL, "build"]
+    warm = []
+    for _ in range(2 if quick else 5):
+        t0 = time.monotonic()
+        subprocess.run(argv, capture_output=True, check=True, timeout=120)
+        warm.append(time.monotonic() - t0)
+    rows = [["`llamactl build`, warm (cache hit)", fmt(spread(warm), " s", 2)]]
+    raw: dict[str, Any] = {"warm_s": warm}
+    notes = [
+        "Warm: the verified build is in the cache; the time is the whole CLI run "
+        "(interpreter start, hardware probe, plan, cache lookup)."
+    ]
+    commands = {"warm": cmdline(argv)}
+    if full:
+        cold, upstream = _cold_builds(work)
+        raw |= {"cold_s": cold[1], "upstream_s": upstream[1]}
+        commands |= {"cold": cold[0], "upstream": upstream[0]}
+        rows.append(["`llamactl build`, cold (empty cache, ccache off)", f"{cold[1]:.0f} s"])
+        rows.append(["upstream default cmake build (ccache off)", f"{upstream[1]:.0f} s"])
+    else:
+        rows.append(["`llamactl build`, cold", "run with --full"])
+        rows.append(
+            ["upstream `cmake -B build && cmake --build build --config Release`", "run with --full"]
+        )
+        notes.append("Cold builds take ~8-10 min each on 2 cores; `python bench/suite.py --full`.")
+    return {
+        "title": "Build time",
+        "commands": commands,
+        "header": ["what", "seconds"],
+        "rows": rows,
+        "raw": raw,
+        "notes": notes,
+    }
+
+
+def _cold_builds(work: Path) -> tuple[tuple[str, float], tuple[str, float]]:
+    """One cold llamactl build into a scratch home, then upstream's default cmake build."""
+    source = Path(build_default().build.manifest["source"]["path"])
+    env = os.environ | {"CCACHE_DISABLE": "1"}
+    scratch = work / "cold-home"
+    scratch.mkdir(parents=True, exist_ok=True)
+    for shared in ("downloads", "sources", "models"):  # no re-download, same source
+        with contextlib.suppress(FileExistsError):
+            (scratch / shared).symlink_to(home() / shared)
+    argv = [*LLAMACTL, "build"]
+    t0 = time.monotonic()
+    subprocess.run(argv, env=env | {"LLAMACTL_HOME": str(scratch)}, check=True, timeout=3600)
+    ours = time.monotonic() - t0
+    build = work / "upstream-build"
+    configure = [
+        "cmake",
+        "-S",
+        str(source),
+        "-B",
+        str(build),
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+    ]
+    compile_ = ["cmake", "--build", str(build), "--config", "Release"]
+    t0 = time.monotonic()
+    subprocess.run(configure, env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(compile_, env=env, check=True, capture_output=True, timeout=3600)
+    theirs = time.monotonic() - t0
+    return (
+        (cmdline(argv), ours),
+        (f"{cmdline(configure)} && {cmdline(compile_)}", theirs),
+    )
