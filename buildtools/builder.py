@@ -27,7 +27,7 @@ from buildtools.errors import BuildError, ToolchainError, VerificationError
 from buildtools.hardware._model import HardwareProfile
 from buildtools.plan import BuildOptions, BuildPlan, make_plan, sigill_fallback
 from buildtools.source import SourceTree
-from buildtools.verify import VerifyResult, read_version, verify_server
+from buildtools.verify import VerifyResult, log_tail, read_version, verify_server
 
 __all__ = ["BuildProgress", "BuildResult", "build", "compiler_identity"]
 
@@ -94,13 +94,6 @@ def compiler_identity(profile: HardwareProfile, plan: BuildPlan) -> str:
         parts.append(f"nvcc@{profile.tool('nvcc').version}")
     parts.append(platform.machine())
     return ";".join(parts)
-
-
-def _tail(path: Path) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-_TAIL_LINES:])
-    except OSError:
-        return ""
 
 
 def _version_tuple(text: str | None) -> tuple[int, ...]:
@@ -182,7 +175,7 @@ def _run_logged(
             f"the {stage} step failed",
             command=argv,
             returncode=code,
-            log_tail=_tail(log_path),
+            log_tail=log_tail(log_path, _TAIL_LINES),
             log_path=str(log_path),
             hint="read the log above; `llamactl build --force` retries from a clean build tree"
             if stage == "configure"

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -63,6 +64,8 @@ def candidates(
     if not builds:
         return []
     have = (cpu_features or _usable_cpu_features)()
+    # a full probe (NVML, loaders) costs ~0.3 s: run it once, only if a GPU build is cached
+    usable_backends = functools.cache(_usable_backends)
     out = []
     for b in builds:
         missing = sorted(set(b.cpu_features) - have)
@@ -74,7 +77,7 @@ def candidates(
                     build=b, usable=False, reason=f"needs {', '.join(missing)}, not usable here"
                 )
             )
-        elif b.backend not in {"cpu", "metal"} and not _has_gpu_for(b.backend):
+        elif b.backend not in {"cpu", "metal"} and b.backend not in usable_backends():
             out.append(
                 Candidate(
                     build=b, usable=False, reason=f"{b.backend} build but no such GPU is usable now"
@@ -87,11 +90,10 @@ def candidates(
     return out
 
 
-def _has_gpu_for(backend: str) -> bool:
+def _usable_backends() -> set[str]:
     from buildtools.hardware import detect
 
-    status = {str(k): v for k, v in detect().backends.items()}.get(backend)
-    return status is not None and status.available
+    return {str(b) for b, status in detect().backends.items() if status.available}
 
 
 def resolve_server(

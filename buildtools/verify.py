@@ -24,7 +24,7 @@ from typing import Any
 from buildtools._runner import capture, describe_exit
 from buildtools.errors import VerificationError
 
-__all__ = ["VerifyResult", "read_version", "verify_server"]
+__all__ = ["VerifyResult", "log_tail", "read_version", "verify_server"]
 
 _VERSION = re.compile(
     r"version:\s*(?P<semver>\S+)\s*\(build (?P<build>\d+), commit (?P<commit>\w+)\)"
@@ -63,9 +63,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _tail(path: Path) -> str:
+def log_tail(path: Path, lines: int = _TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log, or "" if it cannot be read."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-_TAIL_LINES:])
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
 
@@ -135,12 +136,12 @@ def verify_server(
                 raise VerificationError(
                     f"the built server died while loading the demo model: {describe_exit(code)}",
                     returncode=code,
-                    log_tail=_tail(log_path),
+                    log_tail=log_tail(log_path),
                 )
             if time.monotonic() - started > timeout:
                 raise VerificationError(
                     f"the built server was not ready after {timeout:.0f} s",
-                    log_tail=_tail(log_path),
+                    log_tail=log_tail(log_path),
                 )
             try:
                 if _get(f"{base}/health", timeout=2) == 200:
@@ -157,26 +158,26 @@ def verify_server(
                 f"the built server failed a chat completion: "
                 f"{describe_exit(code) if code is not None else exc}",
                 returncode=code,
-                log_tail=_tail(log_path),
+                log_tail=log_tail(log_path),
             ) from exc
         tokens = int(answer.get("usage", {}).get("completion_tokens", 0))
         text = str(answer.get("choices", [{}])[0].get("message", {}).get("content", ""))
         if tokens <= 0:
             raise VerificationError(
-                "the built server answered with no tokens", log_tail=_tail(log_path)
+                "the built server answered with no tokens", log_tail=log_tail(log_path)
             )
         proc.send_signal(signal.SIGTERM)
         try:
             exit_code = proc.wait(timeout=30)
         except subprocess.TimeoutExpired as exc:
             raise VerificationError(
-                "the built server did not exit within 30 s of SIGTERM", log_tail=_tail(log_path)
+                "the built server did not exit within 30 s of SIGTERM", log_tail=log_tail(log_path)
             ) from exc
         if exit_code != 0:
             raise VerificationError(
                 f"the built server did not exit cleanly: {describe_exit(exit_code)}",
                 returncode=exit_code,
-                log_tail=_tail(log_path),
+                log_tail=log_tail(log_path),
             )
         return VerifyResult(
             ok=True,
