@@ -8,7 +8,8 @@ sides; ratios are computed per round and reported as median [p10-p90].
 
 Sections: inference speed (llama-bench per build), router overhead (direct
 vs ``llamactl serve`` vs llama.cpp's router mode), time to first answer
-after launch, supervisor footprint, memory estimate accuracy, build time.
+after launch, model swap time, supervisor footprint, memory estimate
+accuracy, build time.
 Every server this script starts listens on 127.0.0.1 only and is killed
 (with its process group) before the script exits.
 """
@@ -45,6 +46,7 @@ from sections import (
     _startup,
     inference,
 )
+from swap import swap
 
 from buildtools import build_default
 from buildtools.demo import demo_model_path
@@ -57,7 +59,8 @@ def render(doc: dict[str, Any]) -> str:
     lines = [
         "# llamactl benchmark report",
         "",
-        f"Produced by `{doc['command']}` on {doc['date']} in {doc['seconds']:.0f} s.",
+        f"Last run: `{doc['command']}` on {doc['date']} in {doc['seconds']:.0f} s; "
+        "each section says which run measured it.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.0f} GiB RAM, "
         f"GPU: {m['gpu']}; {m['platform']}, Python {m['python']}.",
@@ -73,6 +76,8 @@ def render(doc: dict[str, Any]) -> str:
         if "error" in sec:
             lines += [f"Not measured: `{sec['error']}`"]
             continue
+        if "run" in sec:
+            lines += [f"Measured by `{sec['run']['command']}` on {sec['run']['date']}.", ""]
         lines += ["Commands:", ""]
         lines += [f"- {k}: `{v}`" for k, v in sec["commands"].items()]
         lines += ["", "| " + " | ".join(sec["header"]) + " |", "|" + "---|" * len(sec["header"])]
@@ -123,6 +128,28 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+def _previous(suffix: str) -> list[Section]:
+    """The sections of the newest results file of the same kind (full or quick), if any."""
+    files = sorted(p for p in RESULTS.glob(f"????-??-??{suffix}.json"))
+    return json.loads(files[-1].read_text())["sections"] if files else []
+
+
+def merge_sections(old: list[Section], new: list[Section], order: list[str]) -> list[Section]:
+    """``old`` with each section of ``new`` put in place of the one it re-measures.
+
+    Sections are matched by key (older results files have only titles); the
+    result follows ``order``, the suite's own, with unknown old sections last.
+    """
+    by_key: dict[str, Section] = {}
+    for sec in old:
+        by_key[sec.get("key") or sec["title"]] = sec
+    for sec in new:
+        by_key.pop(sec["title"], None)
+        by_key[sec["key"]] = sec
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(by_key.values(), key=lambda sec: rank.get(sec.get("key", ""), len(rank)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (~3 min)")
@@ -136,6 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         REPORT.write_text(render(json.loads(args.render.read_text())))
         return 0
     started = time.monotonic()
+    flags = [a for a, on in (("--quick", args.quick), ("--full", args.full)) if on]
+    flags += [f"--only {word}" for word in args.only or ()]
+    command = " ".join(["python bench/suite.py", *flags])
     model = demo_model_path()
     binary = build_default().build.binary
     version = (
@@ -150,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("inference", lambda w: inference(model, 1 if args.quick else 2)),
         ("router", lambda w: asyncio.run(_router_overhead(binary, model, w, args.quick))),
         ("startup", lambda w: asyncio.run(_startup(binary, model, w, args.quick))),
+        ("swap", lambda w: asyncio.run(swap(binary, model, w, args.quick))),
         ("footprint", lambda w: asyncio.run(_footprint(binary, model, w, args.quick))),
         ("memory", lambda w: asyncio.run(_memory(binary, model, w, args.quick))),
         ("build", lambda w: _build_time(w, args.full, args.quick)),
@@ -165,17 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:  # one broken section must not lose the others
                 sec = {"title": name, "error": f"{type(exc).__name__}: {exc}"}
             sec["seconds"] = time.monotonic() - t0
+            sec["key"] = name
+            sec["run"] = {"command": command, "date": datetime.now(UTC).isoformat("T", "seconds")}
             print(f"[suite] {name} done in {sec['seconds']:.0f} s", file=sys.stderr, flush=True)
             sections.append(sec)
     now = datetime.now(UTC)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if args.quick else ""
     results_file = RESULTS / f"{now:%Y-%m-%d}{suffix}.json"
-    flags = " ".join(
-        a for a in ("--quick" if args.quick else "", "--full" if args.full else "") if a
-    )
+    if args.only:  # a partial run updates its sections in the last report, it never drops others
+        sections = merge_sections(_previous(suffix), sections, [name for name, _ in runs])
     doc = {
-        "command": f"python bench/suite.py {flags}".strip(),
+        "command": command,
         "date": now.isoformat(timespec="seconds"),
         "seconds": time.monotonic() - started,
         "machine": _machine(),
