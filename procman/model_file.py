@@ -12,7 +12,8 @@ element, which makes a 49k-token vocabulary cost ~2 s; :class:`_HeaderReader`
 skips large string arrays (only their length is needed) and reads numeric
 arrays in one view, which brings that to ~20 ms. Results are memoised per
 (inode, size, mtime) because the supervisor validates the same file on
-every spawn.
+every spawn, and recorded on disk (:mod:`procman._info_cache`) so that a
+later process skips the ``gguf``/numpy import for a file it has seen.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from procman import _info_cache
 from procman.errors import ModelError
 
 if TYPE_CHECKING:
@@ -157,16 +159,22 @@ def validate_model(path: str | os.PathLike[str]) -> ModelInfo:
         raise ModelError(f"model path is a directory, not a GGUF file: {p}", hint=hint)
     if not stat.S_ISREG(st.st_mode):
         raise ModelError(f"model path is not a regular file: {p}", hint="pass a .gguf file")
-    return _validate_cached(p.resolve(), st.st_ino, st.st_size, st.st_mtime_ns)
+    resolved = p.resolve()
+    return _validate_cached(resolved, _info_cache.file_key(resolved, st))
 
 
 @functools.lru_cache(maxsize=64)
-def _validate_cached(path: Path, _inode: int, size: int, _mtime_ns: int) -> ModelInfo:
+def _validate_cached(path: Path, key: _info_cache.FileKey) -> ModelInfo:
+    if (known := _info_cache.lookup(key)) is not None:
+        return known
+    size = key[3]
     head = _read_head(path)
     _check_head(path, head, size)
     version = struct.unpack_from("<I", head, 4)[0]
     reader = _open_reader(path, size)
-    return _describe(path, size, version, reader)
+    info = _describe(path, size, version, reader)
+    _info_cache.remember(key, info)
+    return info
 
 
 def _read_head(path: Path) -> bytes:

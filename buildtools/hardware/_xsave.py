@@ -17,13 +17,18 @@ SIGILL or a W^X policy refusing the executable page costs only this probe.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import errno
 import json
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from buildtools._runner import Runner
 
-__all__ = ["XsaveState", "gate_features", "read_xsave_state"]
+__all__ = ["XsaveState", "gate_features", "read_xsave_state", "read_xsave_state_once_per_boot"]
 
 # The child checks CPUID.1:ECX.OSXSAVE (bit 27) before XGETBV, which would
 # itself fault without it. Machine code, x86-64 SysV:
@@ -86,6 +91,38 @@ def read_xsave_state(runner: Runner, python: str) -> XsaveState | str:
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         return f"XCR0 probe printed something unexpected ({exc})"
+
+
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def read_xsave_state_once_per_boot(
+    runner: Runner, python: str, store: Path, *, boot_id_file: Path = _BOOT_ID
+) -> XsaveState | str:
+    """:func:`read_xsave_state`, remembered in *store* until the machine reboots.
+
+    XCR0 is set by the kernel at boot and the AMX permission policy with it,
+    so the child (~25 ms of a Python start) runs once per boot instead of on
+    every ``llamactl serve``. The record is keyed by the kernel's boot id; a
+    failed probe is never recorded.
+    """
+    try:
+        boot_id = boot_id_file.read_text().strip()
+    except OSError:
+        return read_xsave_state(runner, python)
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        doc = json.loads(store.read_text())
+        if doc["boot_id"] == boot_id:
+            return XsaveState(**doc["state"])
+    state = read_xsave_state(runner, python)
+    if isinstance(state, XsaveState):
+        with contextlib.suppress(OSError):
+            store.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=store.parent, prefix=".xsave.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"boot_id": boot_id, "state": dataclasses.asdict(state)}, f)
+            os.replace(tmp, store)
+    return state
 
 
 def _errno_text(code: int) -> str:

@@ -27,10 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from buildtools import paths
 from buildtools._runner import Runner, capture
 from buildtools.hardware._model import Backend, BackendStatus, CpuInfo, PlatformInfo
 from buildtools.hardware._probe import BackendReport, ProbeContext, missing_build_tools
-from buildtools.hardware._xsave import gate_features, read_xsave_state
+from buildtools.hardware._xsave import (
+    XsaveState,
+    gate_features,
+    read_xsave_state,
+    read_xsave_state_once_per_boot,
+)
 
 __all__ = ["CPU_FEATURES", "CpuBackend", "normalise_features", "probe_cpu"]
 
@@ -209,7 +215,13 @@ def probe_cpu(
     if python is None and not getattr(sys, "frozen", False):
         python = sys.executable
     if plat.is_x86 and plat.system == "linux":
-        state = read_xsave_state(runner, python) if python else "no Python to run it in"
+        if not python:
+            state: XsaveState | str = "no Python to run it in"
+        elif runner is capture and proc_root == Path("/"):  # this machine, probed for real
+            store = paths.home() / "xsave.json"
+            state = read_xsave_state_once_per_boot(runner, python, store)
+        else:
+            state = read_xsave_state(runner, python)
         if isinstance(state, str):
             notes.append(f"XCR0 could not be read ({state}); features are not checked against it")
         else:

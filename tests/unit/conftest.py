@@ -21,3 +21,14 @@ def _forbid_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     monkeypatch.setattr(asyncio, "create_subprocess_exec", refuse)
     monkeypatch.setattr(asyncio, "create_subprocess_shell", refuse)
+
+
+@pytest.fixture(autouse=True)
+def _private_model_info(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validations a unit test records go to a scratch file, not the user's cache."""
+    from procman import _info_cache
+
+    store = tmp_path_factory.mktemp("info") / "model-info.json"
+    monkeypatch.setattr(_info_cache, "store_path", lambda: store)

@@ -290,3 +290,39 @@ def test_platform_info_families() -> None:
     assert PlatformInfo(system="linux", machine="amd64").is_x86
     assert PlatformInfo(system="darwin", machine="arm64").is_arm
     assert not PlatformInfo(system="linux", machine="riscv64").is_x86
+
+
+def test_xcr0_is_read_once_per_boot(tmp_path: Path) -> None:
+    from buildtools.hardware._xsave import XsaveState, read_xsave_state_once_per_boot
+
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    store = tmp_path / "home" / "xsave.json"
+    runner = FakeRunner({"python": xsave(0xE7)})
+
+    def read() -> XsaveState | str:
+        return read_xsave_state_once_per_boot(runner, FAKE_PYTHON, store, boot_id_file=boot)
+
+    assert read() == XsaveState(osxsave=True, xcr0=0xE7)
+    assert read() == XsaveState(osxsave=True, xcr0=0xE7)
+    assert len(runner.calls) == 1  # the second answer came from the record
+    boot.write_text("boot-2\n")  # a reboot: the kernel may have changed XCR0
+    runner.answers = {"python": xsave(0x7)}
+    assert read() == XsaveState(osxsave=True, xcr0=0x7)
+    assert len(runner.calls) == 2
+
+
+def test_a_failed_xcr0_probe_is_not_remembered(tmp_path: Path) -> None:
+    from buildtools.hardware._xsave import read_xsave_state_once_per_boot
+
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    store = tmp_path / "xsave.json"
+    runner = FakeRunner({})  # python "not found": exit 127
+    state = read_xsave_state_once_per_boot(runner, FAKE_PYTHON, store, boot_id_file=boot)
+    assert isinstance(state, str) and "status 127" in state
+    assert not store.exists()
+    store.write_text("{garbage")  # a corrupt record is probed over, not trusted
+    runner.answers = {"python": xsave(0xE7)}
+    again = read_xsave_state_once_per_boot(runner, FAKE_PYTHON, store, boot_id_file=boot)
+    assert not isinstance(again, str) and again.xcr0 == 0xE7

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import gguf
 import numpy as np
@@ -345,3 +347,59 @@ def test_multimodal_projector(tmp_path: Path) -> None:
     assert "projector" in err.message
     assert err.hint is not None
     assert "--mmproj" in err.hint
+
+
+def test_a_later_process_reuses_the_recorded_description(tmp_path: Path) -> None:
+    from procman.model_file import _validate_cached
+
+    path = write_model(tmp_path / "m.gguf", n_layers=3)
+    first = validate_model(path)
+    _validate_cached.cache_clear()  # what a new process starts with
+    with mock.patch("procman.model_file._open_reader", side_effect=AssertionError("read")):
+        again = validate_model(path)
+    assert again == first and again is not first
+
+
+def test_a_rewritten_file_is_read_again_even_with_its_old_mtime(tmp_path: Path) -> None:
+    from procman.model_file import _validate_cached
+
+    path = write_model(tmp_path / "m.gguf", ctx_train=2048)
+    assert validate_model(path).n_ctx_train == 2048
+    before = path.stat()
+    other = write_model(tmp_path / "other.gguf", ctx_train=4096)
+    with path.open("r+b") as f:  # same inode, same size, new bytes ...
+        f.write(other.read_bytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # ... and the old mtime
+    while path.stat().st_ctime_ns == before.st_ctime_ns:  # ctime ticks coarsely (a jiffy)
+        time.sleep(0.005)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    _validate_cached.cache_clear()
+    assert validate_model(path).n_ctx_train == 4096
+
+
+def test_a_corrupt_record_store_is_ignored(tmp_path: Path) -> None:
+    from procman import _info_cache
+    from procman.model_file import _validate_cached
+
+    path = write_model(tmp_path / "m.gguf", n_layers=3)
+    validate_model(path)
+    _info_cache.store_path().write_text("{not json")
+    _validate_cached.cache_clear()
+    assert validate_model(path).n_layers == 3
+    assert _info_cache.lookup(_info_cache.file_key(path.resolve(), path.stat())) is not None
+
+
+def test_a_bad_file_is_never_recorded(tmp_path: Path) -> None:
+    from procman import _info_cache
+
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(ModelError):
+        validate_model(path)
+    assert not _info_cache.store_path().exists()
