@@ -17,12 +17,15 @@ import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from buildtools import paths
-from buildtools.builder import ProgressCallback
 from buildtools.cache import BuildCache, CachedBuild
 from buildtools.errors import CacheError
 from buildtools.wheel import bundled_server
+
+if TYPE_CHECKING:
+    from buildtools.builder import ProgressCallback
 
 __all__ = ["Candidate", "ResolvedServer", "candidates", "resolve_server"]
 

@@ -25,11 +25,13 @@ import sys
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from buildtools._wheelfile import relabel
-from buildtools.builder import BuildProgress, build
 from buildtools.errors import BuildError, LlamactlError
-from buildtools.plan import BuildOptions, make_plan
+
+if TYPE_CHECKING:  # `serve` imports this module for bundled_server(): keep it light
+    from buildtools.builder import BuildProgress
 
 __all__ = ["BUNDLED_DIR", "build_wheel", "bundled_server", "main", "project_root", "repair"]
 
@@ -53,6 +55,9 @@ def _say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from buildtools.builder import build
+    from buildtools.plan import BuildOptions, make_plan
+
     parser = argparse.ArgumentParser(prog="python -m buildtools.wheel")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("-D", dest="defines", action="append", default=[], metavar="NAME=VALUE")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from procman._ports import bind_listener, pick_free_port
+from procman._ports import bind_listener, check_exposure, pick_free_port
 from procman.errors import (
     AdmissionError,
     ConfigError,
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from procman._sync import Supervisor
     from procman.client import DaemonClient, DaemonStatus, connect
     from procman.model_file import ModelInfo, validate_model
-    from procman.router import Router, RouterSettings, check_exposure
+    from procman.router import Router, RouterSettings
     from procman.server import ManagedServer
     from procman.supervisor import Supervisor as AsyncSupervisor
 
@@ -118,7 +118,6 @@ _LAZY = {
     "ServeRequest": ("procman._request", "ServeRequest"),
     "ServerInfo": ("procman._request", "ServerInfo"),
     "Supervisor": ("procman._sync", "Supervisor"),
-    "check_exposure": ("procman.router", "check_exposure"),
     "connect": ("procman.client", "connect"),
     "validate_model": ("procman.model_file", "validate_model"),
 }

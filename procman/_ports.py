@@ -24,6 +24,7 @@ from procman.errors import ConfigError, PortInUseError
 __all__ = [
     "BIND_FAILURE_MARKERS",
     "bind_listener",
+    "check_exposure",
     "is_bind_failure",
     "is_loopback",
     "pick_free_port",
@@ -91,3 +92,13 @@ def is_loopback(host: str) -> bool:
     except socket.gaierror:
         return False
     return bool(infos) and all(ipaddress.ip_address(str(info[4][0])).is_loopback for info in infos)
+
+
+def check_exposure(host: str, api_key: str | None, *, allow_unauthenticated: bool = False) -> None:
+    """Refuse to listen beyond this machine without an API key, unless told to."""
+    if api_key or allow_unauthenticated or is_loopback(host):
+        return
+    raise ConfigError(
+        f"refusing to serve on {host} without an API key: anyone who can reach it could use it",
+        hint="pass --api-key KEY (or set LLAMACTL_API_KEY), or --insecure to serve without one",
+    )

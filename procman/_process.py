@@ -84,6 +84,9 @@ async def within(future: asyncio.Future[Any], seconds: float) -> bool:
     return future.done()
 
 
+_LISTENING = b"listening on"
+
+
 class Child(asyncio.SubprocessProtocol):
     """Pipes the child's output into the log and the tail; resolves when it exits."""
 
@@ -93,8 +96,13 @@ class Child(asyncio.SubprocessProtocol):
         self.tail = tail
         self.exited: asyncio.Future[int] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
+        #: resolves when the output says the HTTP port is open (llama-server prints
+        #: "listening on http://..." once the model is loaded): the loading poll
+        #: probes at once instead of at its next tick
+        self.listening: asyncio.Future[None] = loop.create_future()
         self.transport: asyncio.SubprocessTransport | None = None
         self._write_failed = False
+        self._last = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if isinstance(transport, asyncio.SubprocessTransport):
@@ -102,12 +110,24 @@ class Child(asyncio.SubprocessProtocol):
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         self.tail.feed(data)
+        if not self.listening.done():
+            if _LISTENING in self._last + data:  # the phrase may straddle two reads
+                self.listening.set_result(None)
+            self._last = data[-len(_LISTENING) :]
         try:
             self.sink.write(data)
         except OSError as exc:  # a full disk must not take the server down with it
             if not self._write_failed:
                 log.warning("cannot write log %s: %s", self.sink.path, exc)
             self._write_failed = True
+
+    async def pause_loading(self, seconds: float) -> bool:
+        """Sleep between loading polls: *seconds*, or less once it listens; True if it exited."""
+        wake: set[asyncio.Future[Any]] = {self.exited}
+        if not self.listening.done():
+            wake.add(self.listening)
+        await asyncio.wait(wake, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        return self.exited.done()
 
     def process_exited(self) -> None:
         if self.transport is not None and not self.exited.done():

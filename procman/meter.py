@@ -77,6 +77,10 @@ class Meter:
             self._open_nvml(nvml)
 
     def _open_nvml(self, nvml: Any) -> None:
+        from buildtools.hardware.cuda import nvidia_driver_loaded
+
+        if nvml is None and not nvidia_driver_loaded():
+            return  # skips importing pynvml and a failing nvmlInit (~10 ms at every start)
         try:
             if nvml is None:
                 import pynvml

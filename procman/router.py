@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import aiohttp
 from aiohttp import web
 
-from procman._ports import is_loopback
-from procman.errors import AdmissionError, ConfigError, LlamactlError
+from procman._ports import check_exposure
+from procman.errors import AdmissionError, LlamactlError
 from procman.events import State
 from procman.scheduler import QueueFullError, Scheduler
 
@@ -113,16 +113,6 @@ class RouterSettings:
     """Upstream connections kept open across all servers."""
     shutdown_timeout: float = 2.0
     """Seconds in-flight requests get to finish when the router stops."""
-
-
-def check_exposure(host: str, api_key: str | None, *, allow_unauthenticated: bool = False) -> None:
-    """Refuse to listen beyond this machine without an API key, unless told to."""
-    if api_key or allow_unauthenticated or is_loopback(host):
-        return
-    raise ConfigError(
-        f"refusing to serve on {host} without an API key: anyone who can reach it could use it",
-        hint="pass --api-key KEY (or set LLAMACTL_API_KEY), or --insecure to serve without one",
-    )
 
 
 def _error(

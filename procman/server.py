@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from procman._ports import is_bind_failure, pick_free_port
-from procman._process import Child, describe_exit, spawn, terminate, within
+from procman._process import Child, describe_exit, spawn, terminate
 from procman.errors import ServerError, StartupTimeout
 from procman.events import Event, EventBus, State
 from procman.logs import LineTail, RotatingLog
@@ -336,7 +336,7 @@ class ManagedServer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return _End.TIMEOUT, f"not ready after {spec.startup_timeout:g} s; killed", False
-            if await within(child.exited, min(health.loading_interval, remaining)):
+            if await child.pause_loading(min(health.loading_interval, remaining)):
                 return (
                     _End.EXITED,
                     f"exited while loading: {describe_exit(child.exited.result())}",

@@ -72,7 +72,10 @@ class HealthSettings:
     """How ``/health`` is polled. llama-server pushes no readiness signal."""
 
     loading_interval: float = 0.05
-    """Seconds between polls while starting/loading: readiness is noticed within this."""
+    """Seconds between polls while starting/loading: readiness is noticed within this.
+
+    llama-server's "listening on" log line triggers a poll at once, so the
+    usual case does not wait for the interval."""
     ready_interval: float = 2.0
     """Seconds between polls once ready (crashes are noticed at once via the exit, not this)."""
     timeout: float = 5.0

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from buildtools._runner import Runner, capture
-from buildtools.hardware._backends import BACKENDS, merge_gpus
 from buildtools.hardware._model import (
     Backend,
     BackendStatus,
@@ -25,9 +24,7 @@ from buildtools.hardware._model import (
     PlatformInfo,
     Tool,
 )
-from buildtools.hardware._probe import ProbeContext
 from buildtools.hardware.cpu import probe_cpu
-from buildtools.hardware.toolchains import probe_toolchains
 
 __all__ = [
     "Backend",
@@ -66,6 +63,11 @@ def detect(
     ``/etc/OpenCL/vendors``, ``/usr/include``...); ``nvml`` stands in for the
     ``pynvml`` module. Takes about 0.1 s plus the ``--version`` runs.
     """
+    # the GPU/toolchain probes are imported here: `serve` only needs detect_cpu
+    from buildtools.hardware._backends import BACKENDS, merge_gpus
+    from buildtools.hardware._probe import ProbeContext
+    from buildtools.hardware.toolchains import probe_toolchains
+
     env = os.environ if env is None else env
     plat = platform_info or PlatformInfo.current()
     cpu = probe_cpu(runner=runner, proc_root=proc_root, platform_info=plat)

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from procman.cli._app import app, console, out
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from procman.bench import BenchReport, Stats, Target
 
 __all__ = ["bench"]
@@ -72,6 +73,8 @@ def _targets(models: list[str], builds: list[str]) -> list[Target]:
 
 def _table(report: BenchReport) -> Table:
     """One row per figure: narrow enough for a terminal whatever the checkpoints."""
+    from rich.table import Table
+
     from procman.bench import checkpoint_label
 
     table = Table(title="median and p10-p90 over repetitions; times in ms after the request")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from buildtools.errors import PlanError
 from procman.cli._app import app, console, out
 from procman.cli._progress import BuildProgressView
+
+if TYPE_CHECKING:
+    pass
 
 
 def _parse_defines(defines: list[str]) -> dict[str, str]:
@@ -124,6 +126,8 @@ def build(
 
 
 def _print_plan(doc: dict[str, Any], *, brief: bool = False) -> None:
+    from rich.table import Table
+
     table = Table(title=None if brief else f"build plan ({doc['backend']})", show_lines=False)
     table.add_column("define")
     table.add_column("value")
@@ -188,6 +192,8 @@ def builds(
         }
         out.print_json(json.dumps(doc))
         return
+    from rich.table import Table
+
     table = Table()
     for col in ("key", "version", "backend", "usable here", "why"):
         table.add_column(col)

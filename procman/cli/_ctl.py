@@ -13,14 +13,16 @@ import json
 import os
 import urllib.error
 import urllib.request
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from buildtools.errors import LlamactlError
 from procman.cli._app import app, console, out
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 __all__ = ["load", "ps", "stop"]
 
@@ -66,6 +68,8 @@ def _number(value: float | None, unit: str = "") -> str:
 
 
 def _table(models: list[dict[str, Any]]) -> Table:
+    from rich.table import Table
+
     table = Table(
         "name", "state", "pid", "port", "rss", "cpu", "vram", "tok/s", "restarts", "queue", "model"
     )

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-)
-
-from buildtools import BuildProgress
 from procman.cli._app import console
+
+if TYPE_CHECKING:  # rich.progress costs ~30 ms at start; most runs never draw a bar
+    from rich.progress import Progress
+
+    from buildtools import BuildProgress
 
 
 class BuildProgressView:
@@ -27,7 +23,7 @@ class BuildProgressView:
     def __init__(self, announce: str | None = None) -> None:
         self._announce = announce
         self._progress: Progress | None = None
-        self._task = TaskID(0)
+        self._task: Any = 0  # rich's TaskID
 
     def __enter__(self) -> BuildProgressView:
         return self
@@ -42,6 +38,14 @@ class BuildProgressView:
         if p.stage == "done":
             return
         if self._progress is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
             if self._announce:
                 console.print(self._announce)
             self._progress = Progress(

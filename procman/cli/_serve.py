@@ -103,9 +103,8 @@ def serve(
     Extra llama-server arguments go after '--': `llamactl serve m.gguf -- --flash-attn on`.
     """
     import buildtools
-    from procman._ports import bind_listener
+    from procman._ports import bind_listener, check_exposure
     from procman.model_file import validate_model
-    from procman.router import check_exposure
     from procman.spec import ServerSpec, default_name, parse_gpu_layers, resolve_model
 
     extra = list(context.args)
@@ -181,10 +180,9 @@ def _serve_config(
 ) -> None:
     """``serve --config``: validate everything, bind, then serve until Ctrl-C."""
     import buildtools
-    from procman._ports import bind_listener
+    from procman._ports import bind_listener, check_exposure
     from procman.config import load_config
     from procman.model_file import validate_model
-    from procman.router import check_exposure
 
     loaded = load_config(path)
     # CLI/env over the file, applied here only
@@ -314,7 +312,6 @@ def _print_event(event: Event) -> None:
 async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None) -> Event | None:
     """Run until Ctrl-C/SIGTERM (returns None) or until the server fails for good (its event)."""
     from procman.events import State
-    from procman.router import Router, RouterSettings
     from procman.supervisor import Supervisor
 
     loop = asyncio.get_running_loop()
@@ -322,23 +319,34 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     failed: asyncio.Future[Event] = loop.create_future()
+    spawned: asyncio.Future[None] = loop.create_future()
 
     def on_event(event: Event) -> None:
         _print_event(event)
+        if event.state in {State.STARTING, State.FAILED} and not spawned.done():
+            spawned.set_result(None)
         if event.state is State.FAILED and not failed.done():
             failed.set_result(event)
 
     supervisor = Supervisor()
     supervisor.bus.subscribe(on_event)
-    _print_budget(supervisor)
-    router = Router(supervisor, RouterSettings(api_key=api_key))
     started = time.monotonic()
+    router = None
     try:
         supervisor.add(spec, validate=False)  # validated before the port was bound
         # through the supervisor: the -ngl choice (printed as an event) and admission
         starting = asyncio.ensure_future(supervisor.load(spec.name))
-        await router.start(listener)  # from now on requests wait for the model, never refused
+        # The model loads while the router is imported and started (~150 ms of
+        # aiohttp): clients already connect to the bound listener and wait in
+        # its backlog, so nothing is refused meanwhile.
         stopping = asyncio.ensure_future(stop.wait())
+        first: set[asyncio.Future[Any]] = {starting, spawned, stopping}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        from procman.router import Router, RouterSettings
+
+        _print_budget(supervisor)
+        router = Router(supervisor, RouterSettings(api_key=api_key))
+        await router.start(listener)  # from now on requests wait for the model, never refused
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
             starting.cancel()  # kills and reaps the half-started server
@@ -356,7 +364,8 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
             await asyncio.wait(until, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
     finally:
-        await router.stop()
+        if router is not None:
+            await router.stop()
         await supervisor.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

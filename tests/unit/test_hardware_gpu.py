@@ -405,3 +405,24 @@ def test_detect_on_a_fake_cuda_machine(tmp_path: Path, with_nvcc: bool) -> None:
     assert doc["gpus"][0]["compute_capability"] == "9.0"
     assert doc["toolchains"]["cmake"]["version"] == "3.31.6"
     assert set(doc["backends"]) == {"cpu", "cuda", "metal", "opencl", "vulkan"}
+
+
+def test_without_the_nvidia_kernel_module_nvml_is_not_even_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from buildtools.hardware import cuda
+
+    monkeypatch.setattr(cuda, "nvidia_driver_loaded", lambda: False)
+    monkeypatch.setattr(cuda, "_load_nvml", lambda: pytest.fail("pynvml imported"))
+    found = cuda.probe_nvidia_gpus()
+    assert found.gpus == ()
+    assert found.reason == "NVIDIA driver not loaded (no /proc/driver/nvidia)"
+    # a given NVML (a fake, or a caller's) is always asked
+    assert cuda.probe_nvidia_gpus(FakeNvml(gpus=[])).reason != found.reason
+
+
+def test_the_driver_check_only_decides_on_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    from buildtools.hardware import cuda
+
+    monkeypatch.setattr(cuda.sys, "platform", "darwin")
+    assert cuda.nvidia_driver_loaded()

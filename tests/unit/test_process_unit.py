@@ -1,0 +1,37 @@
+"""The child protocol's readiness hint: llama-server's "listening on" line."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from procman._process import Child
+from procman.logs import LineTail, RotatingLog
+
+
+def make_child(tmp_path: Path) -> Child:
+    return Child(RotatingLog(tmp_path / "s.log"), LineTail())
+
+
+async def test_the_listening_line_wakes_the_loading_pause_at_once(tmp_path: Path) -> None:
+    child = make_child(tmp_path)
+    child.pipe_data_received(1, b"I srv load_model: loading model 'm.gguf'\n")
+    assert not child.listening.done()
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, child.pipe_data_received, 1, b"I srv llama_server: listen")
+    loop.call_later(0.05, child.pipe_data_received, 1, b"ing on http://127.0.0.1:1\n")
+    t0 = time.monotonic()
+    exited = await child.pause_loading(30.0)
+    assert not exited
+    assert time.monotonic() - t0 < 5  # woken by the line (split over two reads), not the 30 s
+    assert child.listening.done()
+    assert (tmp_path / "s.log").read_bytes().endswith(b"listening on http://127.0.0.1:1\n")
+
+
+async def test_after_the_line_the_pause_is_the_plain_interval(tmp_path: Path) -> None:
+    child = make_child(tmp_path)
+    child.pipe_data_received(1, b"listening on http://127.0.0.1:1\n")
+    t0 = time.monotonic()
+    assert not await child.pause_loading(0.2)
+    assert time.monotonic() - t0 >= 0.19  # a 503 after the line must not turn into a busy loop
