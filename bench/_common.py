@@ -93,6 +93,11 @@ def launched(argv: Sequence[str | Path], log: Path) -> Iterator[subprocess.Popen
         stop(proc)
 
 
+#: llama-server arguments llamactl passes to every server it runs (see ServerSpec.argv)
+#: that change its behaviour: given to the direct and llama.cpp-router servers too
+SAME_SERVER = ("--cache-ram", "0")
+
+
 def server_argv(binary: Path, model: Path, port: int, *extra: str) -> list[str]:
     return [
         str(binary),

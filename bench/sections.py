@@ -21,6 +21,7 @@ import psutil
 from _common import (  # first: it puts the repository on sys.path
     HOST,
     LLAMACTL,
+    SAME_SERVER,
     Section,
     _session,
     answered,
@@ -135,7 +136,9 @@ class Targets:
             link.symlink_to(self.model)
         p1, p2, p3 = (pick_free_port(HOST) for _ in range(3))
         argvs = {
-            "direct": server_argv(self.binary, self.model, p1),
+            # the servers all run with llamactl's defaults (--cache-ram 0: no host
+            # prompt cache), so that only the path in front of them differs
+            "direct": server_argv(self.binary, self.model, p1, *SAME_SERVER),
             "llamactl serve": [
                 *LLAMACTL,
                 "serve",
@@ -157,6 +160,7 @@ class Targets:
                 HOST,
                 "--port",
                 str(p3),
+                *SAME_SERVER,
             ],
         }
         for (label, argv), port in zip(argvs.items(), (p1, p2, p3), strict=True):
@@ -220,9 +224,11 @@ async def _router_overhead(binary: Path, model: Path, work: Path, quick: bool) -
                     conc[label] += [x for one in lat for x in one]
 
             stream: dict[str, list[float]] = {k: [] for k in labels}
-            case = BenchCase(name="stream", prompt="Tell me a story.", max_tokens=64)
-            until = time.monotonic() + budget
-            for i in range(3 if quick else 5):
+            # per-sample noise is ~+-7% on 2 cores: a 1% effect needs many rounds
+            tokens, rounds = (64, 6) if quick else (128, 24)
+            case = BenchCase(name="stream", prompt="Tell me a story.", max_tokens=tokens)
+            until = time.monotonic() + 2 * budget
+            for i in range(rounds):
                 if i and time.monotonic() > until:
                     break
                 for label in labels[i % 3 :] + labels[: i % 3]:
@@ -270,7 +276,10 @@ async def _router_overhead(binary: Path, model: Path, work: Path, quick: bool) -
             "The load generator is Python in the same 2-core machine: it competes with the "
             "servers and the llamactl router for CPU.",
             "'added vs direct' is the per-round difference (path - direct): median [p10-p90].",
-            "Streaming: 64 tokens, ignore_eos, tokens/s after the first token, ratio per round.",
+            "Streaming: 128 tokens (64 with --quick), ignore_eos, tokens/s after the first "
+            "token, 24 interleaved rounds (6), ratio per round.",
+            "Every llama-server runs with the arguments llamactl gives its own (`--cache-ram 0`):"
+            " the comparison is of the paths in front of the same server.",
         ],
     }
 
@@ -287,7 +296,7 @@ async def _startup(binary: Path, model: Path, work: Path, quick: bool) -> Sectio
                 port = pick_free_port(HOST)
                 url = f"http://{HOST}:{port}"
                 if label.startswith("direct"):
-                    argv: list[str] = server_argv(binary, model, port)
+                    argv: list[str] = server_argv(binary, model, port, *SAME_SERVER)
                 else:
                     argv = [
                         *LLAMACTL,

@@ -16,6 +16,7 @@ from pathlib import Path
 from _common import (  # first: it puts the repository on sys.path
     HOST,
     LLAMACTL,
+    SAME_SERVER,
     Section,
     _session,
     answered,
@@ -69,7 +70,7 @@ async def swap(binary: Path, model: Path, work: Path, quick: bool) -> Section:
         ],
         "llama.cpp router (--models-max 1)": [
             str(binary), "--models-dir", str(models), "--models-max", "1",
-            "--host", HOST, "--port", str(p2),
+            "--host", HOST, "--port", str(p2), *SAME_SERVER,
         ],
     }  # fmt: skip
     urls = dict(zip(argvs, (f"http://{HOST}:{p1}", f"http://{HOST}:{p2}"), strict=True))
