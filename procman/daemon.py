@@ -328,7 +328,9 @@ def run_daemon(
     try:
         if not try_lock(lock_fd):
             return False
-        asyncio.run(Daemon(paths, idle_timeout=idle_timeout).run(lock_fd, ready))
+        from procman._loop import run
+
+        run(Daemon(paths, idle_timeout=idle_timeout).run(lock_fd, ready))
         return True
     finally:
         os.close(lock_fd)  # the last step of the shutdown: releases the lock

@@ -29,6 +29,7 @@ import typer
 from rich.markup import escape
 
 from buildtools.errors import LlamactlError
+from procman._loop import run as run_loop
 from procman.cli._app import app, console, out
 from procman.cli._progress import BuildProgressView
 from procman.errors import AdmissionError, ServerError
@@ -164,7 +165,7 @@ def serve(
         console.print(f"[bold]{escape(spec.name)}[/]: {escape(str(model_path))} ({escape(kind)})")
         binary, why = escape(str(resolved.binary)), escape(resolved.reason)
         console.print(f"[dim]llama-server:[/] {binary} [dim]({why})[/]")
-        failure = asyncio.run(_serve(spec, listener, api_key))
+        failure = run_loop(_serve(spec, listener, api_key))
     if failure is not None:
         raise ServerError(failure.reason, log_tail=failure.log_tail, hint=f"log: {spec.log_path}")
 
@@ -206,7 +207,7 @@ def _serve_config(
         )
     listener = bind_listener(section.host, section.port)
     with listener:
-        asyncio.run(_serve_plan(plan, listener))
+        run_loop(_serve_plan(plan, listener))
 
 
 async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:

@@ -1,0 +1,23 @@
+"""Which event loop `serve` and the daemon run on."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from procman._loop import run
+
+
+async def loop_module() -> str:
+    return type(asyncio.get_running_loop()).__module__
+
+
+def test_uvloop_runs_the_long_lived_commands() -> None:
+    pytest.importorskip("uvloop")  # a dependency on Linux and macOS
+    assert run(loop_module()).startswith("uvloop")
+
+
+def test_the_stdlib_loop_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMACTL_EVENT_LOOP", "asyncio")
+    assert run(loop_module()).startswith("asyncio")
