@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from buildtools._runner import describe_exit
 from procman.logs import LineTail, RotatingLog
@@ -105,8 +105,9 @@ class Child(asyncio.SubprocessProtocol):
         self._last = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if isinstance(transport, asyncio.SubprocessTransport):
-            self.transport = transport
+        # no isinstance check: uvloop's process transport has the interface but
+        # does not subclass asyncio.SubprocessTransport
+        self.transport = cast("asyncio.SubprocessTransport", transport)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         self.tail.feed(data)

@@ -35,3 +35,15 @@ async def test_after_the_line_the_pause_is_the_plain_interval(tmp_path: Path) ->
     t0 = time.monotonic()
     assert not await child.pause_loading(0.2)
     assert time.monotonic() - t0 >= 0.19  # a 503 after the line must not turn into a busy loop
+
+
+class DuckTransport:  # what uvloop hands over: the interface, not the asyncio class
+    def get_returncode(self) -> int:
+        return -9
+
+
+async def test_any_process_transport_reports_the_exit(tmp_path: Path) -> None:
+    child = make_child(tmp_path)
+    child.connection_made(DuckTransport())  # type: ignore[arg-type]
+    child.process_exited()
+    assert child.exited.result() == -9
