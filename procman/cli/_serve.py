@@ -2,9 +2,10 @@
 
 ``serve`` checks everything it can before spawning anything (the model file,
 exposure without a key, the public port, the server binary), binds the
-public port, starts the router at once (early requests wait for the model),
-then the supervised llama-server. Ctrl-C or SIGTERM stops the router, then
-the server (SIGTERM, grace, SIGKILL of its process group).
+public port (early clients wait in its backlog), spawns the supervised
+llama-server, and imports and starts the router while the model loads
+(requests then wait for readiness). Ctrl-C or SIGTERM stops the router,
+then the server (SIGTERM, grace, SIGKILL of its process group).
 
 ``serve --config models.toml`` serves every model the file declares behind
 the one endpoint, each started on its first request (see
