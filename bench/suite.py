@@ -77,7 +77,9 @@ def render(doc: dict[str, Any]) -> str:
             lines += [f"Not measured: `{sec['error']}`"]
             continue
         if "run" in sec:
-            lines += [f"Measured by `{sec['run']['command']}` on {sec['run']['date']}.", ""]
+            run = sec["run"]
+            where = f" on {run['machine']}" if run.get("machine") else ""
+            lines += [f"Measured by `{run['command']}`, {run['date']}{where}.", ""]
         lines += ["Commands:", ""]
         lines += [f"- {k}: `{v}`" for k, v in sec["commands"].items()]
         lines += ["", "| " + " | ".join(sec["header"]) + " |", "|" + "---|" * len(sec["header"])]
@@ -166,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags = [a for a, on in (("--quick", args.quick), ("--full", args.full)) if on]
     flags += [f"--only {word}" for word in args.only or ()]
     command = " ".join(["python bench/suite.py", *flags])
+    info = _machine()
+    machine_label = f"{info['cpu']}, {info['cores']} cores, {info['platform']}"
     model = demo_model_path()
     binary = build_default().build.binary
     version = (
@@ -197,7 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sec = {"title": name, "error": f"{type(exc).__name__}: {exc}"}
             sec["seconds"] = time.monotonic() - t0
             sec["key"] = name
-            sec["run"] = {"command": command, "date": datetime.now(UTC).isoformat("T", "seconds")}
+            sec["run"] = {
+                "command": command,
+                "date": datetime.now(UTC).isoformat("T", "seconds"),
+                "machine": machine_label,
+            }
             print(f"[suite] {name} done in {sec['seconds']:.0f} s", file=sys.stderr, flush=True)
             sections.append(sec)
     now = datetime.now(UTC)
@@ -210,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": command,
         "date": now.isoformat(timespec="seconds"),
         "seconds": time.monotonic() - started,
-        "machine": _machine(),
+        "machine": info,
         "server": cmdline([binary]),
         "server_version": version[0] if version else "unknown",
         "model": model.name,
