@@ -18,6 +18,7 @@ from buildtools.hardware._model import Backend, HardwareProfile
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "NOT_IN_KEY",
     "BuildOptions",
     "BuildPlan",
     "make_plan",
@@ -29,7 +30,7 @@ DEFAULT_TARGETS = ("llama-server", "llama-bench")
 #: bump when the meaning of a plan changes, so old cache entries are not reused
 PLAN_SCHEMA = 1
 #: defines that change how the build runs but not what it produces
-_NOT_IN_KEY = frozenset({"GGML_CCACHE"})
+NOT_IN_KEY = frozenset({"GGML_CCACHE"})
 
 # (cmake option, CPU features it needs). Order matters: it is also the order
 # in which features are given up when a verified run dies with SIGILL.
@@ -120,9 +121,7 @@ class BuildPlan:
             "schema": PLAN_SCHEMA,
             "source": source_id,
             "compiler": compiler,
-            "defines": {
-                k: v for k, v in sorted(self.cmake_defines.items()) if k not in _NOT_IN_KEY
-            },
+            "defines": {k: v for k, v in sorted(self.cmake_defines.items()) if k not in NOT_IN_KEY},
             "targets": sorted(self.targets),
         }
 
