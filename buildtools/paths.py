@@ -7,12 +7,16 @@ else ``~/.cache/llamactl`` (``~/Library/Caches/llamactl`` on macOS).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-__all__ = ["home"]
+__all__ = ["home", "write_json_atomic"]
 
 
 def home(env: Mapping[str, str] | None = None) -> Path:
@@ -25,3 +29,21 @@ def home(env: Mapping[str, str] | None = None) -> Path:
     if sys.platform == "darwin":
         return Path.home() / "Library" / "Caches" / "llamactl"
     return Path.home() / ".cache" / "llamactl"
+
+
+def write_json_atomic(path: Path, doc: Any) -> None:
+    """Replace the small JSON record at *path* in one step (temporary file + rename).
+
+    Readers in other processes see the old record or the new one, never half
+    of one; the temporary file is removed if writing fails. Raises OSError.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        raise

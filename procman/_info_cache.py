@@ -22,11 +22,10 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from buildtools.paths import home
+from buildtools.paths import home, write_json_atomic
 
 if TYPE_CHECKING:
     from procman.model_file import ModelInfo
@@ -90,20 +89,10 @@ _TUPLES = ("layer_n_head_kv", "swa_layers", "layer_tensor_bytes")
 
 def remember(key: FileKey, info: ModelInfo) -> None:
     """Record *info* for *key*; failures to write are ignored (the store is a cache)."""
-    entries = _load()
-    entries.pop(json.dumps(key), None)
-    entries[json.dumps(key)] = dataclasses.asdict(info) | {"path": str(info.path)}
+    entries, name = _load(), json.dumps(key)
+    entries.pop(name, None)  # re-inserted last: the oldest entries are dropped first
+    entries[name] = dataclasses.asdict(info) | {"path": str(info.path)}
     while len(entries) > MAX_ENTRIES:
         del entries[next(iter(entries))]
-    target = store_path()
     with contextlib.suppress(OSError):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".model-info.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"schema": _schema(), "entries": entries}, f)
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink()
-            raise
+        write_json_atomic(store_path(), {"schema": _schema(), "entries": entries})

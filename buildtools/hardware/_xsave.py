@@ -21,12 +21,11 @@ import contextlib
 import dataclasses
 import errno
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from buildtools._runner import Runner
+from buildtools.paths import write_json_atomic
 
 __all__ = ["XsaveState", "gate_features", "read_xsave_state", "read_xsave_state_once_per_boot"]
 
@@ -117,11 +116,7 @@ def read_xsave_state_once_per_boot(
     state = read_xsave_state(runner, python)
     if isinstance(state, XsaveState):
         with contextlib.suppress(OSError):
-            store.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=store.parent, prefix=".xsave.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump({"boot_id": boot_id, "state": dataclasses.asdict(state)}, f)
-            os.replace(tmp, store)
+            write_json_atomic(store, {"boot_id": boot_id, "state": dataclasses.asdict(state)})
     return state
 
 
