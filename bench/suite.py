@@ -132,7 +132,7 @@ def _machine() -> dict[str, Any]:
 
 def _previous(suffix: str) -> list[Section]:
     """The sections of the newest results file of the same kind (full or quick), if any."""
-    files = sorted(p for p in RESULTS.glob(f"????-??-??{suffix}.json"))
+    files = sorted(RESULTS.glob(f"????-??-??{suffix}.json"))
     return json.loads(files[-1].read_text())["sections"] if files else []
 
 

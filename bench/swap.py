@@ -83,9 +83,7 @@ async def swap(binary: Path, model: Path, work: Path, quick: bool) -> Section:
                 await wait_until(lambda url=urls[label]: healthy(session, url), proc)
                 async with session.get(f"{urls[label]}/v1/models") as r:
                     ids = sorted(m["id"] for m in (await r.json())["data"])
-                names[label] = [i for i in ids if "swap-a" in i][:1] + [
-                    i for i in ids if "swap-b" in i
-                ][:1]
+                names[label] = [next(i for i in ids if f"swap-{x}" in i) for x in "ab"]
                 # the first load is not a swap: get model a loaded and answering
                 await wait_until(
                     lambda u=urls[label], m=names[label][0]: answered(session, u, m), proc
