@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sections: list[Section] = []
     runs: list[tuple[str, Callable[[Path], Any]]] = [
-        ("inference", lambda w: inference(model, 1 if args.quick else 2)),
+        ("inference", lambda w: inference(model, 1 if args.quick else 5)),
         ("router", lambda w: asyncio.run(_router_overhead(binary, model, w, args.quick))),
         ("startup", lambda w: asyncio.run(_startup(binary, model, w, args.quick))),
         ("swap", lambda w: asyncio.run(swap(binary, model, w, args.quick))),
