@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, cast
 
 from procman.cli._app import console
 
 if TYPE_CHECKING:  # rich.progress costs ~30 ms at start; most runs never draw a bar
-    from rich.progress import Progress
+    from rich.progress import Progress, TaskID
 
     from buildtools import BuildProgress
 
@@ -23,7 +23,7 @@ class BuildProgressView:
     def __init__(self, announce: str | None = None) -> None:
         self._announce = announce
         self._progress: Progress | None = None
-        self._task: Any = 0  # rich's TaskID
+        self._task = cast("TaskID", 0)
 
     def __enter__(self) -> BuildProgressView:
         return self
