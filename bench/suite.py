@@ -139,17 +139,12 @@ def _previous(suffix: str) -> list[Section]:
 def merge_sections(old: list[Section], new: list[Section], order: list[str]) -> list[Section]:
     """``old`` with each section of ``new`` put in place of the one it re-measures.
 
-    Sections are matched by key (older results files have only titles); the
-    result follows ``order``, the suite's own, with unknown old sections last.
+    Sections are matched by key; the result follows ``order``, the suite's
+    own, with unknown old sections last.
     """
-    by_key: dict[str, Section] = {}
-    for sec in old:
-        by_key[sec.get("key") or sec["title"]] = sec
-    for sec in new:
-        by_key.pop(sec["title"], None)
-        by_key[sec["key"]] = sec
+    by_key = {sec["key"]: sec for sec in old} | {sec["key"]: sec for sec in new}
     rank = {name: i for i, name in enumerate(order)}
-    return sorted(by_key.values(), key=lambda sec: rank.get(sec.get("key", ""), len(rank)))
+    return sorted(by_key.values(), key=lambda sec: rank.get(sec["key"], len(rank)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,9 +11,10 @@ data is never touched. ``gguf.GGUFReader`` builds one numpy view per array
 element, which makes a 49k-token vocabulary cost ~2 s; :class:`_HeaderReader`
 skips large string arrays (only their length is needed) and reads numeric
 arrays in one view, which brings that to ~20 ms. Results are memoised per
-(inode, size, mtime) because the supervisor validates the same file on
-every spawn, and recorded on disk (:mod:`procman._info_cache`) so that a
-later process skips the ``gguf``/numpy import for a file it has seen.
+file identity (path, device, inode, size, mtime, ctime) because the
+supervisor validates the same file on every spawn, and recorded on disk
+(:mod:`procman._info_cache`) so that a later process skips the
+``gguf``/numpy import for a file it has seen.
 """
 
 from __future__ import annotations
