@@ -28,39 +28,42 @@ client, load on first use.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
-from procman._ports import bind_listener, check_exposure, pick_free_port
-from procman.errors import (
-    AdmissionError,
-    ConfigError,
-    DaemonError,
-    LlamactlError,
-    ModelError,
-    PortInUseError,
-    ServerError,
-    StartupTimeout,
-)
-from procman.events import Event, EventBus, State, Subscription
-from procman.logs import follow, log_path, read_tail
-from procman.policy import Action, Decision, RestartPolicy
-from procman.spec import (
-    HealthSettings,
-    LogSettings,
-    RestartSettings,
-    ServerSpec,
-    default_name,
-    parse_gpu_layers,
-    resolve_model,
-)
-
+#: typing costs ~8 ms to import, paid by every `llamactl` run (the entry point is in this
+#: package); mypy treats this name as typing.TYPE_CHECKING
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
+    from procman._ports import bind_listener, check_exposure, pick_free_port
     from procman._request import ServeRequest, ServerInfo
     from procman._sync import Supervisor
     from procman.client import DaemonClient, DaemonStatus, connect
+    from procman.errors import (
+        AdmissionError,
+        ConfigError,
+        DaemonError,
+        LlamactlError,
+        ModelError,
+        PortInUseError,
+        ServerError,
+        StartupTimeout,
+    )
+    from procman.events import Event, EventBus, State, Subscription
+    from procman.logs import follow, log_path, read_tail
     from procman.model_file import ModelInfo, validate_model
+    from procman.policy import Action, Decision, RestartPolicy
     from procman.router import Router, RouterSettings
     from procman.server import ManagedServer
+    from procman.spec import (
+        HealthSettings,
+        LogSettings,
+        RestartSettings,
+        ServerSpec,
+        default_name,
+        parse_gpu_layers,
+        resolve_model,
+    )
     from procman.supervisor import Supervisor as AsyncSupervisor
 
 __all__ = [
@@ -106,30 +109,56 @@ __all__ = [
     "validate_model",
 ]
 
-#: public names whose modules import aiohttp, gguf or sockets: name -> (module, attribute)
+#: every public name -> (module, attribute), imported on first use: ``import procman``
+#: (and so the ``llamactl`` entry point, which lives in this package) costs nothing
 _LAZY = {
-    "AsyncSupervisor": ("procman.supervisor", "Supervisor"),
-    "DaemonClient": ("procman.client", "DaemonClient"),
-    "DaemonStatus": ("procman.client", "DaemonStatus"),
-    "ManagedServer": ("procman.server", "ManagedServer"),
-    "ModelInfo": ("procman.model_file", "ModelInfo"),
-    "Router": ("procman.router", "Router"),
-    "RouterSettings": ("procman.router", "RouterSettings"),
-    "ServeRequest": ("procman._request", "ServeRequest"),
-    "ServerInfo": ("procman._request", "ServerInfo"),
-    "Supervisor": ("procman._sync", "Supervisor"),
-    "connect": ("procman.client", "connect"),
-    "validate_model": ("procman.model_file", "validate_model"),
+    **dict.fromkeys(("bind_listener", "check_exposure", "pick_free_port"), "procman._ports"),
+    **dict.fromkeys(
+        (
+            "AdmissionError",
+            "ConfigError",
+            "DaemonError",
+            "LlamactlError",
+            "ModelError",
+            "PortInUseError",
+            "ServerError",
+            "StartupTimeout",
+        ),
+        "procman.errors",
+    ),
+    **dict.fromkeys(("Event", "EventBus", "State", "Subscription"), "procman.events"),
+    **dict.fromkeys(("follow", "log_path", "read_tail"), "procman.logs"),
+    **dict.fromkeys(("Action", "Decision", "RestartPolicy"), "procman.policy"),
+    **dict.fromkeys(
+        (
+            "HealthSettings",
+            "LogSettings",
+            "RestartSettings",
+            "ServerSpec",
+            "default_name",
+            "parse_gpu_layers",
+            "resolve_model",
+        ),
+        "procman.spec",
+    ),
+    **dict.fromkeys(("ServeRequest", "ServerInfo"), "procman._request"),
+    **dict.fromkeys(("DaemonClient", "DaemonStatus", "connect"), "procman.client"),
+    **dict.fromkeys(("ModelInfo", "validate_model"), "procman.model_file"),
+    **dict.fromkeys(("Router", "RouterSettings"), "procman.router"),
+    "ManagedServer": "procman.server",
+    "Supervisor": "procman._sync",
 }
+#: public names that differ from the attribute they stand for
+_RENAMED = {"AsyncSupervisor": ("procman.supervisor", "Supervisor")}
 
 
 def __getattr__(name: str) -> Any:
-    if target := _LAZY.get(name):
-        module, attribute = target
-        value = getattr(importlib.import_module(module), attribute)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'procman' has no attribute {name!r}")
+    module, attribute = _RENAMED.get(name) or (_LAZY.get(name, ""), name)
+    if not module:
+        raise AttributeError(f"module 'procman' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

@@ -23,10 +23,13 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from procman.errors import AdmissionError, ConfigError
 from procman.estimate import Estimate, MiB
+
+if TYPE_CHECKING:
+    from buildtools.hardware import GpuInfo
 
 __all__ = [
     "HOST_MARGIN_FRACTION",
@@ -47,6 +50,7 @@ __all__ = [
     "Verdict",
     "decide",
     "format_bytes",
+    "host_margin",
     "probe_machine",
     "resolve_budget",
 ]
@@ -105,17 +109,22 @@ def probe_machine(nvml: Any = None) -> MachineMemory:
     """psutil's memory figures and NVML's free VRAM; never raises."""
     import psutil
 
-    from buildtools.hardware.cuda import probe_nvidia_gpus
+    from buildtools._nvidia import NO_DRIVER, nvidia_driver_loaded
 
     vm = psutil.virtual_memory()
-    found = probe_nvidia_gpus(nvml)
-    gpus = found.gpus
+    gpus: tuple[GpuInfo, ...] = ()
+    reason = NO_DRIVER
+    if nvml is not None or nvidia_driver_loaded():  # else spare the hardware layer's import
+        from buildtools.hardware.cuda import probe_nvidia_gpus
+
+        found = probe_nvidia_gpus(nvml)
+        gpus, reason = found.gpus, found.reason
     return MachineMemory(
         total_bytes=int(vm.total),
         available_bytes=int(vm.available),
         vram_total_bytes=sum(g.memory_bytes or 0 for g in gpus) if gpus else None,
         vram_free_bytes=sum(g.memory_free_bytes or 0 for g in gpus) if gpus else None,
-        vram_reason=found.reason,
+        vram_reason=reason,
     )
 
 
@@ -129,14 +138,19 @@ class Budget:
     vram_reason: str = ""
 
 
+def host_margin(total_bytes: int) -> int:
+    """RAM an ``auto`` memory budget leaves to everything else on the machine."""
+    return max(int(total_bytes * HOST_MARGIN_FRACTION), HOST_MARGIN_MIN)
+
+
 def resolve_budget(memory: Size, vram: Size, machine: MachineMemory) -> Budget:
     """Turn budget settings into numbers, saying where each came from."""
-    host_margin = max(int(machine.total_bytes * HOST_MARGIN_FRACTION), HOST_MARGIN_MIN)
+    host_margin_bytes = host_margin(machine.total_bytes)
     if memory == "auto":
-        mem = max(machine.available_bytes - host_margin, 0)
+        mem = max(machine.available_bytes - host_margin_bytes, 0)
         mem_reason = (
             f"auto: {format_bytes(machine.available_bytes)} available "
-            f"- {format_bytes(host_margin)} margin"
+            f"- {format_bytes(host_margin_bytes)} margin"
         )
     elif memory is None:
         mem, mem_reason = None, "no memory budget"

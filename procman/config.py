@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 from procman._units import format_duration, parse_duration, parse_size
 from procman.errors import ConfigError
+from procman.scheduler import Order
 from procman.spec import DEMO_MODEL, GpuLayers, LogSettings, ServerSpec, resolve_model
 
 __all__ = [
@@ -50,15 +51,6 @@ __all__ = [
 ]
 
 Budget = int | Literal["auto"] | None
-
-
-class Order(StrEnum):
-    """Which waiting request a freed slot goes to."""
-
-    FIFO = "fifo"
-    """The oldest: fair, the usual choice."""
-    LIFO = "lifo"
-    """The newest: under overload, recent (still-watched) requests finish while old ones wait."""
 
 
 @dataclass(frozen=True, kw_only=True)

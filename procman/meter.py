@@ -77,7 +77,7 @@ class Meter:
             self._open_nvml(nvml)
 
     def _open_nvml(self, nvml: Any) -> None:
-        from buildtools.hardware.cuda import nvidia_driver_loaded
+        from buildtools._nvidia import nvidia_driver_loaded
 
         if nvml is None and not nvidia_driver_loaded():
             return  # skips importing pynvml and a failing nvmlInit (~10 ms at every start)

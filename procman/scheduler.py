@@ -20,12 +20,21 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
-from procman.config import Order
 from procman.errors import LlamactlError
 
-__all__ = ["ModelQueue", "QueueFullError", "QueueSettings", "Scheduler"]
+__all__ = ["ModelQueue", "Order", "QueueFullError", "QueueSettings", "Scheduler"]
+
+
+class Order(StrEnum):
+    """Which waiting request a freed slot goes to (a model's ``order`` in the config)."""
+
+    FIFO = "fifo"
+    """The oldest: fair, the usual choice."""
+    LIFO = "lifo"
+    """The newest: under overload, recent (still-watched) requests finish while old ones wait."""
 
 
 class QueueFullError(LlamactlError):

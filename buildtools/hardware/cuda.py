@@ -12,11 +12,10 @@ toolkit can target (CUDA 12 dropped compute capability < 5.0, CUDA 13 < 7.5).
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from buildtools._nvidia import NO_DRIVER, nvidia_driver_loaded
 from buildtools.hardware._model import Backend, BackendStatus, GpuInfo, Tool
 from buildtools.hardware._probe import BackendReport, ProbeContext, missing_build_tools
 
@@ -50,19 +49,6 @@ def _nvml_error(exc: Exception) -> str:
     return f"NVML failed: {exc}"
 
 
-def nvidia_driver_loaded() -> bool:
-    """False only where NVML certainly cannot work: Linux without the NVIDIA kernel module.
-
-    The module shows as /proc/driver/nvidia (in containers too); WSL2 has no
-    such module but reaches the Windows driver through /dev/dxg. Checking
-    first spares importing pynvml and a failing nvmlInit (~10 ms) on every
-    ``serve`` of a machine without an NVIDIA GPU.
-    """
-    if not sys.platform.startswith("linux"):
-        return True
-    return Path("/proc/driver/nvidia").exists() or Path("/dev/dxg").exists()
-
-
 def _load_nvml() -> Any:
     import pynvml
 
@@ -75,7 +61,7 @@ def probe_nvidia_gpus(nvml: Any = None) -> NvidiaGpus:
     ``nvml`` is the ``pynvml`` module or a fake with the same functions.
     """
     if nvml is None and not nvidia_driver_loaded():
-        return NvidiaGpus(reason="NVIDIA driver not loaded (no /proc/driver/nvidia)")
+        return NvidiaGpus(reason=NO_DRIVER)
     try:
         nvml = _load_nvml() if nvml is None else nvml
     except ImportError:

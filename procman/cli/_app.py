@@ -17,3 +17,8 @@ app = typer.Typer(
 #: stdout stays machine-readable
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps llamactl a command group when a run registers one command (see _commands)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from buildtools.errors import BuildError, LlamactlError, VerificationError
-from procman.cli import _commands  # noqa: F401 - registers every command on the app
 from procman.cli._app import app, console
+from procman.cli._commands import register
 from procman.errors import ServerError
 
 #: exit statuses; documented in the README
@@ -41,6 +42,7 @@ def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, level, logging.WARNING), format="%(name)s: %(message)s"
     )
+    register(sys.argv[1:] if argv is None else argv)
     try:
         # standalone mode: typer reports usage errors itself (exit 2) and
         # always ends in SystemExit; our own errors propagate to us untouched.

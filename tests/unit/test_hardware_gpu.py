@@ -422,7 +422,7 @@ def test_without_the_nvidia_kernel_module_nvml_is_not_even_loaded(
 
 
 def test_the_driver_check_only_decides_on_linux(monkeypatch: pytest.MonkeyPatch) -> None:
-    from buildtools.hardware import cuda
+    from buildtools import _nvidia
 
-    monkeypatch.setattr(cuda.sys, "platform", "darwin")
-    assert cuda.nvidia_driver_loaded()
+    monkeypatch.setattr(_nvidia.sys, "platform", "darwin")
+    assert _nvidia.nvidia_driver_loaded()
