@@ -24,7 +24,9 @@ from procman.bench import percentile  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 REPORT = ROOT / "bench" / "REPORT.md"
 HOST = "127.0.0.1"
-LLAMACTL = [sys.executable, "-m", "procman.cli"]
+#: the `llamactl` console script users run (pip puts it beside the interpreter), else the module
+_SCRIPT = Path(sys.executable).with_name("llamactl")
+LLAMACTL = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "procman.cli"]
 
 Section = dict[str, Any]
 
@@ -63,9 +65,9 @@ def diffs(a: Sequence[float], b: Sequence[float]) -> dict[str, float] | None:
 
 def cmdline(argv: Sequence[str | Path]) -> str:
     text = shlex.join(str(a) for a in argv)
-    return text.replace(str(Path.home()), "~").replace(
-        sys.executable + " -m procman.cli", "llamactl"
-    )
+    for launcher in (shlex.join(LLAMACTL), sys.executable + " -m procman.cli"):
+        text = text.replace(launcher, "llamactl")
+    return text.replace(str(Path.home()), "~")
 
 
 def stop(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
@@ -81,11 +83,17 @@ def stop(proc: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def launched(argv: Sequence[str | Path], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def launched(
+    argv: Sequence[str | Path], log: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as fh:
         proc = subprocess.Popen(
-            [str(a) for a in argv], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            [str(a) for a in argv],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=None if env is None else {**os.environ, **env},
         )
     try:
         yield proc

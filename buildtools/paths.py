@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["home", "write_json_atomic"]
+__all__ = ["home", "write_atomic", "write_json_atomic"]
 
 
 def home(env: Mapping[str, str] | None = None) -> Path:
@@ -32,16 +32,22 @@ def home(env: Mapping[str, str] | None = None) -> Path:
 
 
 def write_json_atomic(path: Path, doc: Any) -> None:
-    """Replace the small JSON record at *path* in one step (temporary file + rename).
+    """Replace the small JSON record at *path* in one step; see :func:`write_atomic`."""
+    write_atomic(path, json.dumps(doc).encode())
 
-    Readers in other processes see the old record or the new one, never half
-    of one; the temporary file is removed if writing fails. Raises OSError.
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace the file at *path* with *data* in one step (temporary file + rename).
+
+    Readers in other processes see the old content or the new one, never half
+    of it; the temporary file is removed if writing fails. The file is
+    readable by its owner only (``mkstemp``). Raises OSError.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

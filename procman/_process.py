@@ -24,50 +24,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import functools
 import logging
 import os
 import signal
 import subprocess
-import sys
-from collections.abc import Callable, Sequence
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from buildtools._runner import describe_exit
+from procman._pdeathsig import child_setup
 from procman.logs import LineTail, RotatingLog
 
-__all__ = ["Child", "describe_exit", "spawn", "terminate", "within"]
+if TYPE_CHECKING:
+    from procman._early import EarlyServer
+
+__all__ = ["Child", "adopt", "describe_exit", "spawn", "terminate", "within"]
 
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-@functools.cache
-def _prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        func: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return func
-
-
-def _child_setup() -> Callable[[], None] | None:
-    """The pre-exec hook that ties the child's life to ours (Linux only)."""
-    prctl = _prctl()  # resolved here, in the parent: the child only calls it
-    if prctl is None:
-        return None
-    parent = os.getpid()
-
-    def setup() -> None:
-        prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl: nobody will stop us
-            os._exit(1)
-
-    return setup
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -157,8 +130,73 @@ async def spawn(
         stderr=subprocess.STDOUT,
         start_new_session=True,
         # only prctl + getppid run between fork and exec (PLW1509 is not in our selection)
-        preexec_fn=_child_setup(),
+        preexec_fn=child_setup(),
     )
+
+
+class _PipeToChild(asyncio.Protocol):
+    """Feeds an adopted process's output pipe to its :class:`Child`."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+
+    def data_received(self, data: bytes) -> None:
+        self.child.pipe_data_received(1, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.child.connection_lost(exc)
+
+
+class _AdoptedTransport:
+    """What :func:`terminate` and the server use of a process transport, for an early process.
+
+    Its exit is seen through a pidfd (readable once the process exits) in the
+    event loop, so there is no thread and no waitpid on anything but its pid.
+    """
+
+    def __init__(self, early: EarlyServer, pipe: asyncio.ReadTransport | None) -> None:
+        self._early = early
+        self._pipe = pipe
+
+    def get_pid(self) -> int:
+        return self._early.process.pid
+
+    def get_returncode(self) -> int | None:
+        return self._early.process.returncode
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+        if self._early.pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._early.pidfd)
+            os.close(self._early.pidfd)
+            self._early.pidfd = -1
+
+
+async def adopt(
+    early: EarlyServer, sink: RotatingLog, tail: LineTail
+) -> tuple[asyncio.SubprocessTransport, Child]:
+    """Take over a process :mod:`procman._early` started: as :func:`spawn` returns, from then on.
+
+    Its output so far waited in its pipe and reaches ``sink`` first.
+    """
+    loop = asyncio.get_running_loop()
+    child = Child(sink, tail)
+    pipe = None
+    if early.process.stdout is not None:
+        pipe, _ = await loop.connect_read_pipe(lambda: _PipeToChild(child), early.process.stdout)
+    transport = _AdoptedTransport(early, pipe)
+    child.connection_made(cast("asyncio.BaseTransport", transport))
+    early.adopted = True
+
+    def check_exit() -> None:
+        if early.process.poll() is not None:
+            loop.remove_reader(early.pidfd)
+            child.process_exited()
+
+    loop.add_reader(early.pidfd, check_exit)
+    check_exit()  # it may have exited already
+    return cast("asyncio.SubprocessTransport", transport), child
 
 
 async def terminate(

@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from procman._ports import is_bind_failure, pick_free_port
-from procman._process import Child, describe_exit, spawn, terminate
+from procman._process import Child, adopt, describe_exit, spawn, terminate
 from procman.errors import ServerError, StartupTimeout
 from procman.events import Event, EventBus, State
 from procman.logs import LineTail, RotatingLog
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     import aiohttp
+
+    from procman._early import EarlyServer
 
 __all__ = ["ManagedServer"]
 
@@ -83,6 +85,7 @@ class ManagedServer:
         self._tail = LineTail(_TAIL_LINES)
         self._session: aiohttp.ClientSession | None = None
         self._recycle: asyncio.Future[str] | None = None
+        self._offered: EarlyServer | None = None
         self.restarts = 0
         self.last_reason = "not started"
         self.ready_since: float | None = None
@@ -195,8 +198,22 @@ class ManagedServer:
                 self._first.exception()  # mark retrieved: it is re-raised, or moot after a cancel
             raise
 
+    def offer(self, early: EarlyServer) -> None:
+        """A process started at launch (:mod:`procman._early`) for the next spawn to take.
+
+        The spawn adopts it only if its command line is exactly the one it
+        would run (after admission has set ``-ngl``) and it is still alive;
+        otherwise it is killed and the spawn goes ahead as usual.
+        """
+        if self._offered is not None:
+            self._offered.discard()
+        self._offered = early
+
     async def stop(self, reason: str = "stop requested") -> None:
         """SIGTERM the server's group, wait ``stop_grace``, SIGKILL it; idempotent."""
+        if self._offered is not None:  # never taken: the start did not get as far as spawning
+            self._offered.discard()
+            self._offered = None
         task = self._task
         if task is None or task.done():
             if not self._state.is_final:
@@ -279,9 +296,15 @@ class ManagedServer:
         """Spawn, run until the process ends or must be killed; always reaps it."""
         note = ""
         for _ in range(_BIND_ATTEMPTS):
-            port = self.spec.port if self.spec.port is not None else pick_free_port(self.spec.host)
+            early = self._take_offer()
+            if early is not None:
+                port = early.port
+            elif self.spec.port is not None:
+                port = self.spec.port
+            else:
+                port = pick_free_port(self.spec.host)
             try:
-                transport, child = await self._spawn(port, note)
+                transport, child = await self._spawn(port, note, early)
             except OSError as exc:
                 return _End.EXITED, f"cannot run {self.spec.binary}: {exc.strerror or exc}"
             try:
@@ -299,12 +322,29 @@ class ManagedServer:
             log.info("%s: port %d taken before llama-server bound it; retrying", self.name, port)
         return _End.EXITED, f"could not bind a free port in {_BIND_ATTEMPTS} attempts"
 
-    async def _spawn(self, port: int, note: str) -> tuple[asyncio.SubprocessTransport, Child]:
+    def _take_offer(self) -> EarlyServer | None:
+        early, self._offered = self._offered, None
+        if early is None:
+            return None
+        if early.argv != self.spec.argv(early.port) or early.process.poll() is not None:
+            early.discard()  # started for another command line, or already dead
+            return None
+        return early
+
+    async def _spawn(
+        self, port: int, note: str, early: EarlyServer | None = None
+    ) -> tuple[asyncio.SubprocessTransport, Child]:
         argv = self.spec.argv(port)
         self._tail.clear()
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
-        self._log.write(f"\n--- llamactl {stamp}: {shlex.join(argv)}\n".encode())
-        transport, child = await spawn(argv, self._log, self._tail)
+        if early is not None:
+            age = time.monotonic() - early.started
+            note = f" (started at launch, adopted {age * 1000:.0f} ms later){note}"
+        self._log.write(f"\n--- llamactl {stamp}: {shlex.join(argv)}{note}\n".encode())
+        if early is not None:
+            transport, child = await adopt(early, self._log, self._tail)
+        else:
+            transport, child = await spawn(argv, self._log, self._tail)
         self._pid, self._port = transport.get_pid(), port
         self._set(State.STARTING, f"spawned pid {self._pid} on port {port}{note}")
         return transport, child

@@ -13,6 +13,13 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns (and, as a console script, exits with) the status."""
+    import sys
+
+    if argv is None and sys.argv[1:2] == ["serve"]:
+        # before typer, rich and asyncio load: see procman._early
+        from procman import _early
+
+        _early.start(sys.argv[2:])
     from procman.cli._main import run
 
     return run(argv)

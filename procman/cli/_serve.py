@@ -30,6 +30,7 @@ import typer
 from rich.markup import escape
 
 from buildtools.errors import LlamactlError
+from procman import _early
 from procman._loop import run as run_loop
 from procman.cli._app import app, console, out
 from procman.cli._progress import BuildProgressView
@@ -38,6 +39,7 @@ from procman.errors import AdmissionError, ServerError
 if TYPE_CHECKING:
     from procman.config import ServePlan
     from procman.events import Event
+    from procman.router import Router
     from procman.spec import ServerSpec
     from procman.supervisor import Supervisor
 
@@ -109,6 +111,8 @@ def serve(
     from procman.model_file import validate_model
     from procman.spec import ServerSpec, default_name, parse_gpu_layers, resolve_model
 
+    if config is not None or daemon:
+        _early.discard()  # nothing to adopt it
     extra = list(context.args)
     if model is not None and model.startswith("-"):  # `serve -- -fa on`: click gives -fa to MODEL
         extra.insert(0, model)
@@ -166,7 +170,10 @@ def serve(
         console.print(f"[bold]{escape(spec.name)}[/]: {escape(str(model_path))} ({escape(kind)})")
         binary, why = escape(str(resolved.binary)), escape(resolved.reason)
         console.print(f"[dim]llama-server:[/] {binary} [dim]({why})[/]")
-        failure = run_loop(_serve(spec, listener, api_key))
+        try:
+            failure = run_loop(_serve(spec, listener, api_key))
+        finally:
+            _early.discard()  # unless adopted: the start may have ended before its spawn
     if failure is not None:
         raise ServerError(failure.reason, log_tail=failure.log_tail, hint=f"log: {spec.log_path}")
 
@@ -241,11 +248,9 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
     router = Router(supervisor, RouterSettings(api_key=plan.server.api_key), scheduler=scheduler)
     try:
         await router.start(listener)
-        host, port = router.address or ("?", 0)
-        url = f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
         names = ", ".join(m.spec.name for m in plan.models)
         console.print(
-            f"[bold green]serving[/] {escape(names)} at [bold]{url}[/] "
+            f"[bold green]serving[/] {escape(names)} at [bold]{_url(router)}[/] "
             "[dim](each model starts on its first request; Ctrl-C stops)[/]"
         )
         await stop.wait()
@@ -255,6 +260,11 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     console.print("stopped")
+
+
+def _url(router: Router) -> str:
+    host, port = router.address or ("?", 0)
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
 
 
 def _print_budget(supervisor: Supervisor) -> None:
@@ -335,7 +345,9 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
     started = time.monotonic()
     router = None
     try:
-        supervisor.add(spec, validate=False)  # validated before the port was bound
+        server = supervisor.add(spec, validate=False)  # validated before the port was bound
+        if (early := _early.take()) is not None:
+            server.offer(early)  # adopted if it runs exactly what the checks below decide
         # through the supervisor: the -ngl choice (printed as an event) and admission
         starting = asyncio.ensure_future(supervisor.load(spec.name))
         # The model loads while the router is imported and started (~150 ms of
@@ -356,11 +368,11 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
         elif isinstance(refused := starting.exception(), AdmissionError):
             raise refused  # `main` prints it with its numbers and exits 1
         elif starting.exception() is None:
-            host, port = router.address or ("?", 0)
-            url = f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+            _remember_launch(supervisor, spec.name, listener)
             console.print(
                 f"[bold green]ready[/] in {time.monotonic() - started:.1f} s: "
-                f"model [bold]{escape(spec.name)}[/] at [bold]{url}[/]  [dim](Ctrl-C stops)[/]"
+                f"model [bold]{escape(spec.name)}[/] at [bold]{_url(router)}[/]  "
+                "[dim](Ctrl-C stops)[/]"
             )
             until: set[asyncio.Future[Any]] = {stopping, failed}
             await asyncio.wait(until, return_when=asyncio.FIRST_COMPLETED)
@@ -375,6 +387,28 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
         return failed.result()
     console.print("stopped")
     return None
+
+
+def _remember_launch(supervisor: Supervisor, name: str, listener: socket.socket) -> None:
+    """Record what was spawned, for the next identical `serve` to start early (procman._early)."""
+    from procman._limits import is_cuda_build
+    from procman.budget import host_margin
+
+    server = supervisor.servers[name]
+    held = supervisor.limits.ledger.held().get(name)
+    if server.port is None or held is None:
+        return
+    public = listener.getsockname()
+    _early.remember(
+        argv=server.spec.argv(server.port),
+        port=server.port,
+        host=server.spec.host,
+        model=str(server.spec.model),
+        binary=str(server.spec.binary),
+        public=(str(public[0]), int(public[1])),
+        min_available=held[0] + host_margin(supervisor.limits.machine.total_bytes),
+        cuda=is_cuda_build(server.spec.binary),
+    )
 
 
 @app.command()

@@ -1,0 +1,49 @@
+"""The pre-exec hook that ties a child's life to ours (Linux), importable at launch.
+
+Kept apart from :mod:`procman._process` (asyncio, logging) because
+:mod:`procman._early` spawns llama-server before anything heavy is imported.
+See :mod:`procman._process` for what each OS gets.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+__all__ = ["child_setup"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        func: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return func
+
+
+def child_setup() -> Callable[[], None] | None:
+    """A ``preexec_fn``: SIGKILL for the child when this thread dies (None off Linux).
+
+    The child re-checks ``getppid()`` right after ``prctl``, closing the race
+    in which the parent dies between ``fork`` and ``prctl``.
+    """
+    prctl = _prctl()  # resolved here, in the parent: the child only calls it
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def setup() -> None:
+        prctl(_PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will stop us
+            os._exit(1)
+
+    return setup
