@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import aiohttp
 from aiohttp import web
 
+from procman import _relay
 from procman._ports import check_exposure
 from procman.errors import AdmissionError, LlamactlError
 from procman.events import State
@@ -113,6 +114,11 @@ class RouterSettings:
     """Upstream connections kept open across all servers."""
     shutdown_timeout: float = 2.0
     """Seconds in-flight requests get to finish when the router stops."""
+
+
+def _forwarded(request: web.Request) -> list[tuple[str, str]]:
+    """The client's headers that go on to llama-server."""
+    return [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
 
 
 def _error(
@@ -248,8 +254,8 @@ class Router:
         ]  # fmt: skip
         return web.json_response({"object": "list", "data": data})
 
-    def _pick(self, body: bytes) -> Upstream | web.Response:
-        """The upstream a request body names, or the error response to send instead."""
+    def _pick(self, body: bytes) -> tuple[Upstream, bool] | web.Response:
+        """The upstream a request body names and whether it asks for a stream, or the error."""
         try:
             payload: Any = json.loads(body) if body else {}
         except ValueError:
@@ -264,13 +270,14 @@ class Router:
             what = f"model {model!r} is not served" if model else "several models are served"
             message = f"{what} (available: {names})"
             return _error(404, message, "invalid_request_error", "model_not_found")
-        return upstream
+        return upstream, payload.get("stream") is True
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        upstream = self._pick(body)
-        if isinstance(upstream, web.Response):
-            return upstream
+        picked = self._pick(body)
+        if isinstance(picked, web.Response):
+            return picked
+        upstream, streamed = picked
         async with AsyncExitStack() as stack:
             if self.loader is not None:
                 await stack.enter_async_context(self.loader.using(upstream.name))
@@ -293,11 +300,13 @@ class Router:
                 except LlamactlError as exc:
                     message = f"model {upstream.name!r} could not be loaded: {exc.message}"
                     return _error(503, message, "server_error", "model_failed")
-            return await self._forward(request, upstream, body)
+            # streams go through as the bytes llama-server writes (HTTP/1.1 clients: chunked)
+            raw = streamed and request.version >= (1, 1)
+            return await self._forward(request, upstream, body, raw=raw)
         raise AssertionError("unreachable")  # pragma: no cover  # mypy: the stack may swallow
 
     async def _forward(
-        self, request: web.Request, upstream: Upstream, body: bytes
+        self, request: web.Request, upstream: Upstream, body: bytes, *, raw: bool = False
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.ready_timeout
@@ -307,15 +316,21 @@ class Router:
             if not ready or upstream.url is None:
                 return self._unavailable(upstream)
             try:
+                if raw:
+                    answer = await _relay.open_stream(
+                        upstream.url, str(request.rel_url), _forwarded(request), body,
+                        connect_timeout=self.settings.connect_timeout,
+                    )  # fmt: skip
+                    return await _relay.relay(request, answer, _HOP_BY_HOP)
                 response = await self._send(request, upstream.url, body)
-            except aiohttp.ClientConnectorError:
+            except (aiohttp.ClientConnectorError, ConnectionRefusedError, TimeoutError):
                 # nothing reached the server (it died after we saw it ready):
                 # safe to send again once the supervisor has restarted it
                 if loop.time() >= deadline:
                     return self._unavailable(upstream)
                 await asyncio.sleep(_RETRY_CONNECT_DELAY)
                 continue
-            except aiohttp.ClientConnectionError as exc:
+            except (aiohttp.ClientConnectionError, _relay.UpstreamHungUp) as exc:
                 # the connection broke before any answer: usually a pooled
                 # keep-alive connection to a server that has just died. Sent
                 # once more, never twice: a request that itself crashes the
@@ -326,7 +341,7 @@ class Router:
                 resent = True
                 await asyncio.sleep(_RETRY_CONNECT_DELAY)
                 continue
-            except aiohttp.ClientError as exc:
+            except (aiohttp.ClientError, OSError, ValueError) as exc:
                 message = f"model {upstream.name!r} failed: {exc}"
                 return _error(502, message, "server_error", "upstream_error")
             return await self._relay(request, response)
@@ -347,7 +362,7 @@ class Router:
     async def _send(self, request: web.Request, base: str, body: bytes) -> aiohttp.ClientResponse:
         if self._session is None:
             raise RuntimeError("the router's client session opens when the app starts")
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers = dict(_forwarded(request))
         headers["Accept-Encoding"] = "identity"
         return await self._session.post(f"{base}{request.rel_url}", data=body, headers=headers)
 

@@ -142,6 +142,12 @@ async def serve(fleet: FakeFleet, **settings: object) -> tuple[Router, str]:
     return router, f"http://127.0.0.1:{router.address[1]}"
 
 
+@pytest.fixture(params=[False, True], ids=["aiohttp-relay", "raw-stream-relay"])
+def stream(request: pytest.FixtureRequest) -> dict[str, bool]:
+    """Merged into request bodies: ``"stream": true`` takes the router's raw relay."""
+    return {"stream": True} if request.param else {}
+
+
 @pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -149,17 +155,18 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def test_forwards_the_body_verbatim_without_our_auth_header(
-    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession, stream: dict[str, bool]
 ) -> None:
     seen, url = upstream
     router, base = await serve(FakeFleet(ready("demo", url)), api_key="k")
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], **stream}
     try:
         async with client.post(
             f"{base}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}
         ) as resp:
             assert resp.status == 200
             assert await resp.json() == {"path": "/v1/chat/completions", "echo": body}
+            assert len(resp.headers.getall("Content-Type")) == 1
     finally:
         await router.stop()
     _, sent_headers, raw = seen.requests[0]
@@ -168,12 +175,14 @@ async def test_forwards_the_body_verbatim_without_our_auth_header(
 
 
 async def test_streams_chunk_by_chunk(
-    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession, stream: dict[str, bool]
 ) -> None:
     seen, url = upstream
     router, base = await serve(FakeFleet(ready("demo", url)))
     try:
-        async with client.post(f"{base}/v1/chat/completions", json={"mode": "hold"}) as resp:
+        async with client.post(
+            f"{base}/v1/chat/completions", json={"mode": "hold", **stream}
+        ) as resp:
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
             assert first == b'data: {"n": 1}\n\n'  # here while the upstream still holds chunk 2
@@ -182,15 +191,18 @@ async def test_streams_chunk_by_chunk(
             assert rest.endswith(b"data: [DONE]\n\n")
     finally:
         await router.stop()
+    # the raw relay opens a connection per stream; aiohttp's pool keeps them alive
+    _, sent_headers, _ = seen.requests[0]
+    assert (sent_headers.get("Connection") == "close") == bool(stream)
 
 
 async def test_leaving_mid_stream_closes_the_upstream_request(
-    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession, stream: dict[str, bool]
 ) -> None:
     seen, url = upstream
     router, base = await serve(FakeFleet(ready("demo", url)))
     try:
-        resp = await client.post(f"{base}/v1/chat/completions", json={"mode": "forever"})
+        resp = await client.post(f"{base}/v1/chat/completions", json={"mode": "forever", **stream})
         await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
         resp.close()  # the client hangs up
         await asyncio.wait_for(seen.gone.wait(), 5)
@@ -199,7 +211,7 @@ async def test_leaving_mid_stream_closes_the_upstream_request(
 
 
 async def test_leaving_before_any_answer_closes_the_upstream_request(
-    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession, stream: dict[str, bool]
 ) -> None:
     seen, url = upstream
     router, base = await serve(FakeFleet(ready("demo", url)))
@@ -207,7 +219,7 @@ async def test_leaving_before_any_answer_closes_the_upstream_request(
         with pytest.raises(TimeoutError):
             async with client.post(
                 f"{base}/v1/completions",
-                json={"mode": "silent"},
+                json={"mode": "silent", **stream},
                 timeout=aiohttp.ClientTimeout(total=0.3),
             ) as resp:
                 await resp.read()
@@ -217,7 +229,7 @@ async def test_leaving_before_any_answer_closes_the_upstream_request(
 
 
 async def test_waits_for_a_starting_server(
-    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession, stream: dict[str, bool]
 ) -> None:
     _, url = upstream
     starting = FakeServer("demo")
@@ -231,7 +243,9 @@ async def test_waits_for_a_starting_server(
 
     loader = asyncio.create_task(load())
     try:
-        async with client.post(f"{base}/v1/chat/completions", json={"messages": []}) as resp:
+        async with client.post(
+            f"{base}/v1/chat/completions", json={"messages": [], **stream}
+        ) as resp:
             assert resp.status == 200
     finally:
         await loader
@@ -263,7 +277,7 @@ async def test_failed_server_is_503_with_its_reason(client: aiohttp.ClientSessio
 
 
 async def test_connection_refused_is_retried_until_restarted(
-    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession, stream: dict[str, bool]
 ) -> None:
     from procman._ports import pick_free_port
 
@@ -279,7 +293,9 @@ async def test_connection_refused_is_retried_until_restarted(
 
     restarter = asyncio.create_task(restart())
     try:
-        async with client.post(f"{base}/v1/chat/completions", json={"messages": []}) as resp:
+        async with client.post(
+            f"{base}/v1/chat/completions", json={"messages": [], **stream}
+        ) as resp:
             assert resp.status == 200
     finally:
         await restarter
@@ -287,16 +303,20 @@ async def test_connection_refused_is_retried_until_restarted(
 
 
 async def test_a_connection_lost_before_any_answer_is_sent_once_more(
-    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession, stream: dict[str, bool]
 ) -> None:
     seen, url = upstream
     router, base = await serve(FakeFleet(ready("demo", url)))
     try:
-        async with client.post(f"{base}/v1/completions", json={"mode": "hangup-1"}) as resp:
+        async with client.post(
+            f"{base}/v1/completions", json={"mode": "hangup-1", **stream}
+        ) as resp:
             assert resp.status == 200
             assert await resp.json() == {"attempt": 2}
         seen.requests.clear()
-        async with client.post(f"{base}/v1/completions", json={"mode": "hangup-9"}) as resp:
+        async with client.post(
+            f"{base}/v1/completions", json={"mode": "hangup-9", **stream}
+        ) as resp:
             assert resp.status == 502  # never a third time: it could be the request's fault
             assert (await resp.json())["error"]["code"] == "upstream_error"
         assert len(seen.requests) == 2
@@ -305,12 +325,12 @@ async def test_a_connection_lost_before_any_answer_is_sent_once_more(
 
 
 async def test_upstream_dying_mid_stream_is_not_a_clean_end(
-    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession, stream: dict[str, bool]
 ) -> None:
     _, url = upstream
     router, base = await serve(FakeFleet(ready("demo", url)))
     try:
-        async with client.post(f"{base}/v1/completions", json={"mode": "broken"}) as resp:
+        async with client.post(f"{base}/v1/completions", json={"mode": "broken", **stream}) as resp:
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()
     finally:

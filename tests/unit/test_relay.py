@@ -1,0 +1,154 @@
+"""procman._relay's parts: chunk framing, the answer's head, backpressure (no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from procman._relay import ChunkScanner, Head, _Answer
+
+EVENTS = [b'data: {"n": 1}\n\n', b'data: {"n": 22}\n\n' * 20, b"data: [DONE]\n\n"]
+
+
+def chunked(*pieces: bytes, ext: bytes = b"") -> bytes:
+    return b"".join(b"%x%s\r\n%s\r\n" % (len(p), ext, p) for p in pieces) + b"0\r\n\r\n"
+
+
+def scan(wire: bytes, cuts: list[int]) -> tuple[bytes, bool]:
+    scanner, out, last = ChunkScanner(), [], 0
+    for cut in [*cuts, len(wire)]:
+        out.append(scanner.feed(wire[last:cut]))
+        last = cut
+    return b"".join(out), scanner.done
+
+
+def test_one_chunk_per_read_passes_through_uncopied() -> None:
+    scanner = ChunkScanner()
+    read = b"11\r\n" + EVENTS[0] + b"\r\n"
+    assert scanner.feed(read) is read
+    assert not scanner.done
+
+
+@pytest.mark.parametrize("ext", [b"", b";name=value"])
+def test_every_split_gives_the_body_up_to_the_terminal_chunk(ext: bytes) -> None:
+    wire = chunked(*EVENTS, ext=ext)
+    body = wire[: -len(b"0\r\n\r\n")]
+    for cut in range(len(wire) + 1):
+        assert scan(wire, [cut]) == (body, True), cut
+    for a in range(0, len(wire), 7):  # two cuts: pieces inside size lines and CRLFs
+        for b in range(a, len(wire), 5):
+            assert scan(wire, [a, b]) == (body, True), (a, b)
+    assert scan(wire, list(range(1, len(wire)))) == (body, True)  # a byte at a time
+
+
+def test_nothing_after_the_terminal_chunk_is_passed_on() -> None:
+    scanner = ChunkScanner()
+    assert scanner.feed(b"3\r\nabc\r\n0\r\n\r\nextra") == b"3\r\nabc\r\n"
+    assert scanner.done
+    assert scanner.feed(b"more") == b""
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\n", b"-1\r\n", b"1_0\r\n", b"\r\n", b"x" * 2000])
+def test_framing_llama_server_would_not_write_is_refused(bad: bytes) -> None:
+    with pytest.raises(ValueError):
+        ChunkScanner().feed(bad)
+
+
+def test_a_head_is_parsed() -> None:
+    head = Head.parse(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+        b"Transfer-Encoding: chunked\r\nX-Odd:  spaced  "
+    )
+    assert (head.status, head.reason, head.chunked, head.length) == (200, "OK", True, None)
+    assert head.headers[-1] == ("X-Odd", "spaced")
+    error = Head.parse(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 52")
+    assert (error.status, error.chunked, error.length) == (400, False, 52)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"SPDY 200 OK", b"HTTP/1.1 abc", b"HTTP/1.1 200 OK\r\nno colon", b"HTTP/1.1 200\r\n x: y"],
+)
+def test_a_head_that_does_not_parse_is_refused(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        Head.parse(raw)
+
+
+class FakeTransport:
+    """A transport that records what the relay does with it."""
+
+    def __init__(self, buffered: int = 0) -> None:
+        self.written: list[bytes] = []
+        self.buffered = buffered
+        self.paused = False
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.closing = True
+
+
+def answer_with_head() -> tuple[_Answer, FakeTransport]:
+    answer = _Answer(asyncio.get_running_loop())
+    upstream = FakeTransport()
+    answer.connection_made(upstream)  # type: ignore[arg-type]
+    answer.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    return answer, upstream
+
+
+async def test_the_body_waits_for_the_client_then_flows() -> None:
+    answer, _ = answer_with_head()
+    client = FakeTransport()
+    answer.attach(client)  # type: ignore[arg-type]
+    answer.data_received(b"2\r\nde\r\n0\r\n\r\n")
+    assert client.written == [b"3\r\nabc\r\n", b"2\r\nde\r\n"]
+    assert answer.done.done()
+
+
+async def test_a_slow_client_pauses_llama_server_until_it_drains() -> None:
+    answer, upstream = answer_with_head()
+    client = FakeTransport(buffered=1 << 20)
+    answer.attach(client)  # type: ignore[arg-type]
+    assert upstream.paused
+    await asyncio.sleep(0.03)
+    assert upstream.paused  # still full
+    client.buffered = 0
+    await asyncio.sleep(0.03)
+    assert not upstream.paused
+
+
+async def test_a_client_gone_aborts_the_upstream_connection() -> None:
+    answer, upstream = answer_with_head()
+    client = FakeTransport()
+    client.closing = True
+    answer.attach(client)  # type: ignore[arg-type]
+    assert upstream.aborted  # llama-server sees the socket go and frees the slot
+    with pytest.raises(ConnectionResetError):
+        await answer.done
+
+
+async def test_llama_server_breaking_off_is_an_error_not_an_end() -> None:
+    answer, _ = answer_with_head()
+    answer.attach(FakeTransport())  # type: ignore[arg-type]
+    answer.connection_lost(None)
+    with pytest.raises(ConnectionResetError):
+        await answer.done
