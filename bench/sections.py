@@ -185,6 +185,53 @@ class Targets:
         self.stack.close()
 
 
+#: streamed rounds per path: the per-sample noise here is ~+-7%, and the median ratio of n
+#: rounds is known to ~+-9%/sqrt(n), so 1% needs many
+STREAM_ROUNDS = 48
+
+
+def _cpu_seconds(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _per_token(samples: list[float]) -> str:
+    # each sample is quantised to 10 ms of CPU over ~128 tokens: the mean, not the median
+    if not samples:
+        return "not measured"
+    return f"{sum(samples) / len(samples):.0f} µs (n={len(samples)})"
+
+
+async def _streaming(
+    session: aiohttp.ClientSession, targets: Targets, labels: list[str], quick: bool, budget: float
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Streamed tokens/s per path, and the front process's CPU per token."""
+    stream: dict[str, list[float]] = {k: [] for k in labels}
+    # CPU of the process in front of llama-server (llamactl serve; llama.cpp's
+    # router process, its model server excluded), per streamed token
+    front = {k: psutil.Process(targets.procs[k].pid) for k in labels if k != "direct"}
+    cpu: dict[str, list[float]] = {k: [] for k in front}
+    # per-sample noise is ~+-7% on 2 cores: a 1% effect needs many rounds
+    tokens, rounds = (64, 6) if quick else (128, STREAM_ROUNDS)
+    case = BenchCase(name="stream", prompt="Tell me a story.", max_tokens=tokens)
+    until = time.monotonic() + 4 * budget
+    for i in range(rounds):
+        if i and time.monotonic() > until:
+            break
+        for label in labels[i % 3 :] + labels[: i % 3]:
+            url, name = targets.urls[label], targets.models[label]
+            before = _cpu_seconds(front.get(label))
+            sample = await stream_case(session, url, case, model=name)
+            if sample.tokens_per_s:
+                stream[label].append(sample.tokens_per_s)
+            if label in front and sample.tokens:
+                spent = _cpu_seconds(front[label]) - before
+                cpu[label].append(1e6 * spent / sample.tokens)
+    return stream, cpu
+
+
 async def _router_overhead(binary: Path, model: Path, work: Path, quick: bool) -> Section:
     n_seq = 30 if quick else 100
     clients, per_client, blocks = 16, (2 if quick else 4), (1 if quick else 2)
@@ -223,19 +270,7 @@ async def _router_overhead(binary: Path, model: Path, work: Path, quick: bool) -
                     rate[label].append(clients * per_client / (time.perf_counter() - t0))
                     conc[label] += [x for one in lat for x in one]
 
-            stream: dict[str, list[float]] = {k: [] for k in labels}
-            # per-sample noise is ~+-7% on 2 cores: a 1% effect needs many rounds
-            tokens, rounds = (64, 6) if quick else (128, 24)
-            case = BenchCase(name="stream", prompt="Tell me a story.", max_tokens=tokens)
-            until = time.monotonic() + 2 * budget
-            for i in range(rounds):
-                if i and time.monotonic() > until:
-                    break
-                for label in labels[i % 3 :] + labels[: i % 3]:
-                    url, name = targets.urls[label], targets.models[label]
-                    sample = await stream_case(session, url, case, model=name)
-                    if sample.tokens_per_s:
-                        stream[label].append(sample.tokens_per_s)
+            stream, cpu = await _streaming(session, targets, labels, quick, budget)
         finally:
             targets.close()
     d = "direct"
@@ -253,6 +288,7 @@ async def _router_overhead(binary: Path, model: Path, work: Path, quick: bool) -
                 fmt(spread(stream[label]), " t/s")
                 if label == d
                 else fmt(ratios(stream[d], stream[label]), "x", 3),
+                "-" if label == d else _per_token(cpu[label]),
             ]
         )
     return {
@@ -265,9 +301,16 @@ async def _router_overhead(binary: Path, model: Path, work: Path, quick: bool) -
             f"{clients} concurrent clients",
             "throughput (ratio vs direct)",
             "streamed tokens/s (ratio vs direct)",
+            "CPU of the front process per streamed token",
         ],
         "rows": rows,
-        "raw": {"sequential_ms": seq, "concurrent_ms": conc, "req_per_s": rate, "stream": stream},
+        "raw": {
+            "sequential_ms": seq,
+            "concurrent_ms": conc,
+            "req_per_s": rate,
+            "stream": stream,
+            "front_cpu_us_per_token": cpu,
+        },
         "notes": [
             "Each request is a non-streamed chat completion with max_tokens=1 and prompt 'Hi' "
             "(prompt cache on, as for any client), sent on a fresh loopback connection; the "
@@ -277,7 +320,9 @@ async def _router_overhead(binary: Path, model: Path, work: Path, quick: bool) -
             "servers and the llamactl router for CPU.",
             "'added vs direct' is the per-round difference (path - direct): median [p10-p90].",
             "Streaming: 128 tokens (64 with --quick), ignore_eos, tokens/s after the first "
-            "token, 24 interleaved rounds (6), ratio per round.",
+            f"token, {STREAM_ROUNDS} interleaved rounds (6), ratio per round. CPU per token: "
+            "user+system seconds of the process in front of llama-server (psutil, 10 ms "
+            "ticks: the total over all rounds / all tokens), llama-server's own excluded.",
             "Every llama-server runs with the arguments llamactl gives its own (`--cache-ram 0`):"
             " the comparison is of the paths in front of the same server.",
         ],

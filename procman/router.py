@@ -31,7 +31,7 @@ from procman import _relay
 from procman._ports import check_exposure
 from procman.errors import AdmissionError, LlamactlError
 from procman.events import State
-from procman.scheduler import QueueFullError, Scheduler
+from procman.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
 
 if TYPE_CHECKING:
     from procman.metrics import Snapshot
@@ -52,6 +52,8 @@ _HOP_BY_HOP = frozenset(
     }
 )  # fmt: skip
 _RETRY_CONNECT_DELAY = 0.05
+#: requests that may wait for a model whose queue is not configured (then: 429)
+DEFAULT_QUEUE = 1024
 
 
 class Upstream(Protocol):
@@ -67,6 +69,8 @@ class Upstream(Protocol):
     def url(self) -> str | None: ...
     @property
     def last_reason(self) -> str: ...
+    @property
+    def slots(self) -> int: ...
     async def wait_ready(self, timeout: float | None = None) -> bool: ...  # noqa: ASYNC109
 
 
@@ -281,14 +285,14 @@ class Router:
         async with AsyncExitStack() as stack:
             if self.loader is not None:
                 await stack.enter_async_context(self.loader.using(upstream.name))
-            if (queue := self.scheduler.queue(upstream.name)) is not None:
-                try:
-                    await stack.enter_async_context(queue.slot())
-                except QueueFullError as exc:
-                    retry = str(self.settings.retry_after)
-                    return _error(
-                        429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry}
-                    )
+            queue = self.scheduler.queue(upstream.name) or self._default_queue(upstream)
+            try:
+                await stack.enter_async_context(queue.slot())
+            except QueueFullError as exc:
+                retry = str(self.settings.retry_after)
+                return _error(
+                    429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry}
+                )
             if self.loader is not None and self.loader.on_demand(upstream.name):
                 try:
                     await self.loader.load(upstream.name)
@@ -304,6 +308,20 @@ class Router:
             raw = streamed and request.version >= (1, 1)
             return await self._forward(request, upstream, body, raw=raw)
         raise AssertionError("unreachable")  # pragma: no cover  # mypy: the stack may swallow
+
+    def _default_queue(self, upstream: Upstream) -> ModelQueue:
+        """Requests for a model without a configured queue: FIFO, slots + 2 in flight.
+
+        Two more than llama-server's slots, so that a freed slot never waits
+        for the router's hand-over; not more, because every connection pins
+        one of llama-server's HTTP threads between requests (keep-alive, 5 s)
+        and it has only slots + 4 of them for sure: cpp-httplib's pool does
+        not start another while one is counted idle, so a burst of new
+        connections could wait those 5 s (seen here: 16 concurrent clients on
+        `serve MODEL` stalled for 5.5 s, never when calling llama-server).
+        """
+        settings = QueueSettings(slots=upstream.slots + 2, maxsize=DEFAULT_QUEUE)
+        return self.scheduler.add(upstream.name, settings)
 
     async def _forward(
         self, request: web.Request, upstream: Upstream, body: bytes, *, raw: bool = False

@@ -112,6 +112,10 @@ class ManagedServer:
         return self._port
 
     @property
+    def slots(self) -> int:
+        return self.spec.slots
+
+    @property
     def url(self) -> str | None:
         """Base URL of the private server while a process is running."""
         if self._port is None:

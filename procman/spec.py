@@ -34,6 +34,9 @@ GpuLayers = int | Literal["auto", "all"]
 
 _CACHE_RAM = frozenset({"--cache-ram", "-cram"})
 _CACHE_RAM_DEFAULT_MIB = 8192  # llama-server's own default for --cache-ram
+_PARALLEL = frozenset({"--parallel", "-np"})
+#: the slots llama-server gives itself when -np is not given (or is -1: "auto")
+SERVER_DEFAULT_SLOTS = 4
 _MIB = 1024 * 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -176,6 +179,18 @@ class ServerSpec:
         if mib is None or mib < 0:  # llama-server's default, or -1 = no limit: count the default
             return _CACHE_RAM_DEFAULT_MIB * _MIB
         return mib * _MIB
+
+    @property
+    def slots(self) -> int:
+        """Requests llama-server decodes at once: ``-np`` from ``parallel`` or the extra args."""
+        slots = self.parallel
+        args = list(self.extra_args)
+        for i, arg in enumerate(args):  # the last one given wins, as in llama-server
+            flag, eq, value = arg.partition("=")
+            if flag in _PARALLEL:
+                text = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+                slots = int(text) if text.lstrip("-").isdigit() else slots
+        return slots if slots is not None and slots > 0 else SERVER_DEFAULT_SLOTS
 
     def argv(self, port: int) -> list[str]:
         """The llama-server command line for a server listening on ``port``."""

@@ -35,6 +35,7 @@ class FakeServer:
     aliases: tuple[str, ...] = ()
     state: State = State.STARTING
     last_reason: str = "spawned"
+    slots: int = 4
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def become(self, state: State, url: str | None = None) -> None:
@@ -433,3 +434,28 @@ def test_supervisor_finds_servers_by_name_and_alias(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already served"):
         supervisor.add(spec("c", "b"))
     assert only.state is State.STOPPED
+
+
+async def test_in_flight_requests_are_bounded_by_the_servers_slots(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    # an unconfigured model still gets a queue: slots + 2 in flight, the rest wait in order
+    seen, url = upstream
+    server = ready("demo", url)
+    server.slots = 1
+    router, base = await serve(FakeFleet(server))
+
+    async def one() -> bytes:
+        async with client.post(f"{base}/v1/completions", json={"mode": "hold"}) as resp:
+            return await resp.read()
+
+    try:
+        calls = [asyncio.create_task(one()) for _ in range(5)]
+        await asyncio.sleep(0.3)
+        assert len(seen.requests) == 3  # two more than its one slot, not five
+        seen.release.set()
+        answers = await asyncio.wait_for(asyncio.gather(*calls), 5)
+        assert all(a.endswith(b"data: [DONE]\n\n") for a in answers)
+        assert len(seen.requests) == 5
+    finally:
+        await router.stop()

@@ -120,3 +120,24 @@ def test_default_names() -> None:
     assert default_name(Path("/x/SmolLM2.Q4_1.gguf"), None) == "demo"
     assert default_name(Path("/x/SmolLM2.Q4_1.gguf"), "/x/SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1"
     assert default_name(Path("/x/my model (v2).gguf"), "p") == "my-model-v2"
+
+
+@pytest.mark.parametrize(
+    ("parallel", "extra", "slots"),
+    [
+        (None, (), 4),  # llama-server's own default ("auto")
+        (2, (), 2),
+        (None, ("-np", "8"), 8),
+        (2, ("--parallel=6",), 6),  # the extra arguments come last: they win
+        (None, ("-np", "-1"), 4),
+        (None, ("-np",), 4),
+    ],
+)
+def test_slots_are_what_llama_server_will_have(
+    parallel: int | None, extra: tuple[str, ...], slots: int, tmp_path: Path
+) -> None:
+    spec = ServerSpec(
+        name="m", model=tmp_path / "m.gguf", binary=tmp_path / "s", parallel=parallel,
+        extra_args=extra,
+    )  # fmt: skip
+    assert spec.slots == slots
