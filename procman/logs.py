@@ -95,17 +95,21 @@ class RotatingLog:
 
 
 class LineTail:
-    """The last ``lines`` complete lines fed to it, decoded leniently."""
+    """The last ``lines`` complete lines fed to it, decoded leniently when asked for.
+
+    Fed every read of a server's output (a dozen lines per request): lines are
+    kept as bytes, and decoded only by :meth:`text`, which runs on a crash.
+    """
 
     def __init__(self, lines: int = 40) -> None:
-        self._lines: deque[str] = deque(maxlen=lines)
+        self._lines: deque[bytes] = deque(maxlen=lines)
         self._partial = b""
 
     def feed(self, data: bytes) -> None:
         *complete, self._partial = (self._partial + data).split(b"\n")
-        self._lines.extend(line.decode(errors="replace").rstrip("\r") for line in complete)
+        self._lines.extend(complete)
         if len(self._partial) > 16384:  # a line without end (progress dots) must not grow forever
-            self._lines.append(self._partial.decode(errors="replace"))
+            self._lines.append(self._partial)
             self._partial = b""
 
     def clear(self) -> None:
@@ -113,7 +117,7 @@ class LineTail:
         self._partial = b""
 
     def text(self) -> str:
-        lines = list(self._lines)
+        lines = [line.decode(errors="replace").rstrip("\r") for line in self._lines]
         if self._partial:
             lines.append(self._partial.decode(errors="replace"))
         return "\n".join(lines)
