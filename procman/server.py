@@ -202,14 +202,14 @@ class ManagedServer:
                 self._first.exception()  # mark retrieved: it is re-raised, or moot after a cancel
             raise
 
-    def offer(self, early: EarlyServer) -> None:
+    def offer(self, early: EarlyServer | None) -> None:
         """A process started at launch (:mod:`procman._early`) for the next spawn to take.
 
         The spawn adopts it only if its command line is exactly the one it
         would run (after admission has set ``-ngl``) and it is still alive;
-        otherwise it is killed and the spawn goes ahead as usual.
+        otherwise it is killed and the spawn goes ahead as usual. None: none.
         """
-        if self._offered is not None:
+        if self._offered is not None and self._offered is not early:
             self._offered.discard()
         self._offered = early
 

@@ -37,6 +37,8 @@ from procman.cli._progress import BuildProgressView
 from procman.errors import AdmissionError, ServerError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from procman.config import ServePlan
     from procman.events import Event
     from procman.router import Router
@@ -226,8 +228,7 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    _catch_signals(loop, stop.set)
     supervisor = Supervisor(
         max_loaded=plan.server.max_loaded,
         memory_budget=plan.server.memory_budget,
@@ -257,8 +258,7 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
     finally:
         await router.stop()
         await supervisor.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        _forget_signals(loop)
     console.print("stopped")
 
 
@@ -328,8 +328,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    _catch_signals(loop, stop.set)
     failed: asyncio.Future[Event] = loop.create_future()
     spawned: asyncio.Future[None] = loop.create_future()
 
@@ -344,10 +343,11 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
     supervisor.bus.subscribe(on_event)
     started = time.monotonic()
     router = None
+    record = _LaunchRecord(supervisor, spec.name, listener)
     try:
-        server = supervisor.add(spec, validate=False)  # validated before the port was bound
-        if (early := _early.take()) is not None:
-            server.offer(early)  # adopted if it runs exactly what the checks below decide
+        # validated before the port was bound; the early server (if any) is adopted only
+        # if it runs exactly what the checks below decide
+        supervisor.add(spec, validate=False).offer(_early.take())
         # through the supervisor: the -ngl choice (printed as an event) and admission
         starting = asyncio.ensure_future(supervisor.load(spec.name))
         # The model loads while the router is imported and started (~150 ms of
@@ -368,7 +368,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
         elif isinstance(refused := starting.exception(), AdmissionError):
             raise refused  # `main` prints it with its numbers and exits 1
         elif starting.exception() is None:
-            _remember_launch(supervisor, spec.name, listener)
+            record.arm(loop)
             console.print(
                 f"[bold green]ready[/] in {time.monotonic() - started:.1f} s: "
                 f"model [bold]{escape(spec.name)}[/] at [bold]{_url(router)}[/]  "
@@ -378,37 +378,70 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
             await asyncio.wait(until, return_when=asyncio.FIRST_COMPLETED)
         stopping.cancel()
     finally:
+        record.flush()
         if router is not None:
             await router.stop()
         await supervisor.stop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        _forget_signals(loop)
     if failed.done():
         return failed.result()
     console.print("stopped")
     return None
 
 
-def _remember_launch(supervisor: Supervisor, name: str, listener: socket.socket) -> None:
-    """Record what was spawned, for the next identical `serve` to start early (procman._early)."""
-    from procman._limits import is_cuda_build
-    from procman.budget import host_margin
+def _catch_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handler)
 
-    server = supervisor.servers[name]
-    held = supervisor.limits.ledger.held().get(name)
-    if server.port is None or held is None:
-        return
-    public = listener.getsockname()
-    _early.remember(
-        argv=server.spec.argv(server.port),
-        port=server.port,
-        host=server.spec.host,
-        model=str(server.spec.model),
-        binary=str(server.spec.binary),
-        public=(str(public[0]), int(public[1])),
-        min_available=held[0] + host_margin(supervisor.limits.machine.total_bytes),
-        cuda=is_cuda_build(server.spec.binary),
-    )
+
+def _forget_signals(loop: asyncio.AbstractEventLoop) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+
+
+class _LaunchRecord:
+    """What was spawned, recorded for the next identical `serve` to start early (procman._early).
+
+    Written a second after the server is ready, off the way of the first
+    requests (it is file I/O in the event loop), or when stopping if sooner.
+    """
+
+    def __init__(self, supervisor: Supervisor, name: str, listener: socket.socket) -> None:
+        self._supervisor = supervisor
+        self._name = name
+        self._listener = listener
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = loop.call_later(1.0, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is None:
+            return
+        self._timer.cancel()
+        self._timer = None
+        self._write()
+
+    def _write(self) -> None:
+        from procman._limits import is_cuda_build
+        from procman.budget import host_margin
+
+        supervisor = self._supervisor
+        server = supervisor.servers[self._name]
+        held = supervisor.limits.ledger.held().get(self._name)
+        if server.port is None or held is None or self._listener.fileno() < 0:
+            return  # stopped meanwhile
+        public = self._listener.getsockname()
+        _early.remember(
+            argv=server.spec.argv(server.port),
+            port=server.port,
+            host=server.spec.host,
+            model=str(server.spec.model),
+            binary=str(server.spec.binary),
+            public=(str(public[0]), int(public[1])),
+            min_available=held[0] + host_margin(supervisor.limits.machine.total_bytes),
+            cuda=is_cuda_build(server.spec.binary),
+        )
 
 
 @app.command()
