@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,3 +235,17 @@ async def test_an_offer_never_taken_is_killed_by_stop(tmp_path: Path) -> None:
     await managed.stop()
     assert early.process.returncode is not None
     assert early.process.returncode == -signal.SIGKILL
+
+
+def test_the_early_start_runs_before_anything_heavy_is_imported() -> None:
+    # what procman._early's premise rests on: the entry point's package and the early
+    # start itself import neither asyncio, typer, rich, aiohttp nor typing
+    probe = (
+        "import sys; import procman.cli; from procman import _early; "
+        "print(' '.join(m for m in ('asyncio', 'typer', 'rich', 'aiohttp', 'typing', 'json', "
+        "'dataclasses', 'pathlib') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == []
