@@ -104,7 +104,7 @@ def start(args: list[str]) -> None:
     _launch.args = list(args)
     try:
         _launch.early = _start(args)
-    except Exception:
+    except Exception:  # never fatal: the CLI then spawns as it always does
         _launch.early = None
     if _launch.early is not None:
         atexit.register(discard)
