@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         from procman import _early
 
         _early.start(sys.argv[2:])
-    from procman.cli._main import run
-
+    try:
+        from procman.cli._main import run
+    except KeyboardInterrupt:  # Ctrl-C while the CLI is still loading
+        return 130
     return run(argv)

@@ -42,8 +42,8 @@ def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, level, logging.WARNING), format="%(name)s: %(message)s"
     )
-    register(sys.argv[1:] if argv is None else argv)
     try:
+        register(sys.argv[1:] if argv is None else argv)
         # standalone mode: typer reports usage errors itself (exit 2) and
         # always ends in SystemExit; our own errors propagate to us untouched.
         app(args=argv, prog_name="llamactl")

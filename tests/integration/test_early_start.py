@@ -249,3 +249,28 @@ def test_the_early_start_runs_before_anything_heavy_is_imported() -> None:
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert done.stdout.split() == []
+
+
+@pytest.mark.parametrize("after", [0.05, 0.15, 0.3])
+def test_ctrl_c_while_serve_loads_is_clean_and_leaves_no_server(
+    llama_server: Path, demo_model: Path, env: dict[str, str], after: float
+) -> None:
+    port = pick_free_port()
+    argv = [*CLI, "serve", str(demo_model), "--server", str(llama_server), "--port", str(port)]
+    with serving(argv, env, port):
+        pass  # the record: the next launch starts its server early
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(after)  # while the CLI imports, or adopts, or has the router up
+    children = llama_children(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode in {0, 130}, err
+    assert "Traceback" not in err
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"llama-server outlived serve: {alive}"
