@@ -42,12 +42,12 @@ import fcntl
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from procman._pdeathsig import child_setup
+from procman._sockets import can_bind, pick_free_port
 
 __all__ = ["EarlyServer", "Record", "discard", "remember", "start", "take"]
 
@@ -157,24 +157,6 @@ def _mem_available() -> int | None:
     return None
 
 
-def _can_bind(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 class Record:
     """What one ``serve`` ran, as the next identical launch needs it.
 
@@ -269,7 +251,7 @@ def _load(args: list[str]) -> Record | None:
         os.access(record.model, os.R_OK)
         and os.access(record.binary, os.X_OK)
         and (_mem_available() or 0) >= record.min_available
-        and _can_bind(*record.public)
+        and can_bind(*record.public)
     )
     return record if usable else None
 
@@ -279,7 +261,7 @@ def _start(args: list[str]) -> EarlyServer | None:
         return None
     if os.environ.get("LLAMACTL_EARLY_START", "1") == "0" or (record := _load(args)) is None:
         return None
-    port = _free_port(record.host)
+    port = pick_free_port(record.host)
     argv = list(record.argv)
     argv[record.port_index] = str(port)
     process = subprocess.Popen(

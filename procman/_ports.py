@@ -19,6 +19,7 @@ import errno
 import ipaddress
 import socket
 
+from procman._sockets import pick_free_port
 from procman.errors import ConfigError, PortInUseError
 
 __all__ = [
@@ -32,14 +33,6 @@ __all__ = [
 
 #: what llama-server logs when it cannot listen (b11312: "couldn't bind HTTP server socket")
 BIND_FAILURE_MARKERS = ("couldn't bind HTTP server socket", "Address already in use")
-
-
-def pick_free_port(host: str = "127.0.0.1") -> int:
-    """A port on ``host`` that was free a moment ago (the kernel's pick for port 0)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def is_bind_failure(log_text: str) -> bool:
