@@ -38,11 +38,11 @@ from _common import (  # first: it puts the repository on sys.path
     cmdline,
     fmt,
 )
+from router import router_overhead
 from sections import (
     _build_time,
     _footprint,
     _memory,
-    _router_overhead,
     _startup,
     inference,
 )
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections: list[Section] = []
     runs: list[tuple[str, Callable[[Path], Any]]] = [
         ("inference", lambda w: inference(model, 1 if args.quick else 5)),
-        ("router", lambda w: asyncio.run(_router_overhead(binary, model, w, args.quick))),
+        ("router", lambda w: asyncio.run(router_overhead(binary, model, w, args.quick))),
         ("startup", lambda w: asyncio.run(_startup(binary, model, w, args.quick))),
         ("swap", lambda w: asyncio.run(swap(binary, model, w, args.quick))),
         ("footprint", lambda w: asyncio.run(_footprint(binary, model, w, args.quick))),

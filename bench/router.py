@@ -1,0 +1,255 @@
+"""Router overhead: direct llama-server vs ``llamactl serve`` vs llama.cpp's router mode.
+
+One-token requests sequentially (latency added per request, paired) and from
+16 concurrent clients (latency and throughput), then streamed answers
+(tokens/s, and the CPU the process in front of llama-server spends per
+token). The three paths take turns within one run, against the same
+llama-server build and model, each started with the flags llamactl gives
+its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+from _common import (  # first: it puts the repository on sys.path
+    HOST,
+    LLAMACTL,
+    SAME_SERVER,
+    Section,
+    _session,
+    answered,
+    cmdline,
+    diffs,
+    fmt,
+    healthy,
+    launched,
+    one_token,
+    ratios,
+    server_argv,
+    spread,
+    wait_until,
+)
+
+from procman._ports import pick_free_port
+from procman.bench import BenchCase, percentile, stream_case
+
+
+class Targets:
+    """Direct llama-server, ``llamactl serve`` and llama.cpp's router mode, all running."""
+
+    def __init__(self, binary: Path, model: Path, work: Path) -> None:
+        self.binary, self.model, self.work = binary, model, work
+        self.stack = contextlib.ExitStack()
+        self.urls: dict[str, str] = {}
+        self.models: dict[str, str] = {}
+        self.commands: dict[str, str] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        models_dir = self.work / "models"
+        models_dir.mkdir(parents=True, exist_ok=True)
+        link = models_dir / self.model.name
+        if not link.exists():
+            link.symlink_to(self.model)
+        p1, p2, p3 = (pick_free_port(HOST) for _ in range(3))
+        argvs = {
+            # the servers all run with llamactl's defaults (--cache-ram 0: no host
+            # prompt cache), so that only the path in front of them differs
+            "direct": server_argv(self.binary, self.model, p1, *SAME_SERVER),
+            "llamactl serve": [
+                *LLAMACTL,
+                "serve",
+                str(self.model),
+                "--port",
+                str(p2),
+                "--server",
+                str(self.binary),
+                "--name",
+                "demo",
+            ],
+            "llama.cpp router": [
+                str(self.binary),
+                "--models-dir",
+                str(models_dir),
+                "--models-max",
+                "1",
+                "--host",
+                HOST,
+                "--port",
+                str(p3),
+                *SAME_SERVER,
+            ],
+        }
+        for (label, argv), port in zip(argvs.items(), (p1, p2, p3), strict=True):
+            proc = self.stack.enter_context(launched(argv, self.work / f"{label}.log"))
+            self.urls[label] = f"http://{HOST}:{port}"
+            self.commands[label] = cmdline(argv)
+            self.models[label] = "demo"
+            self.procs[label] = proc
+        for label, url in self.urls.items():
+            await wait_until(lambda url=url: healthy(session, url), self.procs[label])
+        router = self.urls["llama.cpp router"]
+        async with session.get(f"{router}/v1/models") as r:
+            data = (await r.json())["data"]
+        self.models["llama.cpp router"] = data[0]["id"]
+        for label, url in self.urls.items():  # loads the router-mode model; warms every path
+            model = self.models[label]
+            await wait_until(lambda u=url, m=model: answered(session, u, m), self.procs[label])
+            for _ in range(3):
+                await one_token(session, url, model)
+
+    def close(self) -> None:
+        self.stack.close()
+
+
+#: streamed rounds per path: the per-sample noise here is ~+-7%, and the median ratio of n
+#: rounds is known to ~+-9%/sqrt(n), so 1% needs many
+STREAM_ROUNDS = 48
+
+
+def _cpu_seconds(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _per_token(samples: list[float]) -> str:
+    # each sample is quantised to 10 ms of CPU over ~128 tokens: the mean, not the median
+    if not samples:
+        return "not measured"
+    return f"{sum(samples) / len(samples):.0f} µs (n={len(samples)})"
+
+
+async def _streaming(
+    session: aiohttp.ClientSession, targets: Targets, labels: list[str], quick: bool, budget: float
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Streamed tokens/s per path, and the front process's CPU per token."""
+    stream: dict[str, list[float]] = {k: [] for k in labels}
+    # CPU of the process in front of llama-server (llamactl serve; llama.cpp's
+    # router process, its model server excluded), per streamed token
+    front = {k: psutil.Process(targets.procs[k].pid) for k in labels if k != "direct"}
+    cpu: dict[str, list[float]] = {k: [] for k in front}
+    # per-sample noise is ~+-7% on 2 cores: a 1% effect needs many rounds
+    tokens, rounds = (64, 6) if quick else (128, STREAM_ROUNDS)
+    case = BenchCase(name="stream", prompt="Tell me a story.", max_tokens=tokens)
+    until = time.monotonic() + 4 * budget
+    for i in range(rounds):
+        if i and time.monotonic() > until:
+            break
+        for label in labels[i % 3 :] + labels[: i % 3]:
+            url, name = targets.urls[label], targets.models[label]
+            before = _cpu_seconds(front.get(label))
+            sample = await stream_case(session, url, case, model=name)
+            if sample.tokens_per_s:
+                stream[label].append(sample.tokens_per_s)
+            if label in front and sample.tokens:
+                spent = _cpu_seconds(front[label]) - before
+                cpu[label].append(1e6 * spent / sample.tokens)
+    return stream, cpu
+
+
+async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) -> Section:
+    # the added latency is a difference of two noisy figures (p10-p90 spans ~10 ms here):
+    # its median is known to ~0.3 ms with 400 pairs
+    n_seq = 30 if quick else 400
+    clients, per_client, blocks = 16, (2 if quick else 4), (1 if quick else 4)
+    # each phase also stops at a time budget: on a loaded machine a round can take seconds
+    budget = 40.0 if quick else 75.0
+    targets = Targets(binary, model, work)
+    async with _session() as session:
+        try:
+            await targets.start(session)
+            labels = list(targets.urls)
+            seq: dict[str, list[float]] = {k: [] for k in labels}
+            until = time.monotonic() + budget
+            for i in range(n_seq):
+                if time.monotonic() > until:
+                    break
+                for label in labels[i % 3 :] + labels[: i % 3]:
+                    url, name = targets.urls[label], targets.models[label]
+                    seq[label].append(1000 * await one_token(session, url, name))
+
+            conc: dict[str, list[float]] = {k: [] for k in labels}
+            rate: dict[str, list[float]] = {k: [] for k in labels}
+            until = time.monotonic() + budget
+            for b in range(blocks):
+                if b and time.monotonic() > until:
+                    break
+                for label in labels[b % 3 :] + labels[: b % 3]:
+                    url, name = targets.urls[label], targets.models[label]
+
+                    async def client(url: str = url, name: str = name) -> list[float]:
+                        return [
+                            1000 * await one_token(session, url, name) for _ in range(per_client)
+                        ]
+
+                    t0 = time.perf_counter()
+                    lat = await asyncio.gather(*(client() for _ in range(clients)))
+                    rate[label].append(clients * per_client / (time.perf_counter() - t0))
+                    conc[label] += [x for one in lat for x in one]
+
+            stream, cpu = await _streaming(session, targets, labels, quick, budget)
+        finally:
+            targets.close()
+    d = "direct"
+    rows = []
+    for label in labels:
+        rows.append(
+            [
+                label,
+                fmt(spread(seq[label]), " ms", 2),
+                "-" if label == d else fmt(diffs(seq[d], seq[label]), " ms", 2),
+                f"p50 {percentile(conc[label], 50):.1f} / p90 {percentile(conc[label], 90):.1f} ms",
+                fmt(spread(rate[label]), " req/s")
+                if label == d
+                else fmt(ratios(rate[d], rate[label]), "x", 3),
+                fmt(spread(stream[label]), " t/s")
+                if label == d
+                else fmt(ratios(stream[d], stream[label]), "x", 3),
+                "-" if label == d else _per_token(cpu[label]),
+            ]
+        )
+    return {
+        "title": "Router overhead",
+        "commands": targets.commands,
+        "header": [
+            "path",
+            f"1-token latency, sequential (n={n_seq})",
+            "added vs direct (paired)",
+            f"{clients} concurrent clients",
+            "throughput (ratio vs direct)",
+            "streamed tokens/s (ratio vs direct)",
+            "CPU of the front process per streamed token",
+        ],
+        "rows": rows,
+        "raw": {
+            "sequential_ms": seq,
+            "concurrent_ms": conc,
+            "req_per_s": rate,
+            "stream": stream,
+            "front_cpu_us_per_token": cpu,
+        },
+        "notes": [
+            "Each request is a non-streamed chat completion with max_tokens=1 and prompt 'Hi' "
+            "(prompt cache on, as for any client), sent on a fresh loopback connection; the "
+            "three paths take turns request by request (sequential) or block by block "
+            f"({clients} clients x {per_client} requests, {len(rate['direct'])} round(s)). "
+            "The load generator is Python in the same 2-core machine: it competes with the "
+            "servers and the llamactl router for CPU.",
+            "'added vs direct' is the per-round difference (path - direct): median [p10-p90].",
+            "Streaming: 128 tokens (64 with --quick), ignore_eos, tokens/s after the first "
+            f"token, {STREAM_ROUNDS} interleaved rounds (6), ratio per round. CPU per token: "
+            "user+system seconds of the process in front of llama-server (psutil, 10 ms "
+            "ticks: the total over all rounds / all tokens), llama-server's own excluded.",
+            "Every llama-server runs with the arguments llamactl gives its own (`--cache-ram 0`):"
+            " the comparison is of the paths in front of the same server.",
+        ],
+    }
