@@ -49,7 +49,7 @@ import time
 from procman._pdeathsig import child_setup
 from procman._sockets import can_bind, pick_free_port
 
-__all__ = ["EarlyServer", "Record", "discard", "remember", "start", "take"]
+__all__ = ["EarlyServer", "Record", "discard", "launched_at", "remember", "start", "take"]
 
 #: bump when a record's fields change meaning: old records are then ignored
 FORMAT = 1
@@ -93,6 +93,8 @@ class EarlyServer:
 class _Launch:
     #: ``serve``'s arguments when this process was launched as ``llamactl serve``
     args: list[str] | None = None
+    #: time.monotonic() when the entry point called :func:`start`
+    at: float | None = None
     early: EarlyServer | None = None
 
 
@@ -101,6 +103,7 @@ _launch = _Launch()
 
 def start(args: list[str]) -> None:
     """Called by the entry point with ``serve``'s arguments; never raises."""
+    _launch.at = time.monotonic()
     _launch.args = list(args)
     try:
         _launch.early = _start(args)
@@ -108,6 +111,11 @@ def start(args: list[str]) -> None:
         _launch.early = None
     if _launch.early is not None:
         atexit.register(discard)
+
+
+def launched_at() -> float | None:
+    """time.monotonic() of the launch, if this process was launched as ``llamactl serve``."""
+    return _launch.at
 
 
 def take() -> EarlyServer | None:

@@ -312,7 +312,8 @@ class ManagedServer:
             except OSError as exc:
                 return _End.EXITED, f"cannot run {self.spec.binary}: {exc.strerror or exc}"
             try:
-                end, reason, was_ready = await self._live(child, first)
+                spawned = early.started if early is not None else time.monotonic()
+                end, reason, was_ready = await self._live(child, first, spawned)
             finally:
                 await terminate(transport, child, self.spec.stop_grace, self.name)
                 self._pid = None
@@ -366,10 +367,11 @@ class ManagedServer:
         except (aiohttp.ClientError, TimeoutError) as exc:
             return None, type(exc).__name__
 
-    async def _live(self, child: Child, first: asyncio.Future[None]) -> tuple[_End, str, bool]:
+    async def _live(
+        self, child: Child, first: asyncio.Future[None], started: float
+    ) -> tuple[_End, str, bool]:
         spec, health = self.spec, self.spec.health
         health_url = f"{self.url}/health"
-        started = time.monotonic()
         deadline = started + spec.startup_timeout
         while True:
             status, _ = await self._probe(health_url, health.timeout)

@@ -341,7 +341,8 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
 
     supervisor = Supervisor()
     supervisor.bus.subscribe(on_event)
-    started = time.monotonic()
+    # since `llamactl serve` was launched: the early start began before this function
+    started = _early.launched_at() or time.monotonic()
     router = None
     record = _LaunchRecord(supervisor, spec.name, listener)
     try:
