@@ -85,7 +85,8 @@ class EarlyServer:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         if self.process.stdout is not None:
-            self.process.stdout.close()
+            with contextlib.suppress(OSError):  # a half-done adoption's pipe transport closed it
+                self.process.stdout.close()
         os.close(self.pidfd)
         self.pidfd = -1
 

@@ -184,7 +184,13 @@ async def adopt(
     child = Child(sink, tail)
     pipe = None
     if early.process.stdout is not None:
-        pipe, _ = await loop.connect_read_pipe(lambda: _PipeToChild(child), early.process.stdout)
+        try:
+            pipe, _ = await loop.connect_read_pipe(
+                lambda: _PipeToChild(child), early.process.stdout
+            )
+        except BaseException:  # cancelled (Ctrl-C while starting): nobody owns it yet
+            early.discard()
+            raise
     transport = _AdoptedTransport(early, pipe)
     child.connection_made(cast("asyncio.BaseTransport", transport))
     early.adopted = True

@@ -38,11 +38,11 @@ def _report(exc: LlamactlError) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
-    level = os.environ.get("LLAMACTL_LOG", "WARNING").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.WARNING), format="%(name)s: %(message)s"
-    )
     try:
+        level = os.environ.get("LLAMACTL_LOG", "WARNING").upper()
+        logging.basicConfig(
+            level=getattr(logging, level, logging.WARNING), format="%(name)s: %(message)s"
+        )
         register(sys.argv[1:] if argv is None else argv)
         # standalone mode: typer reports usage errors itself (exit 2) and
         # always ends in SystemExit; our own errors propagate to us untouched.

@@ -270,7 +270,9 @@ def test_ctrl_c_while_serve_loads_is_clean_and_leaves_no_server(
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode in {0, 130}, err
+    # 130, or killed by the SIGINT itself: what a shell reports as 130 either way (Python
+    # ends that way when a second KeyboardInterrupt comes while it exits)
+    assert proc.returncode in {0, 130, -signal.SIGINT}, err
     assert "Traceback" not in err
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, f"llama-server outlived serve: {alive}"
