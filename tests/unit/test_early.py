@@ -252,3 +252,12 @@ def test_old_records_are_pruned(
     kept = sorted(p.name for p in (launch_home / "launches").iterdir())
     wanted = sorted(Path(_early.record_path([f"m{n}.gguf"])).name for n in (2, 3, 4))
     assert kept == wanted
+
+
+def test_the_identity_is_the_one_model_validation_keys_on(tmp_path: Path) -> None:
+    # the early start trusts a model whose identity equals the one recorded when gguf
+    # validation passed: the two definitions (procman._info_cache imports too much for
+    # the launch path to share it) must name the same fields
+    model, _ = files(tmp_path)
+    st = model.stat()
+    assert _info_cache.file_key(model, st)[1:] == tuple(_early.identity(st))
