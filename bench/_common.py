@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from procman.bench import percentile  # noqa: E402
+from procman.spec import ServerSpec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 REPORT = ROOT / "bench" / "REPORT.md"
@@ -101,9 +102,16 @@ def launched(
         stop(proc)
 
 
+def _same_server() -> tuple[str, ...]:
+    # taken from ServerSpec.argv for a model served with llamactl's defaults
+    argv = ServerSpec(name="m", model=Path("m.gguf"), binary=Path("s")).argv(1)
+    flags = ("--cache-ram", "--threads-http")
+    return tuple(x for i, a in enumerate(argv) if a in flags for x in argv[i : i + 2])
+
+
 #: llama-server arguments llamactl passes to every server it runs (see ServerSpec.argv)
 #: that change its behaviour: given to the direct and llama.cpp-router servers too
-SAME_SERVER = ("--cache-ram", "0")
+SAME_SERVER = _same_server()
 
 
 def server_argv(binary: Path, model: Path, port: int, *extra: str) -> list[str]:

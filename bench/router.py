@@ -61,7 +61,7 @@ class Targets:
         p1, p2, p3 = (pick_free_port(HOST) for _ in range(3))
         argvs = {
             # the servers all run with llamactl's defaults (--cache-ram 0: no host
-            # prompt cache), so that only the path in front of them differs
+            # prompt cache; --threads-http), so that only the path in front of them differs
             "direct": server_argv(self.binary, self.model, p1, *SAME_SERVER),
             "llamactl serve": [
                 *LLAMACTL,
@@ -249,7 +249,8 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             f"token, {STREAM_ROUNDS} interleaved rounds (6), ratio per round. CPU per token: "
             "user+system seconds of the process in front of llama-server (psutil, 10 ms "
             "ticks: the total over all rounds / all tokens), llama-server's own excluded.",
-            "Every llama-server runs with the arguments llamactl gives its own (`--cache-ram 0`):"
+            "Every llama-server runs with the arguments llamactl gives its own "
+            f"(`{' '.join(SAME_SERVER)}`):"
             " the comparison is of the paths in front of the same server.",
         ],
     }

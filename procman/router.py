@@ -70,7 +70,7 @@ class Upstream(Protocol):
     @property
     def last_reason(self) -> str: ...
     @property
-    def slots(self) -> int: ...
+    def pipeline(self) -> int: ...
     async def wait_ready(self, timeout: float | None = None) -> bool: ...  # noqa: ASYNC109
 
 
@@ -310,17 +310,9 @@ class Router:
         raise AssertionError("unreachable")  # pragma: no cover  # mypy: the stack may swallow
 
     def _default_queue(self, upstream: Upstream) -> ModelQueue:
-        """Requests for a model without a configured queue: FIFO, slots + 2 in flight.
-
-        Two more than llama-server's slots, so that a freed slot never waits
-        for the router's hand-over; not more, because every connection pins
-        one of llama-server's HTTP threads between requests (keep-alive, 5 s)
-        and it has only slots + 4 of them for sure: cpp-httplib's pool does
-        not start another while one is counted idle, so a burst of new
-        connections could wait those 5 s (seen here: 16 concurrent clients on
-        `serve MODEL` stalled for 5.5 s, never when calling llama-server).
-        """
-        settings = QueueSettings(slots=upstream.slots + 2, maxsize=DEFAULT_QUEUE)
+        """Requests for a model without a configured queue: FIFO, ``upstream.pipeline``
+        in flight (see ``ServerSpec.pipeline``), up to ``DEFAULT_QUEUE`` waiting."""
+        settings = QueueSettings(slots=upstream.pipeline, maxsize=DEFAULT_QUEUE)
         return self.scheduler.add(upstream.name, settings)
 
     async def _forward(

@@ -112,8 +112,8 @@ class ManagedServer:
         return self._port
 
     @property
-    def slots(self) -> int:
-        return self.spec.slots
+    def pipeline(self) -> int:
+        return self.spec.pipeline
 
     @property
     def url(self) -> str | None:

@@ -35,7 +35,7 @@ class FakeServer:
     aliases: tuple[str, ...] = ()
     state: State = State.STARTING
     last_reason: str = "spawned"
-    slots: int = 4
+    pipeline: int = 8
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def become(self, state: State, url: str | None = None) -> None:
@@ -436,13 +436,13 @@ def test_supervisor_finds_servers_by_name_and_alias(tmp_path: Path) -> None:
     assert only.state is State.STOPPED
 
 
-async def test_in_flight_requests_are_bounded_by_the_servers_slots(
+async def test_in_flight_requests_are_bounded_by_the_servers_pipeline(
     upstream: tuple[Upstream, str], client: aiohttp.ClientSession
 ) -> None:
-    # an unconfigured model still gets a queue: slots + 2 in flight, the rest wait in order
+    # an unconfigured model still gets a queue: `pipeline` in flight, the rest wait in order
     seen, url = upstream
     server = ready("demo", url)
-    server.slots = 1
+    server.pipeline = 3
     router, base = await serve(FakeFleet(server))
 
     async def one() -> bytes:
@@ -452,7 +452,7 @@ async def test_in_flight_requests_are_bounded_by_the_servers_slots(
     try:
         calls = [asyncio.create_task(one()) for _ in range(5)]
         await asyncio.sleep(0.3)
-        assert len(seen.requests) == 3  # two more than its one slot, not five
+        assert len(seen.requests) == 3  # its pipeline, not five
         seen.release.set()
         answers = await asyncio.wait_for(asyncio.gather(*calls), 5)
         assert all(a.endswith(b"data: [DONE]\n\n") for a in answers)

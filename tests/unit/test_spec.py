@@ -28,7 +28,7 @@ def spec(**fields: object) -> ServerSpec:
 def test_minimal_argv() -> None:
     assert spec().argv(4321) == [
         "/bin/llama-server", "-m", "/m/model.gguf", "--host", "127.0.0.1", "--port", "4321",
-        "--alias", "demo", "--cache-ram", "0", "--log-colors", "off",
+        "--alias", "demo", "--cache-ram", "0", "--threads-http", "12", "--log-colors", "off",
     ]  # fmt: skip
 
 
@@ -141,3 +141,34 @@ def test_slots_are_what_llama_server_will_have(
         extra_args=extra,
     )  # fmt: skip
     assert spec.slots == slots
+
+
+@pytest.mark.parametrize(
+    ("parallel", "extra", "threads", "pipeline", "passed"),
+    [
+        (None, (), 12, 8, ["--threads-http", "12"]),  # 4 slots: 8 in flight, 4 spare threads
+        (1, (), 6, 2, ["--threads-http", "6"]),
+        (None, ("--threads-http", "20"), 20, 8, []),  # the user's own: passed as given
+        (None, ("--threads-http=7",), 7, 3, []),  # fewer threads: fewer in flight
+        (2, ("--threads-http", "2"), 2, 1, []),
+    ],
+)
+def test_the_router_never_keeps_more_connections_than_llama_server_has_threads(
+    parallel: int | None,
+    extra: tuple[str, ...],
+    threads: int,
+    pipeline: int,
+    passed: list[str],
+    tmp_path: Path,
+) -> None:
+    spec = ServerSpec(
+        name="m", model=tmp_path / "m.gguf", binary=tmp_path / "s", parallel=parallel,
+        extra_args=extra,
+    )  # fmt: skip
+    assert spec.http_threads == threads
+    assert spec.pipeline == pipeline
+    argv = spec.argv(9000)
+    assert argv.count("--threads-http") + sum(a.startswith("--threads-http=") for a in argv) == 1
+    if passed:
+        i = argv.index("--threads-http")
+        assert argv[i : i + 2] == passed
