@@ -6,8 +6,10 @@ restarting, requests wait for it (up to ``ready_timeout``) and then get 503
 with ``Retry-After``. Responses are relayed chunk by chunk as they arrive
 (server-sent events included, nothing is buffered whole), and when a client
 goes away its upstream request is closed, which makes llama-server stop
-generating for it. One pooled ``aiohttp.ClientSession`` serves all upstream
-traffic.
+generating for it. Upstream requests go out on raw connections
+(``procman._relay``): kept alive in one pool for answers with a length,
+fresh for streams; aiohttp's client is left only streams asked for by
+HTTP/1.0 clients (no chunked encoding there).
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ class Router:
         self.loader = upstreams if isinstance(upstreams, Loader) else None
         self._key = self.settings.api_key.encode() if self.settings.api_key else None
         self._session: aiohttp.ClientSession | None = None
+        self._pool = _relay.Pool()
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
         self.app = web.Application(
@@ -176,6 +179,7 @@ class Router:
         try:
             yield
         finally:
+            self._pool.close()
             await self._session.close()
             self._session = None
 
@@ -304,9 +308,10 @@ class Router:
                 except LlamactlError as exc:
                     message = f"model {upstream.name!r} could not be loaded: {exc.message}"
                     return _error(503, message, "server_error", "model_failed")
-            # streams go through as the bytes llama-server writes (HTTP/1.1 clients: chunked)
-            raw = streamed and request.version >= (1, 1)
-            return await self._forward(request, upstream, body, raw=raw)
+            # answers go through as the bytes llama-server writes; a stream is chunked,
+            # which an HTTP/1.0 client cannot take: aiohttp re-frames it for those
+            raw = not streamed or request.version >= (1, 1)
+            return await self._forward(request, upstream, body, raw=raw, keep_alive=not streamed)
         raise AssertionError("unreachable")  # pragma: no cover  # mypy: the stack may swallow
 
     def _default_queue(self, upstream: Upstream) -> ModelQueue:
@@ -316,7 +321,13 @@ class Router:
         return self.scheduler.add(upstream.name, settings)
 
     async def _forward(
-        self, request: web.Request, upstream: Upstream, body: bytes, *, raw: bool = False
+        self,
+        request: web.Request,
+        upstream: Upstream,
+        body: bytes,
+        *,
+        raw: bool = False,
+        keep_alive: bool = False,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.ready_timeout
@@ -330,6 +341,7 @@ class Router:
                     answer = await _relay.open_stream(
                         upstream.url, str(request.rel_url), _forwarded(request), body,
                         connect_timeout=self.settings.connect_timeout,
+                        pool=self._pool if keep_alive else None,
                     )  # fmt: skip
                     return await _relay.relay(request, answer, _HOP_BY_HOP)
                 response = await self._send(request, upstream.url, body)

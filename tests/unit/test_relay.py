@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from procman._relay import ChunkScanner, Head, _Answer
+from procman import _relay
+from procman._relay import ChunkScanner, Head, Pool, _Answer
 
 EVENTS = [b'data: {"n": 1}\n\n', b'data: {"n": 22}\n\n' * 20, b"data: [DONE]\n\n"]
 
@@ -63,7 +64,9 @@ def test_a_head_is_parsed() -> None:
     assert (head.status, head.reason, head.chunked, head.length) == (200, "OK", True, None)
     assert head.headers[-1] == ("X-Odd", "spaced")
     error = Head.parse(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 52")
-    assert (error.status, error.chunked, error.length) == (400, False, 52)
+    assert (error.status, error.chunked, error.length, error.close) == (400, False, 52, False)
+    assert Head.parse(b"HTTP/1.1 200 OK\r\nConnection: Close").close
+    assert Head.parse(b"HTTP/1.0 200 OK").close
 
 
 @pytest.mark.parametrize(
@@ -152,3 +155,81 @@ async def test_llama_server_breaking_off_is_an_error_not_an_end() -> None:
     answer.connection_lost(None)
     with pytest.raises(ConnectionResetError):
         await answer.done
+
+
+def pooled(pool: Pool, key: tuple[str, int] = ("127.0.0.1", 1)) -> tuple[_Answer, FakeTransport]:
+    answer = _Answer(asyncio.get_running_loop(), pool=pool, key=key)
+    upstream = FakeTransport()
+    answer.connection_made(upstream)  # type: ignore[arg-type]
+    return answer, upstream
+
+
+JSON_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def test_a_complete_answer_goes_back_to_the_pool_open() -> None:
+    pool = Pool()
+    answer, upstream = pooled(pool)
+    answer.data_received(JSON_ANSWER[:-1])
+    assert not answer.done.done()
+    answer.data_received(JSON_ANSWER[-1:])
+    assert answer.done.done() and answer.whole and bytes(answer.body) == b"{}"
+    answer.release()
+    assert not upstream.closing and len(pool) == 1
+    again = pool.take(answer.key, answer.loop.time())
+    assert again is answer and not again.head.done() and not again.body  # ready for the next
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",  # says so
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    ],
+)
+async def test_an_answer_that_ends_its_connection_is_not_pooled(wire: bytes) -> None:
+    pool = Pool()
+    answer, upstream = pooled(pool)
+    answer.attach(FakeTransport())  # type: ignore[arg-type]
+    answer.data_received(wire)
+    assert answer.done.done() and not answer.reusable
+    answer.release()
+    assert upstream.closing and len(pool) == 0
+
+
+async def test_unfinished_answers_and_stray_bytes_close_the_connection() -> None:
+    pool = Pool()
+    cut, upstream = pooled(pool)
+    cut.data_received(JSON_ANSWER[:-1])
+    cut.release()  # the client left mid-answer: llama-server must see the connection go
+    assert upstream.aborted and len(pool) == 0
+    stray, upstream = pooled(pool)
+    stray.data_received(JSON_ANSWER + b"x")
+    assert upstream.aborted
+    with pytest.raises(ValueError, match="more than its Content-Length"):
+        await stray.done
+
+
+async def test_the_pool_hands_out_the_latest_live_connection_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pool = Pool()
+    loop = asyncio.get_running_loop()
+    old, _ = pooled(pool)
+    dead, _ = pooled(pool)
+    new, _ = pooled(pool)
+    for answer in (old, dead, new):
+        answer.data_received(JSON_ANSWER)
+        answer.release()
+    dead.connection_lost(None)  # llama-server closed it: it leaves the pool at once
+    assert len(pool) == 2
+    assert pool.take(old.key, loop.time()) is new
+    assert pool.take(old.key, loop.time()) is old
+    assert pool.take(old.key, loop.time()) is None
+    old.data_received(JSON_ANSWER)
+    old.release()
+    monkeypatch.setattr(_relay, "IDLE_REUSE", 0.0)
+    await asyncio.sleep(0.01)
+    assert pool.take(old.key, loop.time()) is None  # idle too long: closed, not reused
+    assert old.transport is not None and old.transport.is_closing()
