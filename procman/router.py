@@ -21,7 +21,7 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -154,7 +154,9 @@ class Router:
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
         self.app = web.Application(
-            middlewares=[self._auth], client_max_size=self.settings.max_body_bytes
+            # no key, no middleware: it would wrap every request for nothing
+            middlewares=[self._auth] if self._key is not None else [],
+            client_max_size=self.settings.max_body_bytes,
         )
         self.app.cleanup_ctx.append(self._client_session)
         self.app.router.add_get("/health", self._health)
@@ -286,17 +288,24 @@ class Router:
         if isinstance(picked, web.Response):
             return picked
         upstream, streamed = picked
-        async with AsyncExitStack() as stack:
-            if self.loader is not None:
-                await stack.enter_async_context(self.loader.using(upstream.name))
-            queue = self.scheduler.queue(upstream.name) or self._default_queue(upstream)
-            try:
-                await stack.enter_async_context(queue.slot())
-            except QueueFullError as exc:
-                retry = str(self.settings.retry_after)
-                return _error(
-                    429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry}
-                )
+        if self.loader is None:
+            return await self._queued(request, upstream, body, streamed)
+        async with self.loader.using(upstream.name):
+            return await self._queued(request, upstream, body, streamed)
+
+    async def _queued(
+        self, request: web.Request, upstream: Upstream, body: bytes, streamed: bool
+    ) -> web.StreamResponse:
+        """The request's turn in its model's queue, then its answer."""
+        queue = self.scheduler.queue(upstream.name) or self._default_queue(upstream)
+        try:
+            await queue.acquire()
+        except QueueFullError as exc:
+            retry = str(self.settings.retry_after)
+            return _error(
+                429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry}
+            )
+        try:
             if self.loader is not None and self.loader.on_demand(upstream.name):
                 try:
                     await self.loader.load(upstream.name)
@@ -312,7 +321,8 @@ class Router:
             # which an HTTP/1.0 client cannot take: aiohttp re-frames it for those
             raw = not streamed or request.version >= (1, 1)
             return await self._forward(request, upstream, body, raw=raw, keep_alive=not streamed)
-        raise AssertionError("unreachable")  # pragma: no cover  # mypy: the stack may swallow
+        finally:
+            queue.release()
 
     def _default_queue(self, upstream: Upstream) -> ModelQueue:
         """Requests for a model without a configured queue: FIFO, ``upstream.pipeline``
