@@ -160,7 +160,9 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
     # the added latency is a difference of two noisy figures (p10-p90 spans ~10 ms here):
     # its median is known to ~0.3 ms with 400 pairs
     n_seq = 30 if quick else 400
-    clients, per_client, blocks = 16, (2 if quick else 4), (1 if quick else 4)
+    # blocks: the p50 of one block moves by +-15 ms between blocks here, so the added
+    # latency is taken per block (paths interleaved) and its median reported
+    clients, per_client, blocks = 16, (2 if quick else 4), (1 if quick else 8)
     # each phase also stops at a time budget: on a loaded machine a round can take seconds
     budget = 40.0 if quick else 75.0
     targets = Targets(binary, model, work)
@@ -179,6 +181,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
 
             conc: dict[str, list[float]] = {k: [] for k in labels}
             rate: dict[str, list[float]] = {k: [] for k in labels}
+            block_p50: dict[str, list[float]] = {k: [] for k in labels}
             until = time.monotonic() + budget
             for b in range(blocks):
                 if b and time.monotonic() > until:
@@ -194,7 +197,9 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
                     t0 = time.perf_counter()
                     lat = await asyncio.gather(*(client() for _ in range(clients)))
                     rate[label].append(clients * per_client / (time.perf_counter() - t0))
-                    conc[label] += [x for one in lat for x in one]
+                    block = [x for one in lat for x in one]
+                    conc[label] += block
+                    block_p50[label].append(percentile(block, 50))
 
             stream, cpu = await _streaming(session, targets, labels, quick, budget)
         finally:
@@ -208,6 +213,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
                 fmt(spread(seq[label]), " ms", 2),
                 "-" if label == d else fmt(diffs(seq[d], seq[label]), " ms", 2),
                 f"p50 {percentile(conc[label], 50):.1f} / p90 {percentile(conc[label], 90):.1f} ms",
+                "-" if label == d else fmt(diffs(block_p50[d], block_p50[label]), " ms", 1),
                 fmt(spread(rate[label]), " req/s")
                 if label == d
                 else fmt(ratios(rate[d], rate[label]), "x", 3),
@@ -225,6 +231,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             f"1-token latency, sequential (n={n_seq})",
             "added vs direct (paired)",
             f"{clients} concurrent clients",
+            "added p50 vs direct, per block (paired)",
             "throughput (ratio vs direct)",
             "streamed tokens/s (ratio vs direct)",
             "CPU of the front process per streamed token",
@@ -233,6 +240,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
         "raw": {
             "sequential_ms": seq,
             "concurrent_ms": conc,
+            "concurrent_block_p50_ms": block_p50,
             "req_per_s": rate,
             "stream": stream,
             "front_cpu_us_per_token": cpu,
@@ -244,7 +252,8 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             f"({clients} clients x {per_client} requests, {len(rate['direct'])} round(s)). "
             "The load generator is Python in the same 2-core machine: it competes with the "
             "servers and the llamactl router for CPU.",
-            "'added vs direct' is the per-round difference (path - direct): median [p10-p90].",
+            "'added vs direct' is the per-round difference (path - direct): median [p10-p90]; "
+            "with 16 clients, the difference of each block's p50 from the direct block's.",
             "Streaming: 128 tokens (64 with --quick), ignore_eos, tokens/s after the first "
             f"token, {STREAM_ROUNDS} interleaved rounds (6), ratio per round. CPU per token: "
             "user+system seconds of the process in front of llama-server (psutil, 10 ms "
