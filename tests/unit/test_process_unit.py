@@ -1,4 +1,4 @@
-"""The child protocol's readiness hint: llama-server's "listening on" line."""
+"""The child protocol: the "listening on" readiness hint, and how its output is read."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
+from procman import _process
 from procman._process import Child
 from procman.logs import LineTail, RotatingLog
 
@@ -47,3 +50,46 @@ async def test_any_process_transport_reports_the_exit(tmp_path: Path) -> None:
     child.connection_made(DuckTransport())  # type: ignore[arg-type]
     child.process_exited()
     assert child.exited.result() == -9
+
+
+class DuckPipe:  # uvloop's pipe transport: pause/resume, not an asyncio.ReadTransport
+    def __init__(self) -> None:
+        self.paused = False
+        self.pauses = 0
+
+    def pause_reading(self) -> None:
+        self.paused, self.pauses = True, self.pauses + 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class PipedTransport(DuckTransport):
+    def __init__(self) -> None:
+        self.pipe = DuckPipe()
+
+    def get_pipe_transport(self, fd: int) -> DuckPipe | None:
+        return self.pipe if fd == 1 else None
+
+
+async def test_once_listening_the_output_is_read_in_bursts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_process, "LOG_REST", 0.05)
+    child = make_child(tmp_path)
+    transport = PipedTransport()
+    child.connection_made(transport)  # type: ignore[arg-type]
+    child.pipe_data_received(1, b"loading\n")
+    assert not transport.pipe.paused  # while loading, every read at once
+    child.pipe_data_received(1, b"listening on http://127.0.0.1:1\n")
+    assert transport.pipe.paused  # then it rests after each read
+    await asyncio.sleep(0.1)
+    assert not transport.pipe.paused and transport.pipe.pauses == 1
+    child.pipe_data_received(1, b"slot release\n")
+    assert transport.pipe.paused
+    child.process_exited()  # a crash's last words are read at once
+    assert not transport.pipe.paused
+    assert (tmp_path / "s.log").read_bytes().endswith(b"slot release\n")
