@@ -161,9 +161,13 @@ class Limits:
         self._scraped.pop(name, None)
 
     # -- while running ---------------------------------------------------------------------------
-    def sample(self, pids: Mapping[str, int]) -> dict[str, LimitDecision]:
-        """Read every running server; the limit decisions due now, by server name."""
-        by_pid = self.meter.sample(pids.values())
+    def sample(
+        self, pids: Mapping[str, int], by_pid: Mapping[int, Sample] | None = None
+    ) -> dict[str, LimitDecision]:
+        """Read every running server (or take ``by_pid``, read already by ``self.meter``);
+        the limit decisions due now, by server name."""
+        if by_pid is None:
+            by_pid = self.meter.sample(pids.values())
         decisions: dict[str, LimitDecision] = {}
         for name, pid in pids.items():
             s = by_pid[pid]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -62,13 +63,18 @@ class Sample:
 
 
 class Meter:
-    """Samples a set of pids; keep one per supervisor and call :meth:`sample` periodically."""
+    """Samples a set of pids; keep one per supervisor and call :meth:`sample` periodically.
+
+    :meth:`sample` may run in a worker thread (the supervisor's does: PSS is
+    slow); it and :meth:`close` never overlap.
+    """
 
     def __init__(
         self, *, nvml: Any = None, use_nvml: bool = True, pss_interval: float | None = 30.0
     ) -> None:
         """``pss_interval`` None never reads PSS; 0 reads it at every sample."""
         self._procs: dict[int, psutil.Process] = {}
+        self._lock = threading.Lock()
         self.pss_interval = pss_interval if _HAS_SMAPS_ROLLUP else None
         self._pss: dict[int, tuple[float, int]] = {}
         self._nvml: Any = None
@@ -114,7 +120,10 @@ class Meter:
 
     def sample(self, pids: Iterable[int]) -> dict[int, Sample]:
         """Read every pid now; pids not asked for any more are forgotten."""
-        wanted = set(pids)
+        with self._lock:
+            return self._sample(set(pids))
+
+    def _sample(self, wanted: set[int]) -> dict[int, Sample]:
         for gone in self._procs.keys() - wanted:
             del self._procs[gone]
             self._pss.pop(gone, None)
@@ -155,11 +164,12 @@ class Meter:
         )
 
     def close(self) -> None:
-        self._procs.clear()
-        if self._nvml is not None:
-            with contextlib.suppress(Exception):
-                self._nvml.nvmlShutdown()
-            self._nvml, self._handles = None, []
+        with self._lock:
+            self._procs.clear()
+            if self._nvml is not None:
+                with contextlib.suppress(Exception):
+                    self._nvml.nvmlShutdown()
+                self._nvml, self._handles = None, []
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -345,7 +345,10 @@ class Supervisor:
         running = {
             name: e.server.pid for name, e in self._entries.items() if e.server.pid is not None
         }
-        decisions = self.limits.sample(running)
+        # read in a worker thread: PSS (every 30 s) makes the kernel walk each server's
+        # page tables, ~10 ms for the demo model, which would stall every request meanwhile
+        by_pid = await asyncio.to_thread(self.limits.meter.sample, running.values())
+        decisions = self.limits.sample(running, by_pid)
         for name, decision in decisions.items():
             self._enforce(self._entries[name], decision)
         await self.limits.scrape(e.server for e in self._entries.values())

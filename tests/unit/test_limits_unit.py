@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from procman._limits import Limits, is_cuda_build
 from procman.budget import MachineMemory, OverBudget
 from procman.enforce import LimitAction, LimitSettings
 from procman.events import Event, State
+from procman.meter import Sample
 from procman.metrics import MetricsExporter
 from procman.spec import ServerSpec
 from procman.supervisor import Supervisor
@@ -106,3 +109,21 @@ async def test_snapshot_and_status_carry_the_samples(tmp_path: Path) -> None:
         assert 'llamactl_server_state{server="m",state="stopped"} 1.0' in text
         row = supervisor.status()[0]
         assert row["cpu_percent"] is None and row["tokens_per_second"] is None
+
+
+async def test_sampling_reads_processes_off_the_event_loop_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PSS makes the kernel walk the page tables (~10 ms): never on the loop's thread
+    threads: list[threading.Thread] = []
+    async with Supervisor(machine=MACHINE) as supervisor:
+        meter = supervisor.limits.meter
+        real = meter.sample
+
+        def recording(pids: Iterable[int]) -> dict[int, Sample]:
+            threads.append(threading.current_thread())
+            return real(pids)
+
+        monkeypatch.setattr(meter, "sample", recording)
+        await supervisor.sample_now()
+    assert threads and threads[0] is not threading.main_thread()
