@@ -16,6 +16,7 @@ byte of its response is written.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -73,10 +74,8 @@ class ModelQueue:
         self.settings = settings or QueueSettings()
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for waiter in self._waiters if not waiter.done())
+        #: requests in line (counted, not walked: under overload the line is long)
+        self.waiting = 0
 
     async def acquire(self) -> None:
         """Take a slot, waiting in line if none is free; raises :class:`QueueFullError`.
@@ -91,13 +90,17 @@ class ModelQueue:
             raise QueueFullError(self.name, self.settings.maxsize)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        self.waiting += 1
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # granted, but nobody will use it
             else:
-                self._waiters.remove(waiter)
+                # release() may have popped and skipped it between the cancel and now
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+                self.waiting -= 1
             raise
 
     def release(self) -> None:
@@ -111,6 +114,7 @@ class ModelQueue:
             )
             if waiter.done():  # cancelled while in line
                 continue
+            self.waiting -= 1
             self.active += 1
             waiter.set_result(None)
 

@@ -108,6 +108,21 @@ async def test_a_slot_granted_to_a_cancelled_waiter_passes_on() -> None:
     assert queue.active == 1 and queue.waiting == 0
 
 
+async def test_a_waiter_cancelled_just_before_a_release_is_skipped_cleanly() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=1, maxsize=4))
+    await queue.acquire()
+    first = asyncio.create_task(queue.acquire())
+    second = asyncio.create_task(queue.acquire())
+    await settle()
+    assert queue.waiting == 2
+    first.cancel()  # its future is cancelled now, its task learns it on its next step...
+    queue.release()  # ...after this release has popped and skipped it
+    results = await asyncio.gather(first, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)  # not a ValueError from the deque
+    await asyncio.wait_for(second, 1)
+    assert queue.active == 1 and queue.waiting == 0
+
+
 async def test_cancelling_inside_the_slot_frees_it() -> None:
     queue = ModelQueue("m", QueueSettings(slots=1, maxsize=4))
     holding = asyncio.Event()
