@@ -148,6 +148,8 @@ class Head:
                 head.length = int(value)
             elif lowered == "connection":
                 head.close = value.lower() == "close"
+        if head.status in (204, 304) or head.status < 200:  # never a body (RFC 9112 6.3)
+            head.chunked, head.length = False, 0
         return head
 
 

@@ -67,6 +67,7 @@ def test_a_head_is_parsed() -> None:
     assert (error.status, error.chunked, error.length, error.close) == (400, False, 52, False)
     assert Head.parse(b"HTTP/1.1 200 OK\r\nConnection: Close").close
     assert Head.parse(b"HTTP/1.0 200 OK").close
+    assert Head.parse(b"HTTP/1.1 204 No Content").length == 0  # ends here, kept alive or not
 
 
 @pytest.mark.parametrize(
