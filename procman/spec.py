@@ -170,20 +170,6 @@ class ServerSpec:
     def log_path(self) -> Path:
         return self.log.path_for(self.name)
 
-    @property
-    def cache_ram_bytes(self) -> int:
-        """The prompt cache's limit in bytes, as the memory estimate takes it."""
-        mib = self.cache_ram
-        args = list(self.extra_args)
-        for i, arg in enumerate(args):
-            flag, eq, value = arg.partition("=")
-            if flag in _CACHE_RAM:
-                text = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-                mib = int(text) if text.lstrip("-").isdigit() else mib
-        if mib is None or mib < 0:  # llama-server's default, or -1 = no limit: count the default
-            return _CACHE_RAM_DEFAULT_MIB * _MIB
-        return mib * _MIB
-
     def _given(self, flags: frozenset[str], default: int | None) -> int | None:
         """The number an option takes in the extra args (the last one wins, as in llama-server)."""
         number = default
@@ -196,6 +182,14 @@ class ServerSpec:
         return number
 
     @property
+    def cache_ram_bytes(self) -> int:
+        """The prompt cache's limit in bytes, as the memory estimate takes it."""
+        mib = self._given(_CACHE_RAM, self.cache_ram)
+        if mib is None or mib < 0:  # llama-server's default, or -1 = no limit: count the default
+            return _CACHE_RAM_DEFAULT_MIB * _MIB
+        return mib * _MIB
+
+    @property
     def slots(self) -> int:
         """Requests llama-server decodes at once: ``-np`` from ``parallel`` or the extra args."""
         slots = self._given(_PARALLEL, self.parallel)
@@ -206,9 +200,10 @@ class ServerSpec:
         """llama-server's fixed HTTP threads: ``--threads-http`` from the extra args, or what
         llamactl passes, enough for the router's :attr:`pipeline` and the spare ones."""
         given = self._given(_THREADS_HTTP, None)
-        if given is not None and given > 0:
-            return given
-        return 2 * self.slots + SPARE_HTTP_THREADS
+        if given is None:
+            return 2 * self.slots + SPARE_HTTP_THREADS  # what argv passes
+        # 0 or less: llama-server's own choice, max(slots + 4, cores - 1); at least the former
+        return given if given > 0 else self.slots + 4
 
     @property
     def pipeline(self) -> int:
@@ -218,7 +213,7 @@ class ServerSpec:
         llama-server to fill the freed slots in its next step, instead of
         waiting for the router's round trip (with slots + 2, 16 concurrent
         one-token clients measured +18 ms p50 over direct; with 2 x slots,
-        +4 ms). Never more than the fixed HTTP threads less the spare ones:
+        -3 to +4 ms). Never more than the fixed HTTP threads less the spare ones:
         every connection the router keeps open pins one of llama-server's
         threads between requests, and cpp-httplib does not start another
         while one is counted idle (a burst then waits for the keep-alive

@@ -151,6 +151,7 @@ def test_slots_are_what_llama_server_will_have(
         (None, ("--threads-http", "20"), 20, 8, []),  # the user's own: passed as given
         (None, ("--threads-http=7",), 7, 3, []),  # fewer threads: fewer in flight
         (2, ("--threads-http", "2"), 2, 1, []),
+        (None, ("--threads-http", "-1"), 8, 4, []),  # llama-server's auto: 4 slots + 4 at least
     ],
 )
 def test_the_router_never_keeps_more_connections_than_llama_server_has_threads(
