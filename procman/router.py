@@ -317,10 +317,7 @@ class Router:
                 except LlamactlError as exc:
                     message = f"model {upstream.name!r} could not be loaded: {exc.message}"
                     return _error(503, message, "server_error", "model_failed")
-            # answers go through as the bytes llama-server writes; a stream is chunked,
-            # which an HTTP/1.0 client cannot take: aiohttp re-frames it for those
-            raw = not streamed or request.version >= (1, 1)
-            return await self._forward(request, upstream, body, raw=raw, keep_alive=not streamed)
+            return await self._forward(request, upstream, body, streamed=streamed)
         finally:
             queue.release()
 
@@ -336,9 +333,13 @@ class Router:
         upstream: Upstream,
         body: bytes,
         *,
-        raw: bool = False,
-        keep_alive: bool = False,
+        streamed: bool,
     ) -> web.StreamResponse:
+        # answers go through as the bytes llama-server writes, on a kept-alive connection
+        # unless streamed; a stream is chunked, which an HTTP/1.0 client cannot take:
+        # aiohttp's client and server re-frame it for those
+        raw = not streamed or request.version >= (1, 1)
+        pool = None if streamed else self._pool
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.ready_timeout
         resent = False
@@ -351,7 +352,7 @@ class Router:
                     answer = await _relay.open_stream(
                         upstream.url, str(request.rel_url), _forwarded(request), body,
                         connect_timeout=self.settings.connect_timeout,
-                        pool=self._pool if keep_alive else None,
+                        pool=pool,
                     )  # fmt: skip
                     return await _relay.relay(request, answer, _HOP_BY_HOP)
                 response = await self._send(request, upstream.url, body)
