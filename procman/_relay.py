@@ -64,6 +64,11 @@ class ChunkScanner:
         self._line = b""  # a size line begun in an earlier read
         self.done = False
 
+    @property
+    def between(self) -> bool:
+        """At the start of a chunk: the next byte begins a size line."""
+        return not self._need and not self._line and not self.done
+
     def feed(self, data: bytes) -> bytes:
         """Raises ValueError for framing llama-server would not write."""
         if self.done:
@@ -167,6 +172,8 @@ class _Answer(asyncio.Protocol):
     transport: asyncio.Transport | None = None
     #: the client's transport, once the client has been sent the head
     sink: asyncio.Transport | None = None
+    #: the sink, while a chunked body is between chunks (see :meth:`data_received`)
+    _through: asyncio.Transport | None = None
     pending: list[bytes] = field(default_factory=list)
     body: bytearray = field(default_factory=bytearray)
     #: the body is kept and answered in one piece (see :func:`relay`)
@@ -187,7 +194,7 @@ class _Answer(asyncio.Protocol):
     def begin(self) -> None:
         """Ready a kept-alive connection for its next request."""
         self.__post_init__()
-        self.sink, self.pending, self.body = None, [], bytearray()
+        self.sink, self._through, self.pending, self.body = None, None, [], bytearray()
         self.whole, self.reusable, self._paused = True, False, False
         self._raw_head.clear()
         self._scanner = ChunkScanner()
@@ -200,6 +207,25 @@ class _Answer(asyncio.Protocol):
         self.transport = cast("asyncio.Transport", transport)
 
     def data_received(self, data: bytes) -> None:
+        through = self._through
+        if through is not None:
+            # the usual read of a stream: one whole chunk that is not the last, as
+            # llama-server sends each event. Passed on here, without the layers of the
+            # general path: on a machine whose cores are busy generating, each token's
+            # wake-up runs with cold caches, and those layers took ~18 µs of the router's
+            # ~165 µs of CPU per streamed token. Anything else takes the general path.
+            end = data.find(b"\r\n", 0, 18)
+            digits = data[:end]
+            try:
+                size = int(digits, 16) if end > 0 and digits.isalnum() else 0
+            except ValueError:
+                size = 0
+            whole = size and len(data) == end + size + 4 and data.endswith(b"\r\n")
+            if whole and not through.is_closing():
+                through.write(data)
+                if through.get_write_buffer_size() > _HIGH_WATER:
+                    self._pause()
+                return
         if self.head.done():
             self._body(data)
             return
@@ -239,6 +265,8 @@ class _Answer(asyncio.Protocol):
                 self.write(out)
             if self._scanner.done:
                 self._finish()
+            else:
+                self._quick()
             return
         if head.length is None:  # until llama-server closes the connection
             self.body += data
@@ -263,11 +291,17 @@ class _Answer(asyncio.Protocol):
             self._fail(ConnectionResetError("the client has gone"))
             return
         sink.write(data)
-        if sink.get_write_buffer_size() > _HIGH_WATER and not self._paused:
-            self._paused = True
-            if self.transport is not None:
-                self.transport.pause_reading()
-            self.loop.call_later(_RESUME_POLL, self._maybe_resume)
+        if sink.get_write_buffer_size() > _HIGH_WATER:
+            self._pause()
+
+    def _pause(self) -> None:
+        """Stop reading llama-server until the client has taken most of what it was sent."""
+        if self._paused:
+            return
+        self._paused, self._through = True, None
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self.loop.call_later(_RESUME_POLL, self._maybe_resume)
 
     def attach(self, sink: asyncio.Transport) -> None:
         """Start passing the body to the client (what arrived meanwhile first)."""
@@ -275,6 +309,16 @@ class _Answer(asyncio.Protocol):
         pending, self.pending = self.pending, []
         for data in pending:
             self.write(data)
+        self._quick()
+
+    def _quick(self) -> None:
+        """Let :meth:`data_received` pass whole chunks straight on while it safely can:
+        the client has the head, the body is chunked and between chunks, nothing paused."""
+        sink, head = self.sink, self.head
+        chunked = head.done() and not head.cancelled() and not head.exception()
+        chunked = chunked and head.result().chunked
+        ok = chunked and self._scanner.between and not self._paused and not self.done.done()
+        self._through = sink if ok else None
 
     def _maybe_resume(self) -> None:
         if self.done.done() or self.sink is None:
@@ -283,12 +327,14 @@ class _Answer(asyncio.Protocol):
             self._fail(ConnectionResetError("the client has gone"))
         elif self.sink.get_write_buffer_size() <= _LOW_WATER:
             self._paused = False
+            self._quick()
             if self.transport is not None:
                 self.transport.resume_reading()
         else:
             self.loop.call_later(_RESUME_POLL, self._maybe_resume)
 
     def _finish(self) -> None:
+        self._through = None
         if not self.done.done():
             self.done.set_result(None)
         head = self.head.result()
@@ -298,7 +344,7 @@ class _Answer(asyncio.Protocol):
             self.transport.close()
 
     def _fail(self, exc: Exception) -> None:
-        self.reusable = False
+        self.reusable, self._through = False, None
         for future in (self.head, self.done):
             if not future.done():
                 future.set_exception(exc)
@@ -306,7 +352,7 @@ class _Answer(asyncio.Protocol):
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._lost, self.reusable = True, False
+        self._lost, self.reusable, self._through = True, False, None
         if self.pool is not None:
             self.pool.discard(self)
         if not self.head.done():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 
@@ -146,6 +147,81 @@ async def test_a_client_gone_aborts_the_upstream_connection() -> None:
     client.closing = True
     answer.attach(client)  # type: ignore[arg-type]
     assert upstream.aborted  # llama-server sees the socket go and frees the slot
+    with pytest.raises(ConnectionResetError):
+        await answer.done
+
+
+def counting_general_path(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The reads that take the general path (:meth:`_Answer._body`), recorded."""
+    seen: list[bytes] = []
+    general = _Answer._body
+
+    def body(self: _Answer, data: bytes) -> None:
+        seen.append(data)
+        general(self, data)
+
+    monkeypatch.setattr(_Answer, "_body", body)
+    return seen
+
+
+async def test_a_read_of_one_whole_chunk_goes_straight_to_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    answer, _ = answer_with_head()
+    client = FakeTransport()
+    answer.attach(client)  # type: ignore[arg-type]
+    general = counting_general_path(monkeypatch)
+    # a payload that looks like framing is still one chunk's data
+    reads = [b"5\r\nhello\r\n", b"3\r\n0\r\n\r\n", b"%x\r\n%s\r\n" % (300, b"x" * 300)]
+    for data in reads:
+        answer.data_received(data)
+    assert client.written == [b"3\r\nabc\r\n", *reads]
+    assert general == []
+    answer.data_received(b"0\r\n\r\n")  # the terminal chunk: aiohttp writes its own
+    assert general == [b"0\r\n\r\n"]
+    assert answer.done.done()
+    assert len(client.written) == 1 + len(reads)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 4, 7, 11, 12, 16])
+async def test_reads_cut_anywhere_pass_the_same_bytes(cut: int) -> None:
+    """The quick path and the general one take turns as reads fall on or off chunk edges."""
+    answer, _ = answer_with_head()
+    client = FakeTransport()
+    answer.attach(client)  # type: ignore[arg-type]
+    wire = chunked(*EVENTS, b"tail")
+    edges = [8, 8 + cut, 8 + 2 * cut, len(wire) - 20, len(wire) - 5, len(wire)]
+    reads = [wire[:8]] + [wire[a:b] for a, b in itertools.pairwise(edges) if a < b]
+    for data in reads:
+        answer.data_received(data)
+    assert b"".join(client.written) == b"3\r\nabc\r\n" + wire[:-5]
+    assert answer.done.done()
+    assert answer.done.exception() is None
+
+
+async def test_a_slow_client_stops_the_quick_path_too() -> None:
+    answer, upstream = answer_with_head()
+    client = FakeTransport()
+    answer.attach(client)  # type: ignore[arg-type]
+    client.buffered = 1 << 20
+    answer.data_received(b"2\r\nde\r\n")
+    assert upstream.paused
+    client.buffered = 0
+    await asyncio.sleep(0.03)
+    assert not upstream.paused
+    answer.data_received(b"2\r\nfg\r\n")
+    assert client.written[-2:] == [b"2\r\nde\r\n", b"2\r\nfg\r\n"]
+
+
+async def test_a_client_gone_mid_stream_aborts_the_upstream_connection() -> None:
+    answer, upstream = answer_with_head()
+    client = FakeTransport()
+    answer.attach(client)  # type: ignore[arg-type]
+    answer.data_received(b"2\r\nde\r\n")
+    client.closing = True
+    answer.data_received(b"2\r\nfg\r\n")
+    assert upstream.aborted
+    assert client.written == [b"3\r\nabc\r\n", b"2\r\nde\r\n"]
     with pytest.raises(ConnectionResetError):
         await answer.done
 
