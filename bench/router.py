@@ -3,9 +3,11 @@
 One-token requests sequentially (latency added per request, paired) and from
 16 concurrent clients (latency and throughput), then streamed answers
 (tokens/s, and the CPU the process in front of llama-server spends per
-token). The three paths take turns within one run, against the same
+token). The paths take turns within one run, against the same
 llama-server build and model, each started with the flags llamactl gives
-its own.
+its own. A fourth path, a raw TCP relay in front of the direct server
+(``_tcp_relay.py``), is the floor: what one more process in the path costs
+here, whatever it does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +43,15 @@ from _common import (  # first: it puts the repository on sys.path
 from procman._ports import pick_free_port
 from procman.bench import BenchCase, percentile, stream_case
 
+#: the floor: bytes relayed by a process in front of the direct server, nothing else
+RELAY = "raw TCP relay"
+
+
+def _turn(labels: list[str], i: int) -> list[str]:
+    """The paths in round ``i``'s order: each path goes first equally often."""
+    k = i % len(labels)
+    return labels[k:] + labels[:k]
+
 
 class Targets:
     """Direct llama-server, ``llamactl serve`` and llama.cpp's router mode, all running."""
@@ -58,7 +70,7 @@ class Targets:
         link = models_dir / self.model.name
         if not link.exists():
             link.symlink_to(self.model)
-        p1, p2, p3 = (pick_free_port(HOST) for _ in range(3))
+        p1, p2, p3, p4 = (pick_free_port(HOST) for _ in range(4))
         argvs = {
             # the servers all run with llamactl's defaults (--cache-ram 0: no host
             # prompt cache; --threads-http), so that only the path in front of them differs
@@ -86,8 +98,9 @@ class Targets:
                 str(p3),
                 *SAME_SERVER,
             ],
+            RELAY: [sys.executable, Path(__file__).with_name("_tcp_relay.py"), str(p4), str(p1)],
         }
-        for (label, argv), port in zip(argvs.items(), (p1, p2, p3), strict=True):
+        for (label, argv), port in zip(argvs.items(), (p1, p2, p3, p4), strict=True):
             proc = self.stack.enter_context(launched(argv, self.work / f"{label}.log"))
             self.urls[label] = f"http://{HOST}:{port}"
             self.commands[label] = cmdline(argv)
@@ -144,7 +157,7 @@ async def _streaming(
     for i in range(rounds):
         if i and time.monotonic() > until:
             break
-        for label in labels[i % 3 :] + labels[: i % 3]:
+        for label in _turn(labels, i):
             url, name = targets.urls[label], targets.models[label]
             before = _cpu_seconds(front.get(label))
             sample = await stream_case(session, url, case, model=name)
@@ -161,10 +174,11 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
     # its median is known to ~0.3 ms with 400 pairs
     n_seq = 30 if quick else 400
     # blocks: the p50 of one block moves by +-15 ms between blocks here, so the added
-    # latency is taken per block (paths interleaved) and its median reported
-    clients, per_client, blocks = 16, (2 if quick else 4), (1 if quick else 8)
+    # latency is taken per block (paths interleaved) and its median reported; with 24
+    # blocks that median is known to ~+-3 ms (8 left it at ~+-5 ms)
+    clients, per_client, blocks = 16, (2 if quick else 4), (1 if quick else 24)
     # each phase also stops at a time budget: on a loaded machine a round can take seconds
-    budget = 40.0 if quick else 75.0
+    budget = 40.0 if quick else 90.0
     targets = Targets(binary, model, work)
     async with _session() as session:
         try:
@@ -175,7 +189,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             for i in range(n_seq):
                 if time.monotonic() > until:
                     break
-                for label in labels[i % 3 :] + labels[: i % 3]:
+                for label in _turn(labels, i):
                     url, name = targets.urls[label], targets.models[label]
                     seq[label].append(1000 * await one_token(session, url, name))
 
@@ -186,7 +200,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             for b in range(blocks):
                 if b and time.monotonic() > until:
                     break
-                for label in labels[b % 3 :] + labels[: b % 3]:
+                for label in _turn(labels, b):
                     url, name = targets.urls[label], targets.models[label]
 
                     async def client(url: str = url, name: str = name) -> list[float]:
@@ -248,7 +262,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
         "notes": [
             "Each request is a non-streamed chat completion with max_tokens=1 and prompt 'Hi' "
             "(prompt cache on, as for any client), sent on a fresh loopback connection; the "
-            "three paths take turns request by request (sequential) or block by block "
+            "paths take turns request by request (sequential) or block by block "
             f"({clients} clients x {per_client} requests, {len(rate['direct'])} round(s)). "
             "The load generator is Python in the same 2-core machine: it competes with the "
             "servers and the llamactl router for CPU.",
@@ -258,6 +272,9 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             f"token, {STREAM_ROUNDS} interleaved rounds (6), ratio per round. CPU per token: "
             "user+system seconds of the process in front of llama-server (psutil, 10 ms "
             "ticks: the total over all rounds / all tokens), llama-server's own excluded.",
+            f"{RELAY}: `bench/_tcp_relay.py`, a process that passes bytes both ways between "
+            "the client and the direct server (uvloop, no HTTP parsing): the floor for any "
+            "process in front of llama-server on this machine, whatever it does.",
             "Every llama-server runs with the arguments llamactl gives its own "
             f"(`{' '.join(SAME_SERVER)}`):"
             " the comparison is of the paths in front of the same server.",
