@@ -5,8 +5,8 @@ One-token requests sequentially (latency added per request, paired) and from
 (tokens/s, and the CPU the process in front of llama-server spends per
 token). The paths take turns within one run, against the same
 llama-server build and model, each started with the flags llamactl gives
-its own. A fourth path, a raw TCP relay in front of the direct server
-(``_tcp_relay.py``), is the floor: what one more process in the path costs
+its own. A fourth path, a raw TCP relay in front of a llama-server of its
+own (``_tcp_relay.py``), is the floor: what one more process in the path costs
 here, whatever it does.
 """
 
@@ -43,7 +43,7 @@ from _common import (  # first: it puts the repository on sys.path
 from procman._ports import pick_free_port
 from procman.bench import BenchCase, percentile, stream_case
 
-#: the floor: bytes relayed by a process in front of the direct server, nothing else
+#: the floor: bytes relayed by a process in front of a llama-server, nothing else
 RELAY = "raw TCP relay"
 
 
@@ -70,7 +70,12 @@ class Targets:
         link = models_dir / self.model.name
         if not link.exists():
             link.symlink_to(self.model)
-        p1, p2, p3, p4 = (pick_free_port(HOST) for _ in range(4))
+        p1, p2, p3, p4, p5 = (pick_free_port(HOST) for _ in range(5))
+        # the relay fronts a llama-server of its own: sharing the direct one would hand
+        # "direct" warm caches each time it follows the relay's request (it read ~3 ms
+        # faster per sequential request than every other path when it did)
+        relayed = server_argv(self.binary, self.model, p5, *SAME_SERVER)
+        self.stack.enter_context(launched(relayed, self.work / "relayed server.log"))
         argvs = {
             # the servers all run with llamactl's defaults (--cache-ram 0: no host
             # prompt cache; --threads-http), so that only the path in front of them differs
@@ -98,12 +103,14 @@ class Targets:
                 str(p3),
                 *SAME_SERVER,
             ],
-            RELAY: [sys.executable, Path(__file__).with_name("_tcp_relay.py"), str(p4), str(p1)],
+            RELAY: [sys.executable, Path(__file__).with_name("_tcp_relay.py"), str(p4), str(p5)],
         }
         for (label, argv), port in zip(argvs.items(), (p1, p2, p3, p4), strict=True):
             proc = self.stack.enter_context(launched(argv, self.work / f"{label}.log"))
             self.urls[label] = f"http://{HOST}:{port}"
             self.commands[label] = cmdline(argv)
+            if label == RELAY:
+                self.commands[label] += f"` in front of `{cmdline(relayed)}"
             self.models[label] = "demo"
             self.procs[label] = proc
         for label, url in self.urls.items():
@@ -117,10 +124,16 @@ class Targets:
             await wait_until(lambda u=url, m=model: answered(session, u, m), self.procs[label])
             for _ in range(3):
                 await one_token(session, url, model)
+            # and each server's first concurrent batch (~2x slower than the next ones), which
+            # would otherwise fall on whichever path the first block of clients reaches first
+            await asyncio.gather(*(one_token(session, url, model) for _ in range(CLIENTS)))
 
     def close(self) -> None:
         self.stack.close()
 
+
+#: concurrent clients in the throughput blocks
+CLIENTS = 16
 
 #: streamed rounds per path: the per-sample noise here is ~+-7%, and the median ratio of n
 #: rounds is known to ~+-9%/sqrt(n), so 1% needs many
@@ -176,7 +189,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
     # blocks: the p50 of one block moves by +-15 ms between blocks here, so the added
     # latency is taken per block (paths interleaved) and its median reported; with 24
     # blocks that median is known to ~+-3 ms (8 left it at ~+-5 ms)
-    clients, per_client, blocks = 16, (2 if quick else 4), (1 if quick else 24)
+    clients, per_client, blocks = CLIENTS, (2 if quick else 4), (1 if quick else 24)
     # each phase also stops at a time budget: on a loaded machine a round can take seconds
     budget = 40.0 if quick else 90.0
     targets = Targets(binary, model, work)
@@ -273,7 +286,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             "user+system seconds of the process in front of llama-server (psutil, 10 ms "
             "ticks: the total over all rounds / all tokens), llama-server's own excluded.",
             f"{RELAY}: `bench/_tcp_relay.py`, a process that passes bytes both ways between "
-            "the client and the direct server (uvloop, no HTTP parsing): the floor for any "
+            "the client and a llama-server (uvloop, no HTTP parsing): the floor for any "
             "process in front of llama-server on this machine, whatever it does.",
             "Every llama-server runs with the arguments llamactl gives its own "
             f"(`{' '.join(SAME_SERVER)}`):"
