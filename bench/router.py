@@ -17,6 +17,7 @@ import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -53,6 +54,15 @@ def _turn(labels: list[str], i: int) -> list[str]:
     return labels[k:] + labels[:k]
 
 
+def _server_port(pid: int) -> int:
+    """The port of the llama-server a front process runs (its child)."""
+    for child in psutil.Process(pid).children(recursive=True):
+        argv = child.cmdline()
+        if "--port" in argv and "--models-dir" not in argv:
+            return int(argv[argv.index("--port") + 1])
+    raise RuntimeError(f"no llama-server with a --port under process {pid}")
+
+
 class Targets:
     """Direct llama-server, ``llamactl serve`` and llama.cpp's router mode, all running."""
 
@@ -63,6 +73,8 @@ class Targets:
         self.models: dict[str, str] = {}
         self.commands: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        #: the llama-server behind each path but "direct", called directly on its own port
+        self.own: dict[str, str] = {}
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         models_dir = self.work / "models"
@@ -76,7 +88,7 @@ class Targets:
         # faster per sequential request than every other path when it did)
         relayed = server_argv(self.binary, self.model, p5, *SAME_SERVER)
         self.stack.enter_context(launched(relayed, self.work / "relayed server.log"))
-        argvs = {
+        argvs: dict[str, Sequence[str | Path]] = {
             # the servers all run with llamactl's defaults (--cache-ram 0: no host
             # prompt cache; --threads-http), so that only the path in front of them differs
             "direct": server_argv(self.binary, self.model, p1, *SAME_SERVER),
@@ -122,6 +134,9 @@ class Targets:
         for label, url in self.urls.items():  # loads the router-mode model; warms every path
             model = self.models[label]
             await wait_until(lambda u=url, m=model: answered(session, u, m), self.procs[label])
+            if label != "direct":
+                port = p5 if label == RELAY else _server_port(self.procs[label].pid)
+                self.own[label] = f"http://{HOST}:{port}"
             for _ in range(3):
                 await one_token(session, url, model)
             # and each server's first concurrent batch (~2x slower than the next ones), which
@@ -135,9 +150,9 @@ class Targets:
 #: concurrent clients in the throughput blocks
 CLIENTS = 16
 
-#: streamed rounds per path: the per-sample noise here is ~+-7%, and the median ratio of n
+#: streamed rounds per call: the per-sample noise here is ~+-7%, and the median ratio of n
 #: rounds is known to ~+-9%/sqrt(n), so 1% needs many
-STREAM_ROUNDS = 48
+STREAM_ROUNDS = 40
 
 
 def _cpu_seconds(process: psutil.Process | None) -> float:
@@ -156,9 +171,18 @@ def _per_token(samples: list[float]) -> str:
 
 async def _streaming(
     session: aiohttp.ClientSession, targets: Targets, labels: list[str], quick: bool, budget: float
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Streamed tokens/s per path, and the front process's CPU per token."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """Streamed tokens/s per path and per front's own llama-server called directly, and the
+    front process's CPU per token.
+
+    Separate llama-server processes differ in speed by a few percent within a run, which
+    a comparison with the "direct" server charges to the path; each front's own server,
+    called directly, takes turns with the paths, so that each front is also compared with
+    the very server behind it.
+    """
     stream: dict[str, list[float]] = {k: [] for k in labels}
+    own: dict[str, list[float]] = {k: [] for k in targets.own}
+    calls = [(k, False) for k in labels] + [(k, True) for k in targets.own]
     # CPU of the process in front of llama-server (llamactl serve; llama.cpp's
     # router process, its model server excluded), per streamed token
     front = {k: psutil.Process(targets.procs[k].pid) for k in labels if k != "direct"}
@@ -166,20 +190,22 @@ async def _streaming(
     # per-sample noise is ~+-7% on 2 cores: a 1% effect needs many rounds
     tokens, rounds = (64, 6) if quick else (128, STREAM_ROUNDS)
     case = BenchCase(name="stream", prompt="Tell me a story.", max_tokens=tokens)
-    until = time.monotonic() + 4 * budget
+    until = time.monotonic() + 5 * budget
     for i in range(rounds):
         if i and time.monotonic() > until:
             break
-        for label in _turn(labels, i):
-            url, name = targets.urls[label], targets.models[label]
+        k = i % len(calls)
+        for label, direct in calls[k:] + calls[:k]:
+            url = targets.own[label] if direct else targets.urls[label]
+            name = targets.models[label]
             before = _cpu_seconds(front.get(label))
             sample = await stream_case(session, url, case, model=name)
             if sample.tokens_per_s:
-                stream[label].append(sample.tokens_per_s)
-            if label in front and sample.tokens:
+                (own if direct else stream)[label].append(sample.tokens_per_s)
+            if label in front and not direct and sample.tokens:
                 spent = _cpu_seconds(front[label]) - before
                 cpu[label].append(1e6 * spent / sample.tokens)
-    return stream, cpu
+    return stream, own, cpu
 
 
 async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) -> Section:
@@ -228,7 +254,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
                     conc[label] += block
                     block_p50[label].append(percentile(block, 50))
 
-            stream, cpu = await _streaming(session, targets, labels, quick, budget)
+            stream, own, cpu = await _streaming(session, targets, labels, quick, budget)
         finally:
             targets.close()
     d = "direct"
@@ -247,6 +273,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
                 fmt(spread(stream[label]), " t/s")
                 if label == d
                 else fmt(ratios(stream[d], stream[label]), "x", 3),
+                "-" if label == d else fmt(ratios(own[label], stream[label]), "x", 3),
                 "-" if label == d else _per_token(cpu[label]),
             ]
         )
@@ -261,6 +288,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             "added p50 vs direct, per block (paired)",
             "throughput (ratio vs direct)",
             "streamed tokens/s (ratio vs direct)",
+            "streamed tokens/s (ratio vs its own llama-server, direct)",
             "CPU of the front process per streamed token",
         ],
         "rows": rows,
@@ -270,6 +298,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             "concurrent_block_p50_ms": block_p50,
             "req_per_s": rate,
             "stream": stream,
+            "stream_own_server_direct": own,
             "front_cpu_us_per_token": cpu,
         },
         "notes": [
@@ -285,6 +314,11 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             f"token, {STREAM_ROUNDS} interleaved rounds (6), ratio per round. CPU per token: "
             "user+system seconds of the process in front of llama-server (psutil, 10 ms "
             "ticks: the total over all rounds / all tokens), llama-server's own excluded.",
+            "'its own llama-server, direct': the llama-server behind that path (llamactl's "
+            "child, the router-mode child, the relay's server) streamed to directly on its "
+            "own port, in the same rotation: separate llama-server processes differ in speed "
+            "by a few percent within a run, which the ratio to the 'direct' server charges "
+            "to the path.",
             f"{RELAY}: `bench/_tcp_relay.py`, a process that passes bytes both ways between "
             "the client and a llama-server (uvloop, no HTTP parsing): the floor for any "
             "process in front of llama-server on this machine, whatever it does.",
