@@ -214,10 +214,10 @@ class _Answer(asyncio.Protocol):
             # general path: on a machine whose cores are busy generating, each token's
             # wake-up runs with cold caches, and those layers took ~18 µs of the router's
             # ~165 µs of CPU per streamed token. Anything else takes the general path.
-            end = data.find(b"\r\n", 0, 18)
-            digits = data[:end]
+            end = data.find(b"\r\n", 0, 18)  # a size line: up to 16 hex digits
+            digits = data[:end] if end > 0 else b""
             try:
-                size = int(digits, 16) if end > 0 and digits.isalnum() else 0
+                size = int(digits, 16) if digits.isalnum() else 0
             except ValueError:
                 size = 0
             whole = size and len(data) == end + size + 4 and data.endswith(b"\r\n")
