@@ -64,7 +64,8 @@ def _server_port(pid: int) -> int:
 
 
 class Targets:
-    """Direct llama-server, ``llamactl serve`` and llama.cpp's router mode, all running."""
+    """Direct llama-server, ``llamactl serve``, llama.cpp's router mode and the raw relay, all
+    running, and the llama-server behind each front (``own``)."""
 
     def __init__(self, binary: Path, model: Path, work: Path) -> None:
         self.binary, self.model, self.work = binary, model, work
