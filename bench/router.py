@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 import psutil
@@ -44,14 +45,16 @@ from _common import (  # first: it puts the repository on sys.path
 from procman._ports import pick_free_port
 from procman.bench import BenchCase, percentile, stream_case
 
+T = TypeVar("T")
+
 #: the floor: bytes relayed by a process in front of a llama-server, nothing else
 RELAY = "raw TCP relay"
 
 
-def _turn(labels: list[str], i: int) -> list[str]:
-    """The paths in round ``i``'s order: each path goes first equally often."""
-    k = i % len(labels)
-    return labels[k:] + labels[:k]
+def _turn(calls: list[T], i: int) -> list[T]:
+    """Round ``i``'s order of the calls: each goes first equally often."""
+    k = i % len(calls)
+    return calls[k:] + calls[:k]
 
 
 def _server_port(pid: int) -> int:
@@ -195,8 +198,7 @@ async def _streaming(
     for i in range(rounds):
         if i and time.monotonic() > until:
             break
-        k = i % len(calls)
-        for label, direct in calls[k:] + calls[:k]:
+        for label, direct in _turn(calls, i):
             url = targets.own[label] if direct else targets.urls[label]
             name = targets.models[label]
             before = _cpu_seconds(front.get(label))
