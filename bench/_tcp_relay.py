@@ -36,7 +36,7 @@ class _Client(asyncio.Protocol):
         self.early: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
+        # kept: the loop holds tasks only weakly
         self.opening = asyncio.ensure_future(self._open(transport))  # type: ignore[arg-type]
 
     async def _open(self, client: asyncio.Transport) -> None:
