@@ -34,7 +34,14 @@ from typing import Any, Literal
 from procman._units import format_duration, parse_duration, parse_size
 from procman.errors import ConfigError
 from procman.scheduler import Order
-from procman.spec import DEMO_MODEL, GpuLayers, LogSettings, ServerSpec, resolve_model
+from procman.spec import (
+    DEMO_MODEL,
+    GpuLayers,
+    LogSettings,
+    ServerSpec,
+    check_extra_args,
+    resolve_model,
+)
 
 __all__ = [
     "Budget",
@@ -185,6 +192,12 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _extra_args(value: Any) -> tuple[str, ...]:
+    args = _strings(value)
+    check_extra_args(args)
+    return args
+
+
 def _budget(value: Any) -> int | Literal["auto"]:
     if value == "auto":
         return "auto"
@@ -231,7 +244,7 @@ _MODEL_KEYS: dict[str, Convert] = {
     "ttl": _duration,
     "queue": _integer(0),
     "order": _order,
-    "args": _strings,
+    "args": _extra_args,
     "aliases": _strings,
     "startup_timeout": _duration,
 }
@@ -255,6 +268,8 @@ def _section(table: Any, path: str, converters: dict[str, Convert]) -> dict[str,
             values[key] = converters[key](value)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}{key}: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{path}{key}: {exc.message}", hint=exc.hint) from exc
     return values
 
 

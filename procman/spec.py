@@ -9,6 +9,7 @@ are the documentation of each setting.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,6 +51,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED = frozenset(
     {"--host", "--port", "-m", "--model", "--log-file", "--api-key", "--api-key-file"}
 )
+
+
+def check_extra_args(args: Sequence[str]) -> None:
+    """Refuse extra llama-server arguments that would override what llamactl owns."""
+    for arg in args:
+        if arg.split("=", 1)[0] in _RESERVED:
+            raise ConfigError(
+                f"extra argument {arg!r} is managed by llamactl",
+                hint="llamactl sets the model, host, port and log of the server it supervises",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,12 +170,7 @@ class ServerSpec:
                 raise ConfigError(f"{what} must be >= 0, got {value}")
         if self.startup_timeout <= 0 or self.stop_grace < 0:
             raise ConfigError("startup_timeout must be positive and stop_grace non-negative")
-        for arg in self.extra_args:
-            if arg.split("=", 1)[0] in _RESERVED:
-                raise ConfigError(
-                    f"extra argument {arg!r} is managed by llamactl",
-                    hint="llamactl sets the model, host, port and log of the server it supervises",
-                )
+        check_extra_args(self.extra_args)
 
     @property
     def log_path(self) -> Path:

@@ -143,13 +143,16 @@ def test_bad_values_name_the_key(text: str, path: str) -> None:
     assert caught.value.message.startswith(f"{path}:"), caught.value.message
 
 
-def test_llamactl_owned_args_are_refused_with_the_model_path(tmp_path: Path) -> None:
-    config = parse_config(tomllib.loads("[models.a]\nargs = ['--port', '1']\n"))
-    model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF")
-    with pytest.raises(ConfigError, match=r"^models\.a: extra argument"):
-        config.plan(Path("/bin/llama-server"), models_dir=tmp_path).models[0]
-    del model
+def test_llamactl_owned_args_are_refused_before_any_model_is_resolved() -> None:
+    # No path: the model would be the demo, fetched on first use; the config error comes first.
+    with pytest.raises(ConfigError, match=r"^models\.a\.args: extra argument '--port'") as caught:
+        parse_config(tomllib.loads("[models.a]\nargs = ['--port', '1']\n"))
+    assert caught.value.hint and "llamactl sets the model" in caught.value.hint
+
+
+def test_owned_args_in_key_value_form_are_refused_too() -> None:
+    with pytest.raises(ConfigError, match=r"^models\.a\.args: extra argument '--host=0\.0\.0\.0'"):
+        parse_config(tomllib.loads("[models.a]\nargs = ['--host=0.0.0.0']\n"))
 
 
 def test_load_config_reports_the_file(tmp_path: Path) -> None:
