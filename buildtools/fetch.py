@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -35,6 +36,11 @@ class Artefact:
     size: int | None = None
     sdist: bool = False
     """Ask for the source distribution rather than a wheel."""
+
+    @property
+    def project(self) -> str:
+        """The project name in ``requirement``, e.g. ``llama-cpp-python``."""
+        return re.split(r"[\s\[<>=!~;@]", self.requirement, maxsplit=1)[0]
 
 
 def sha256_file(path: Path) -> str:
@@ -81,7 +87,10 @@ def fetch(artefact: Artefact, downloads: Path, *, runner: Runner = capture) -> P
             tmp,
         ]
         if artefact.sdist:
-            args += ["--no-binary", ":all:"]
+            # Only this project's sdist: pip still prepares its metadata, and
+            # ":all:" would also compile the build dependencies (cmake from
+            # source: many minutes on a cold machine).
+            args += ["--no-binary", artefact.project]
         args.append(artefact.requirement)
         done = runner(args, timeout=900)
         got = Path(tmp) / artefact.filename
