@@ -164,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--render", type=Path, metavar="RESULTS.json", help="only rewrite REPORT.md from results"
     )
+    parser.add_argument("--model", type=Path, help="a GGUF model (default: the demo model)")
+    parser.add_argument(
+        "--server", type=Path, help="a llama-server (default: the default build, built if needed)"
+    )
     args = parser.parse_args(argv)
     if args.render is not None:
         REPORT.write_text(render(json.loads(args.render.read_text())))
@@ -171,11 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     flags = [a for a, on in (("--quick", args.quick), ("--full", args.full)) if on]
     flags += [f"--only {word}" for word in args.only or ()]
+    flags += [f"--{k} {v}" for k, v in (("model", args.model), ("server", args.server)) if v]
     command = " ".join(["python bench/suite.py", *flags])
     info = _machine()
     machine_label = f"{info['cpu']}, {info['cores']} cores, {info['platform']}"
-    model = demo_model_path()
-    binary = build_default().build.binary
+    model = args.model or demo_model_path()
+    binary = args.server or build_default().build.binary
     version = (
         subprocess.run(
             [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=30

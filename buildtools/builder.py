@@ -253,7 +253,7 @@ _LOADED_CPU = re.compile(r"loaded CPU backend from (\S+)")
 
 
 def _verify_portable(
-    binary: Path, model: Path, staged: Path
+    binary: Path, model: Path, staged: Path, gpu: str | None
 ) -> tuple[VerifyResult, dict[str, str]]:
     """Verify a backend-DL build: if the CPU variant ggml picks for this
     machine dies with SIGILL, drop that variant (the next best is loaded on
@@ -263,7 +263,9 @@ def _verify_portable(
     while True:
         try:
             # verbose logging is what makes ggml say which CPU variant it loaded
-            result = verify_server(binary, model, log_path=log_path, extra_args=("-lv", "4"))
+            result = verify_server(
+                binary, model, log_path=log_path, extra_args=("-lv", "4"), gpu=gpu
+            )
         except VerificationError as exc:
             found = (
                 _LOADED_CPU.findall(log_path.read_text(errors="replace"))
@@ -401,15 +403,19 @@ def build(
                     on_progress(
                         BuildProgress("verify", line="running the built server on the demo model")
                     )
+                gpu = "CUDA" if plan.cmake_defines.get("GGML_CUDA") == "ON" else None
                 try:
                     if plan.cmake_defines.get("GGML_BACKEND_DL") == "ON":
                         verified, dropped = _verify_portable(
-                            staged / "bin" / "llama-server", model, staged
+                            staged / "bin" / "llama-server", model, staged, gpu
                         )
                         turned_off.update(dropped)
                     else:
                         verified = verify_server(
-                            staged / "bin" / "llama-server", model, log_path=staged / "verify.log"
+                            staged / "bin" / "llama-server",
+                            model,
+                            log_path=staged / "verify.log",
+                            gpu=gpu,
                         )
                 except VerificationError as exc:
                     fallback = sigill_fallback(plan, exc.returncode)

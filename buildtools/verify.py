@@ -24,12 +24,13 @@ from typing import Any
 from buildtools._runner import capture, describe_exit
 from buildtools.errors import VerificationError
 
-__all__ = ["VerifyResult", "log_tail", "read_version", "verify_server"]
+__all__ = ["VerifyResult", "gpu_offload", "log_tail", "read_version", "verify_server"]
 
 _VERSION = re.compile(
     r"version:\s*(?P<semver>\S+)\s*\(build (?P<build>\d+), commit (?P<commit>\w+)\)"
 )
 _TAIL_LINES = 25
+_OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,8 @@ class VerifyResult:
     completion_tokens: int
     text: str
     exit_code: int | None
+    gpu_layers: str | None = None
+    """``offloaded/total`` as llama-server logged it, for a GPU build."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +58,12 @@ def read_version(binary: Path) -> dict[str, str]:
             "raw": (done.stdout + done.stderr).strip()[:200],
         }
     return match.groupdict()
+
+
+def gpu_offload(log: str) -> tuple[int, int] | None:
+    """The layers llama-server says it offloaded to the GPU, and of how many."""
+    found = _OFFLOADED.findall(log)
+    return (int(found[-1][0]), int(found[-1][1])) if found else None
 
 
 def _free_port() -> int:
@@ -102,8 +111,14 @@ def verify_server(
     log_path: Path,
     timeout: float = 120.0,
     extra_args: Sequence[str] = (),
+    gpu: str | None = None,
 ) -> VerifyResult:
     """Run ``binary`` on ``model`` until it answers one chat completion.
+
+    ``gpu`` names the GPU backend of the build (e.g. ``CUDA``): every layer is
+    then offloaded (``-ngl all``; the demo model needs well under 1 GiB of
+    VRAM), and a run that put none on the GPU fails the verification rather
+    than publishing a GPU build that silently used the CPU.
 
     Raises :class:`VerificationError` with the exit status (a signal name for
     SIGILL and friends) and the tail of the server log when anything fails.
@@ -121,6 +136,8 @@ def verify_server(
         "512",
         "-np",
         "1",
+        # -lv 4: llama-server's default verbosity hides the offload line
+        *(("-ngl", "all", "-lv", "4") if gpu else ()),
         *extra_args,
     ]
     base = f"http://127.0.0.1:{port}"
@@ -166,6 +183,12 @@ def verify_server(
             raise VerificationError(
                 "the built server answered with no tokens", log_tail=log_tail(log_path)
             )
+        offload = gpu_offload(log_path.read_text(errors="replace")) if gpu else None
+        if gpu and (offload is None or offload[0] == 0):
+            raise VerificationError(
+                f"the {gpu} build answered but put no layer on the GPU",
+                log_tail=log_tail(log_path),
+            )
         proc.send_signal(signal.SIGTERM)
         try:
             exit_code = proc.wait(timeout=30)
@@ -185,6 +208,7 @@ def verify_server(
             completion_tokens=tokens,
             text=text,
             exit_code=exit_code,
+            gpu_layers=f"{offload[0]}/{offload[1]}" if offload else None,
         )
     finally:
         if proc.poll() is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from buildtools.builder import _require_tools
 from buildtools.errors import ToolchainError
 from buildtools.hardware._model import Tool
 from buildtools.plan import BuildPlan
+from buildtools.source import SourceTree
+from buildtools.verify import VerifyResult
 from tests.unit import profiles as p
 
 
@@ -49,6 +52,45 @@ def test_missing_or_old_tools_are_named_with_a_fix(
     assert info.value.hint is not None and hint in info.value.hint
 
 
+class FakeToolchain:
+    """Stands in for the compile and the verification run; records what each was given."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, verify: Callable[..., VerifyResult]):
+        from buildtools import builder
+
+        self.compiled: list[dict[str, str]] = []
+        self.verified: list[dict[str, object]] = []
+        self._verify = verify
+        monkeypatch.setattr(builder, "_compile", self.compile)
+        monkeypatch.setattr(builder, "verify_server", self.verify)
+        monkeypatch.setattr(
+            builder, "read_version", lambda b: {"build": "11312", "commit": "0c1e570"}
+        )
+
+    def compile(self, plan: BuildPlan, source: object, *args: object, **kwargs: object) -> None:
+        self.compiled.append(dict(plan.cmake_defines))
+        work = args[1]
+        assert isinstance(work, Path)
+        (work / "bin").mkdir(parents=True, exist_ok=True)
+        for target in plan.targets:
+            (work / "bin" / target).write_text("binary")
+
+    def verify(self, binary: Path, model: Path, **kwargs: object) -> VerifyResult:
+        self.verified.append(kwargs)
+        return self._verify(self.compiled[-1], **kwargs)
+
+
+def _answered(**changes: object) -> VerifyResult:
+    result = VerifyResult(
+        ok=True, seconds_to_ready=0.1, completion_tokens=4, text="hi", exit_code=0
+    )
+    return replace(result, **changes)
+
+
+def _source(tmp_path: Path) -> SourceTree:
+    return SourceTree(path=tmp_path, origin="directory", source_id="s", build_number=1, commit="c")
+
+
 def test_sigill_in_verification_rebuilds_without_the_top_extension(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -56,34 +98,20 @@ def test_sigill_in_verification_rebuilds_without_the_top_extension(
     from buildtools import builder
     from buildtools.errors import VerificationError
     from buildtools.plan import BuildOptions
-    from buildtools.source import SourceTree
-    from buildtools.verify import VerifyResult
 
-    compiled: list[dict[str, str]] = []
-
-    def fake_compile(plan: BuildPlan, source: SourceTree, *args: object, **kwargs: object) -> None:
-        compiled.append(dict(plan.cmake_defines))
-        work = args[1]
-        assert isinstance(work, Path)
-        (work / "bin").mkdir(parents=True, exist_ok=True)
-        for target in plan.targets:
-            (work / "bin" / target).write_text("binary")
-
-    def fake_verify(binary: Path, model: Path, *, log_path: Path) -> VerifyResult:
-        if compiled[-1].get("GGML_AVX512_BF16") == "ON":
+    def verify(defines: dict[str, str], **kwargs: object) -> VerifyResult:
+        if defines.get("GGML_AVX512_BF16") == "ON":
             raise VerificationError("died with SIGILL", returncode=-4)
-        return VerifyResult(
-            ok=True, seconds_to_ready=0.1, completion_tokens=4, text="hi", exit_code=0
-        )
+        return _answered()
 
-    monkeypatch.setattr(builder, "_compile", fake_compile)
-    monkeypatch.setattr(builder, "verify_server", fake_verify)
-    monkeypatch.setattr(builder, "read_version", lambda b: {"build": "11312", "commit": "0c1e570"})
-    source = SourceTree(
-        path=tmp_path, origin="directory", source_id="s", build_number=1, commit="c"
-    )
+    fake = FakeToolchain(monkeypatch, verify)
+    compiled = fake.compiled
     result = builder.build(
-        p.AVX512_SERVER, BuildOptions(), source, model=tmp_path / "m.gguf", home=tmp_path / "home"
+        p.AVX512_SERVER,
+        BuildOptions(),
+        _source(tmp_path),
+        model=tmp_path / "m.gguf",
+        home=tmp_path / "home",
     )
     assert [(c["GGML_AMX_INT8"], c["GGML_AVX512_BF16"]) for c in compiled] == [
         ("ON", "ON"),
@@ -102,6 +130,54 @@ def test_sigill_in_verification_rebuilds_without_the_top_extension(
     assert "SIGILL" in result.turned_off["avx512_bf16"]
     assert result.build.verified and result.build.manifest["turned_off"] == result.turned_off
     assert result.plan.reasons["GGML_AVX512_BF16"].startswith("avx512_bf16 turned off")
+
+
+def test_a_cuda_build_must_offload_to_be_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verification run of a CUDA build is told to expect the GPU, and what it saw is kept."""
+    from buildtools import builder
+    from buildtools.plan import BuildOptions
+
+    fake = FakeToolchain(monkeypatch, lambda defines, **kw: _answered(gpu_layers="31/31"))
+    result = builder.build(
+        p.CUDA_BOX,
+        BuildOptions(),
+        _source(tmp_path),
+        model=tmp_path / "m.gguf",
+        home=tmp_path / "home",
+    )
+    assert fake.compiled[0]["GGML_CUDA"] == "ON"
+    assert fake.verified[0]["gpu"] == "CUDA"
+    assert result.build.manifest["verified"]["gpu_layers"] == "31/31"
+
+    cpu = FakeToolchain(monkeypatch, lambda defines, **kw: _answered())
+    builder.build(
+        p.AVX2_DESKTOP,
+        BuildOptions(),
+        _source(tmp_path),
+        model=tmp_path / "m.gguf",
+        home=tmp_path / "cpu-home",
+    )
+    assert cpu.verified[0].get("gpu") is None
+
+
+@pytest.mark.parametrize(
+    ("log", "expected"),
+    [
+        (
+            "load_tensors: offloading 30 repeating layers to GPU\n"
+            "load_tensors: offloaded 31/31 layers to GPU\n",
+            (31, 31),
+        ),
+        ("load_tensors: offloaded 0/31 layers to GPU\n", (0, 31)),
+        ("load_tensors: CPU_Mapped model buffer size = 93.8 MiB\n", None),
+    ],
+)
+def test_offload_is_read_from_the_server_log(log: str, expected: tuple[int, int] | None) -> None:
+    from buildtools.verify import gpu_offload
+
+    assert gpu_offload(log) == expected
 
 
 def test_shared_build_ships_each_library_once_under_its_soname(tmp_path: Path) -> None:
