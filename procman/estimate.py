@@ -75,9 +75,12 @@ COMPONENTS = ("weights", "kv_cache", "compute", "output", "overhead")
 #: the vocabulary) is an assumption: no second vocabulary size was measured.
 HOST_OVERHEAD_BASE = 24 * MiB
 HOST_OVERHEAD_PER_VOCAB_TOKEN = 256
-#: device memory a GPU process takes before any buffer (CUDA context, cuBLAS
-#: workspace). Not measured on this project's machines: a typical figure.
-DEVICE_OVERHEAD = 384 * MiB
+#: device memory a GPU process takes before any buffer (CUDA context, loaded
+#: kernels, cuBLAS workspace). Measured on an H200 (CUDA 13.0, driver 580, the
+#: default CUDA build for sm_90): NVML's figure for llama-server less the
+#: estimated buffers was 591 MiB with 5/5 layers offloaded and 592 with 2/5
+#: (tests/integration/test_cuda.py). Smaller GPUs may take somewhat less.
+DEVICE_OVERHEAD = 592 * MiB
 
 _LLAMA_MAX_SEQ = 256
 
