@@ -42,6 +42,8 @@ _THREADS_HTTP = frozenset({"--threads-http"})
 #: llama-server HTTP threads kept beyond the router's pipeline: health probes, metrics
 #: scrapes, daemon clients that call the server directly
 SPARE_HTTP_THREADS = 4
+#: requests the router keeps at a server per slot (see ServerSpec.pipeline)
+PIPELINE_DEPTH = 3
 _MIB = 1024 * 1024
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -207,7 +209,7 @@ class ServerSpec:
         llamactl passes, enough for the router's :attr:`pipeline` and the spare ones."""
         given = self._given(_THREADS_HTTP, None)
         if given is None:
-            return 2 * self.slots + SPARE_HTTP_THREADS  # what argv passes
+            return PIPELINE_DEPTH * self.slots + SPARE_HTTP_THREADS  # what argv passes
         # 0 or less: llama-server's own choice, max(slots + 4, cores - 1); at least the former
         return given if given > 0 else self.slots + 4
 
@@ -215,17 +217,22 @@ class ServerSpec:
     def pipeline(self) -> int:
         """Requests the router keeps at this server at once when its model has no queue.
 
-        Twice the slots: when a batch finishes, as many requests wait in
-        llama-server to fill the freed slots in its next step, instead of
-        waiting for the router's round trip (with slots + 2, 16 concurrent
-        one-token clients measured +18 ms p50 over direct; with 2 x slots,
-        -3 to +4 ms). Never more than the fixed HTTP threads less the spare ones:
+        :data:`PIPELINE_DEPTH` times the slots: when a batch finishes, enough
+        requests wait in llama-server to fill the freed slots for its next
+        steps, instead of waiting for the router's round trip. With slots + 2,
+        16 concurrent one-token clients measured +18 ms p50 over direct on 2
+        cores. Twice the slots was enough there (-3 to +4 ms) but not on an
+        H200, where a batch of one-token answers takes ~2.6 ms: 16 clients got
+        0.83x direct's throughput through the router (+2.1 ms p50), three
+        times the slots 1.00x (+0.1 ms), in one lease (bench/REPORT-h200.md);
+        on 2 cores the two measured the same. Never more than the fixed HTTP
+        threads less the spare ones:
         every connection the router keeps open pins one of llama-server's
         threads between requests, and cpp-httplib does not start another
         while one is counted idle (a burst then waits for the keep-alive
         timeout, 5 s: seen with 16 in flight on 8 threads).
         """
-        return max(1, min(2 * self.slots, self.http_threads - SPARE_HTTP_THREADS))
+        return max(1, min(PIPELINE_DEPTH * self.slots, self.http_threads - SPARE_HTTP_THREADS))
 
     def argv(self, port: int) -> list[str]:
         """The llama-server command line for a server listening on ``port``."""

@@ -28,7 +28,7 @@ def spec(**fields: object) -> ServerSpec:
 def test_minimal_argv() -> None:
     assert spec().argv(4321) == [
         "/bin/llama-server", "-m", "/m/model.gguf", "--host", "127.0.0.1", "--port", "4321",
-        "--alias", "demo", "--cache-ram", "0", "--threads-http", "12", "--log-colors", "off",
+        "--alias", "demo", "--cache-ram", "0", "--threads-http", "16", "--log-colors", "off",
     ]  # fmt: skip
 
 
@@ -146,9 +146,9 @@ def test_slots_are_what_llama_server_will_have(
 @pytest.mark.parametrize(
     ("parallel", "extra", "threads", "pipeline", "passed"),
     [
-        (None, (), 12, 8, ["--threads-http", "12"]),  # 4 slots: 8 in flight, 4 spare threads
-        (1, (), 6, 2, ["--threads-http", "6"]),
-        (None, ("--threads-http", "20"), 20, 8, []),  # the user's own: passed as given
+        (None, (), 16, 12, ["--threads-http", "16"]),  # 4 slots: 12 in flight, 4 spare threads
+        (1, (), 7, 3, ["--threads-http", "7"]),
+        (None, ("--threads-http", "20"), 20, 12, []),  # the user's own: passed as given
         (None, ("--threads-http=7",), 7, 3, []),  # fewer threads: fewer in flight
         (2, ("--threads-http", "2"), 2, 1, []),
         (None, ("--threads-http", "-1"), 8, 4, []),  # llama-server's auto: 4 slots + 4 at least
