@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import time
@@ -309,8 +310,8 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             "(prompt cache on, as for any client), sent on a fresh loopback connection; the "
             "paths take turns request by request (sequential) or block by block "
             f"({clients} clients x {per_client} requests, {len(rate['direct'])} round(s)). "
-            "The load generator is Python in the same 2-core machine: it competes with the "
-            "servers and the llamactl router for CPU.",
+            f"The load generator is Python in the same {os.cpu_count()}-core machine: it "
+            "competes with the servers and the llamactl router for CPU.",
             "'added vs direct' is the per-round difference (path - direct): median [p10-p90]; "
             "with 16 clients, the difference of each block's p50 from the direct block's.",
             "Streaming: 128 tokens (64 with --quick), ignore_eos, tokens/s after the first "

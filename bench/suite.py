@@ -164,13 +164,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--render", type=Path, metavar="RESULTS.json", help="only rewrite REPORT.md from results"
     )
+    parser.add_argument(
+        "--report", type=Path, default=REPORT, help="with --render: where to write the report"
+    )
     parser.add_argument("--model", type=Path, help="a GGUF model (default: the demo model)")
     parser.add_argument(
         "--server", type=Path, help="a llama-server (default: the default build, built if needed)"
     )
     args = parser.parse_args(argv)
     if args.render is not None:
-        REPORT.write_text(render(json.loads(args.render.read_text())))
+        args.report.write_text(render(json.loads(args.render.read_text())))
         return 0
     started = time.monotonic()
     flags = [a for a, on in (("--quick", args.quick), ("--full", args.full)) if on]
