@@ -6,9 +6,10 @@
 #   mkdir -p .devcarry && echo /.devcarry/ >> .git/info/exclude
 #   python tests/device/shrink_gguf.py ~/.cache/llamactl/models/SmolLM2-135M-Instruct.Q4_1.gguf \
 #       .devcarry/smollm2-4layers.gguf --layers 4          # the demo model is over the 64 MiB limit
-#   tar czf .devcarry/llama.cpp-src.tar.gz -C ~/.cache/llamactl/sources/llama.cpp-b* \
-#       --exclude=./docs --exclude=./models --exclude=./media --exclude=./tests \
-#       --exclude=./examples --exclude=./benches --exclude=./gguf-py --exclude=./conversion .
+#   tar czf .devcarry/llama.cpp-src.tar.gz -C ~/.cache/llamactl/sources/llama.cpp-b*/ \
+#       --transform 's,^\.,llama.cpp,' --exclude=./docs --exclude=./models --exclude=./media \
+#       --exclude=./tests --exclude=./examples --exclude=./benches --exclude=./gguf-py \
+#       --exclude=./conversion --exclude=./pocs .   # ~10 MB: what a CUDA build of the server needs
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux2014_x86_64 -d .devcarry gguf==0.19.0 tomli-w typer==0.28.0
 #
@@ -26,8 +27,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     --target /tmp/site .devcarry/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 mkdir -p /tmp/llama && tar xzf .devcarry/llama.cpp-src.tar.gz -C /tmp/llama || exit 1
-src=$(find /tmp/llama -maxdepth 2 -name CMakeLists.txt -path '*/llama.cpp*/CMakeLists.txt' | head -1)
-export LLAMACTL_SOURCE=${src%/CMakeLists.txt}
+export LLAMACTL_SOURCE=/tmp/llama/llama.cpp
+[ -f "$LLAMACTL_SOURCE/CMakeLists.txt" ] || { echo "no llama.cpp/ in the source tarball"; exit 1; }
 export LLAMACTL_TEST_MODEL=$PWD/.devcarry/smollm2-4layers.gguf
 
 { nvidia-smi; nvcc --version; nproc; python3 --version; } >"$OUT/machine.txt" 2>&1
