@@ -225,12 +225,13 @@ class ServerSpec:
         H200, where a batch of one-token answers takes ~2.6 ms: 16 clients got
         0.83x direct's throughput through the router (+2.1 ms p50), three
         times the slots 1.00x (+0.1 ms), in one lease (bench/REPORT-h200.md);
-        on 2 cores the two measured the same. Never more than the fixed HTTP
-        threads less the spare ones:
-        every connection the router keeps open pins one of llama-server's
-        threads between requests, and cpp-httplib does not start another
-        while one is counted idle (a burst then waits for the keep-alive
-        timeout, 5 s: seen with 16 in flight on 8 threads).
+        on 2 cores the two measured the same.
+
+        Never more than the fixed HTTP threads less the spare ones: every
+        connection the router keeps open pins one of llama-server's threads
+        between requests, and cpp-httplib does not start another while one is
+        counted idle (a burst then waits for the keep-alive timeout, 5 s: seen
+        with 16 in flight on 8 threads).
         """
         return max(1, min(PIPELINE_DEPTH * self.slots, self.http_threads - SPARE_HTTP_THREADS))
 
