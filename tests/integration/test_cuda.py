@@ -106,11 +106,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 - loopback
-        return json.load(resp)
-
-
 def _chat(base: str) -> dict[str, Any]:
     body = {"model": "gpu", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}
     request = urllib.request.Request(  # noqa: S310 - loopback URL
