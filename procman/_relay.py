@@ -29,7 +29,10 @@ from typing import cast
 
 from aiohttp import web
 
-__all__ = ["ChunkScanner", "Head", "Pool", "UpstreamHungUp", "open_stream", "relay"]
+__all__ = [
+    "ChunkScanner", "Head", "Pool", "UpstreamHungUp", "encode_head", "open_stream", "relay",
+    "relay_raw",
+]  # fmt: skip
 
 #: a chunk-size line or a response head longer than this is not llama-server's
 _MAX_LINE = 1024
@@ -500,5 +503,47 @@ async def relay(request: web.Request, answer: _Answer, skip: frozenset[str]) -> 
             with contextlib.suppress(Exception):
                 request.transport.abort()
         return stream
+    finally:
+        answer.release()
+
+
+def encode_head(status: int, reason: str, headers: Iterable[tuple[str, str]]) -> bytes:
+    """An HTTP/1.1 response head; header bytes go back out as they came in."""
+    lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+async def relay_raw(
+    sink: asyncio.Transport, answer: _Answer, skip: frozenset[str], *, close: bool
+) -> bool:
+    """:func:`relay` for the router's lean front (``procman._front``): the answer is
+    written to the client's transport itself. Returns whether the connection may carry
+    another request."""
+    head = answer.head.result()
+    headers = [(k, v) for k, v in head.headers if k.lower() not in skip]
+    if close:
+        headers.append(("Connection", "close"))
+    try:
+        if answer.whole:
+            await answer.done
+            body = bytes(answer.body)
+            headers.append(("Content-Length", str(len(body))))
+            sink.write(encode_head(head.status, head.reason, headers) + body)
+            return not close
+        if head.chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+        else:
+            headers.append(("Content-Length", str(head.length)))
+        sink.write(encode_head(head.status, head.reason, headers))
+        # from here on the head is out: an error cuts the connection (see relay)
+        answer.attach(sink)
+        try:
+            await answer.done
+        except (ConnectionError, ValueError):
+            sink.abort()
+            return False
+        if head.chunked:
+            sink.write(b"0\r\n\r\n")  # the terminal chunk, which the scanner withheld
+        return not close
     finally:
         answer.release()

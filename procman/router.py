@@ -24,12 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import aiohttp
 from aiohttp import web
 
 from procman import _relay
+from procman._front import Front, Incoming, close_idle
 from procman._ports import check_exposure
 from procman.errors import AdmissionError, LlamactlError
 from procman.events import State
@@ -51,6 +52,10 @@ _HOP_BY_HOP = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "trailers", "transfer-encoding", "upgrade", "content-length", "host", "authorization",
         "accept-encoding", "server", "date",
+        # aiohttp (the front hands such requests to it) has answered 100-continue; the
+        # body goes on with the request, and llama-server's own interim 100 would be
+        # taken for its answer
+        "expect",
     }
 )  # fmt: skip
 _RETRY_CONNECT_DELAY = 0.05
@@ -134,6 +139,54 @@ def _error(
     return web.json_response(body, status=status, headers=headers or None)
 
 
+R = TypeVar("R")
+
+
+class _Reply(Generic[R]):
+    """How an answer reaches the client: through aiohttp, or the lean front's transport."""
+
+    request: web.Request | None = None
+    """The aiohttp request, where there is one (HTTP/1.0 streams need its client)."""
+
+    def error(self, response: web.Response) -> R:
+        raise NotImplementedError
+
+    async def relay(self, answer: _relay._Answer) -> R:
+        raise NotImplementedError
+
+
+class _AiohttpReply(_Reply[web.StreamResponse]):
+    def __init__(self, request: web.Request) -> None:
+        self.request = self._request = request
+
+    def error(self, response: web.Response) -> web.StreamResponse:
+        return response
+
+    async def relay(self, answer: _relay._Answer) -> web.StreamResponse:
+        return await _relay.relay(self._request, answer, _HOP_BY_HOP)
+
+
+class _RawReply(_Reply[None]):
+    def __init__(self, transport: asyncio.Transport, close: bool) -> None:
+        self.transport = transport
+        self.close = close
+        self.keep = False
+        """The connection may carry another request."""
+
+    def error(self, response: web.Response) -> None:
+        headers = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
+        body = response.body if isinstance(response.body, bytes) else b""
+        headers.append(("Content-Length", str(len(body))))
+        if self.close:
+            headers.append(("Connection", "close"))
+        head = _relay.encode_head(response.status, response.reason, headers)
+        self.transport.write(head + body)
+        self.keep = not self.close
+
+    async def relay(self, answer: _relay._Answer) -> None:
+        self.keep = await _relay.relay_raw(self.transport, answer, _HOP_BY_HOP, close=self.close)
+
+
 class Router:
     """The aiohttp application and its lifecycle: ``async with Router(supervisor) as r:``."""
 
@@ -152,7 +205,14 @@ class Router:
         self._session: aiohttp.ClientSession | None = None
         self._pool = _relay.Pool()
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None
+        #: open connections of the lean front (procman._front)
+        self.fronts: set[Front] = set()
+        self.fast_paths = frozenset(PROXIED)
+        self.hop_by_hop = _HOP_BY_HOP
+        self.needs_key = self._key is not None
         self.app = web.Application(
             # no key, no middleware: it would wrap every request for nothing
             middlewares=[self._auth] if self._key is not None else [],
@@ -197,12 +257,35 @@ class Router:
             shutdown_timeout=self.settings.shutdown_timeout,
         )
         await self._runner.setup()
-        site = web.SockSite(self._runner, sock)
-        await site.start()
+        fallback = self._runner.server
+        if fallback is None:  # pragma: no cover - setup() made it
+            raise RuntimeError("aiohttp's server was not set up")
+        # each connection starts at the lean front, which hands aiohttp what is not its own
+        self._listener = await asyncio.get_running_loop().create_server(
+            lambda: Front(self, fallback), sock=sock
+        )
+        self._sweeper = asyncio.create_task(close_idle(self.fronts))
         name = sock.getsockname()
         self.address = (str(name[0]), int(name[1]))
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            # requests in flight on the lean front get the shutdown timeout to finish
+            busy = [f.task for f in self.fronts if f.task is not None]
+            for front in list(self.fronts):
+                front.close()
+            if busy:
+                _, late = await asyncio.wait(busy, timeout=self.settings.shutdown_timeout)
+                for task in late:
+                    task.cancel()
+            for front in list(self.fronts):
+                if front.transport is not None:
+                    front.transport.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -223,16 +306,22 @@ class Router:
     async def _auth(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if self._key is not None and request.path != "/health":
-            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), self._key
-            ):
-                return _error(
-                    401, "invalid or missing API key", "invalid_request_error", "invalid_api_key",
-                    **{"WWW-Authenticate": "Bearer"},
-                )  # fmt: skip
+        public = request.path == "/health"
+        if not public and not self.authorised(request.headers.get("Authorization", "")):
+            return _error(
+                401, "invalid or missing API key", "invalid_request_error", "invalid_api_key",
+                **{"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
         return await handler(request)
+
+    def authorised(self, header: str) -> bool:
+        """Whether an ``Authorization`` header carries the API key (constant-time)."""
+        if self._key is None:
+            return True
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("utf-8", "surrogateescape"), self._key
+        )
 
     async def _health(self, request: web.Request) -> web.Response:
         servers = self.upstreams.upstreams()
@@ -283,27 +372,46 @@ class Router:
         return upstream, payload.get("stream") is True
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
+        """The proxied POSTs that reach aiohttp (see :mod:`procman._front` for the rest)."""
         body = await request.read()
-        picked = self._pick(body)
+        incoming = Incoming(
+            target=str(request.rel_url),
+            headers=_forwarded(request),
+            body=body,
+            http11=request.version >= (1, 1),
+        )
+        return await self._answer(incoming, _AiohttpReply(request))
+
+    async def answer_raw(
+        self, incoming: Incoming, transport: asyncio.Transport, *, close: bool
+    ) -> bool:
+        """Answer a request of the lean front on its transport; True if the connection
+        may carry another."""
+        reply = _RawReply(transport, close)
+        await self._answer(incoming, reply)
+        return reply.keep
+
+    async def _answer(self, incoming: Incoming, reply: _Reply[R]) -> R:
+        picked = self._pick(incoming.body)
         if isinstance(picked, web.Response):
-            return picked
+            return reply.error(picked)
         upstream, streamed = picked
         if self.loader is None:
-            return await self._queued(request, upstream, body, streamed)
+            return await self._queued(incoming, reply, upstream, streamed)
         async with self.loader.using(upstream.name):
-            return await self._queued(request, upstream, body, streamed)
+            return await self._queued(incoming, reply, upstream, streamed)
 
     async def _queued(
-        self, request: web.Request, upstream: Upstream, body: bytes, streamed: bool
-    ) -> web.StreamResponse:
+        self, incoming: Incoming, reply: _Reply[R], upstream: Upstream, streamed: bool
+    ) -> R:
         """The request's turn in its model's queue, then its answer."""
         queue = self.scheduler.queue(upstream.name) or self._default_queue(upstream)
         try:
             await queue.acquire()
         except QueueFullError as exc:
             retry = str(self.settings.retry_after)
-            return _error(
-                429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry}
+            return reply.error(
+                _error(429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry})
             )
         try:
             if self.loader is not None and self.loader.on_demand(upstream.name):
@@ -313,11 +421,11 @@ class Router:
                     message = f"model {upstream.name!r} does not fit: {exc.message}"
                     if exc.hint:
                         message += f" ({exc.hint})"
-                    return _error(503, message, "server_error", "over_budget")
+                    return reply.error(_error(503, message, "server_error", "over_budget"))
                 except LlamactlError as exc:
                     message = f"model {upstream.name!r} could not be loaded: {exc.message}"
-                    return _error(503, message, "server_error", "model_failed")
-            return await self._forward(request, upstream, body, streamed=streamed)
+                    return reply.error(_error(503, message, "server_error", "model_failed"))
+            return await self._forward(incoming, reply, upstream, streamed=streamed)
         finally:
             queue.release()
 
@@ -329,16 +437,16 @@ class Router:
 
     async def _forward(
         self,
-        request: web.Request,
+        incoming: Incoming,
+        reply: _Reply[R],
         upstream: Upstream,
-        body: bytes,
         *,
         streamed: bool,
-    ) -> web.StreamResponse:
+    ) -> R:
         # answers go through as the bytes llama-server writes, on a kept-alive connection
         # unless streamed; a stream is chunked, which an HTTP/1.0 client cannot take:
         # aiohttp's client and server re-frame it for those
-        raw = not streamed or request.version >= (1, 1)
+        raw = not streamed or incoming.http11
         pool = None if streamed else self._pool
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.ready_timeout
@@ -346,21 +454,24 @@ class Router:
         while True:
             ready = await upstream.wait_ready(max(0.0, deadline - loop.time()))
             if not ready or upstream.url is None:
-                return self._unavailable(upstream)
+                return reply.error(self._unavailable(upstream))
             try:
                 if raw:
                     answer = await _relay.open_stream(
-                        upstream.url, str(request.rel_url), _forwarded(request), body,
+                        upstream.url, incoming.target, incoming.headers, incoming.body,
                         connect_timeout=self.settings.connect_timeout,
                         pool=pool,
                     )  # fmt: skip
-                    return await _relay.relay(request, answer, _HOP_BY_HOP)
-                response = await self._send(request, upstream.url, body)
+                    return await reply.relay(answer)
+                request = reply.request
+                if request is None:  # pragma: no cover - the lean front takes HTTP/1.1 only
+                    raise RuntimeError("an HTTP/1.0 stream needs aiohttp's request")
+                response = await self._send(request, upstream.url, incoming.body)
             except (aiohttp.ClientConnectorError, ConnectionRefusedError, TimeoutError):
                 # nothing reached the server (it died after we saw it ready):
                 # safe to send again once the supervisor has restarted it
                 if loop.time() >= deadline:
-                    return self._unavailable(upstream)
+                    return reply.error(self._unavailable(upstream))
                 await asyncio.sleep(_RETRY_CONNECT_DELAY)
                 continue
             except (aiohttp.ClientConnectionError, _relay.UpstreamHungUp) as exc:
@@ -370,14 +481,14 @@ class Router:
                 # server must not take down every restart too.
                 if resent:
                     message = f"model {upstream.name!r} failed: {exc}"
-                    return _error(502, message, "server_error", "upstream_error")
+                    return reply.error(_error(502, message, "server_error", "upstream_error"))
                 resent = True
                 await asyncio.sleep(_RETRY_CONNECT_DELAY)
                 continue
             except (aiohttp.ClientError, OSError, ValueError) as exc:
                 message = f"model {upstream.name!r} failed: {exc}"
-                return _error(502, message, "server_error", "upstream_error")
-            return await self._relay(request, response)
+                return reply.error(_error(502, message, "server_error", "upstream_error"))
+            return cast(R, await self._relay(request, response))
 
     def _unavailable(self, upstream: Upstream) -> web.Response:
         if upstream.state is State.FAILED:
