@@ -9,7 +9,9 @@ goes away its upstream request is closed, which makes llama-server stop
 generating for it. Upstream requests go out on raw connections
 (``procman._relay``): kept alive in one pool for answers with a length,
 fresh for streams; aiohttp's client is left only streams asked for by
-HTTP/1.0 clients (no chunked encoding there).
+HTTP/1.0 clients (no chunked encoding there). Requests arrive through
+``procman._front``: the proxied POSTs are parsed and answered there, the rest
+by this module's aiohttp application.
 """
 
 from __future__ import annotations
