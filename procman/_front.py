@@ -11,7 +11,7 @@ So each connection starts here. A request that is the common case, a POST to
 one of :data:`procman.router.PROXIED` in HTTP/1.1 with a ``Content-Length``
 body, no ``Expect`` or ``Transfer-Encoding``, within the body limit and (with
 an API key) authorised, is parsed here and answered through
-:meth:`procman.router.Router.answer`, its response written straight to the
+:meth:`procman.router.Router.answer_raw`, its response written straight to the
 transport. Anything else (other paths, HTTP/1.0, chunked uploads, a missing
 key, a malformed head) hands the connection, bytes read so far included, to
 aiohttp's protocol for good, which answers it as it always did: the 401s,
