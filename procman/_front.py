@@ -78,7 +78,6 @@ class Front(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self._head: _Head | None = None
         self._paused = False
-        self._handed = False
         self.last_active = 0.0
         """Loop time of the last byte received or answer sent (see :meth:`idle_for`)."""
 
@@ -141,7 +140,7 @@ class Front(asyncio.Protocol):
         router = self.router
         headers: list[tuple[str, str]] = []
         length: int | None = None
-        close, authorised = False, not router.needs_key
+        close, authorization = False, ""
         for line in lines:
             name, colon, value = line.partition(":")
             value, lowered = value.strip(), name.lower()
@@ -154,10 +153,12 @@ class Front(asyncio.Protocol):
             elif lowered == "connection":
                 close = "close" in value.lower()
             elif lowered == "authorization":
-                authorised = router.authorised(value)
+                authorization = value
             if lowered not in router.hop_by_hop:
                 headers.append((name, value))
-        if length is None or length > router.settings.max_body_bytes or not authorised:
+        if length is None or length > router.settings.max_body_bytes:
+            return None
+        if not router.authorised(authorization):  # aiohttp answers the 401
             return None
         return _Head(target=target, headers=headers, length=length, close=close, end=body_at)
 
@@ -189,9 +190,9 @@ class Front(asyncio.Protocol):
     def _hand_over(self) -> None:
         """Give the connection, and every byte read from it, to aiohttp's protocol."""
         transport = self.transport
-        if transport is None or self._handed:
+        if transport is None:  # pragma: no cover - _next runs after connection_made
             return
-        self._handed = True
+        # from here the protocol is aiohttp's: nothing reaches this object again
         self.router.fronts.discard(self)
         protocol = self.fallback()
         transport.set_protocol(protocol)

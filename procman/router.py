@@ -214,7 +214,6 @@ class Router:
         self.fronts: set[Front] = set()
         self.fast_paths = frozenset(PROXIED)
         self.hop_by_hop = _HOP_BY_HOP
-        self.needs_key = self._key is not None
         self.app = web.Application(
             # no key, no middleware: it would wrap every request for nothing
             middlewares=[self._auth] if self._key is not None else [],
