@@ -1,21 +1,24 @@
-"""The router's front door: the proxied POSTs served by a lean HTTP/1.1 protocol.
+"""The router's front door: every request is read, checked and framed here first.
 
-aiohttp's server costs the router more CPU per request than everything else
-it does: with the same upstream relay behind it, a one-token completion took
-~440 µs of CPU at 16 concurrent clients and ~810 µs one at a time through
-aiohttp on 2 cores, ~260 and ~460 µs through this protocol (a raw byte relay:
-~245 and ~375). On a machine whose cores are busy generating, that CPU is
-taken from llama-server.
+Each connection starts at a :class:`Front`, which reads one whole request at
+a time with a strict HTTP/1.1 parser (:func:`parse_head`): what a strict
+parser refuses is answered at once with 400, 413, 431, 501 or 505 and the
+connection closed, never handed on. The head must arrive within
+``head_timeout`` of its first byte and a body keep ``min_body_rate`` after a
+grace period (else 408), idle connections close after ``keepalive``, and at
+most ``max_connections`` are open (idle ones are closed to make room, then
+new ones refused with 503). The access rules (:class:`procman._guard.Guard`:
+Host, Origin, API key) are applied to every request here, and ``OPTIONS`` is
+answered here.
 
-So each connection starts here. A request that is the common case, a POST to
-one of :data:`procman.router.PROXIED` in HTTP/1.1 with a ``Content-Length``
-body, no ``Expect`` or ``Transfer-Encoding``, within the body limit and (with
-an API key) authorised, is parsed here and answered through
-:meth:`procman.router.Router.answer_raw`, its response written straight to the
-transport. Anything else (other paths, HTTP/1.0, chunked uploads, a missing
-key, a malformed head) hands the connection, bytes read so far included, to
-aiohttp's protocol for good, which answers it as it always did: the 401s,
-413s and 400s keep their one implementation.
+A request that is the common case, a POST to one of the proxied paths in
+HTTP/1.1, is then answered through the ``answer`` callable, its response
+written straight to the transport: aiohttp's server costs the router more
+CPU than everything else it does (a one-token completion: ~440 µs of CPU at
+16 clients and ~810 µs one at a time through aiohttp on 2 cores, ~260 and
+~460 µs here; a raw byte relay: ~245 and ~375). Anything else (other paths,
+HTTP/1.0) is handed, whole and re-framed with a ``Content-Length`` and
+``Connection: close``, to aiohttp's protocol, which answers that one request.
 
 A client that disconnects cancels its request's task, which aborts the
 upstream request (as ``handler_cancellation`` does in aiohttp).
@@ -24,26 +27,57 @@ upstream request (as ``handler_cancellation`` does in aiohttp).
 from __future__ import annotations
 
 import asyncio
+import enum
+import json
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
-if TYPE_CHECKING:
-    from procman.router import Router
+from procman._guard import Guard, Refusal
 
-__all__ = ["KEEPALIVE", "Front", "Incoming", "close_idle"]
+__all__ = ["Front", "FrontDoor", "FrontSettings", "Head", "Incoming", "parse_head"]
 
 log = logging.getLogger(__name__)
 
-#: aiohttp's own limit for a request head (line and headers)
-_MAX_HEAD = 8190
+#: a request head (request line and headers) longer than this is 431, as aiohttp's limit
+MAX_HEAD = 8190
+MAX_HEADERS = 100
 #: bytes of a next (pipelined) request buffered while one is answered
 _MAX_AHEAD = 256 * 1024
-#: an idle connection is closed after this long, as aiohttp does with its own
-KEEPALIVE = 75.0
-#: request headers that aiohttp handles (100-continue, chunked uploads, upgrades)
-_NOT_OURS = frozenset({"transfer-encoding", "expect", "upgrade"})
+_MAX_CHUNK_LINE = 1024
+_LINGER = 2.0
+#: the sweeper's period: deadlines are met within this
+_SWEEP = 0.5
+_CAP_LOG_EVERY = 10.0
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: control characters allowed nowhere in a head (CR and LF only as line ends, checked apart)
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
+_REASONS = {
+    100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 408: "Request Timeout", 413: "Content Too Large",
+    417: "Expectation Failed", 431: "Request Header Fields Too Large", 501: "Not Implemented",
+    503: "Service Unavailable", 505: "HTTP Version Not Supported",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class FrontSettings:
+    """What the front needs of the router's settings."""
+
+    fast_paths: frozenset[str]
+    """POST paths answered through ``answer``; the rest go to aiohttp."""
+    skip: frozenset[str]
+    """Request headers (lowercase) never passed on to llama-server."""
+    max_body: int
+    max_connections: int = 512
+    head_timeout: float = 10.0
+    body_grace: float = 10.0
+    min_body_rate: int = 8192
+    keepalive: float = 75.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,119 +90,430 @@ class Incoming:
     """The client's headers that go on to llama-server."""
     body: bytes
     http11: bool = True
+    cors: tuple[tuple[str, str], ...] = ()
+    """Headers the answer gets for the browser that asked (see ``Guard.cors_headers``)."""
 
 
 @dataclass(slots=True)
-class _Head:
+class Head:
+    """A parsed request head (see :func:`parse_head`)."""
+
+    method: str
     target: str
+    http11: bool
     headers: list[tuple[str, str]]
-    length: int
-    close: bool
-    end: int  # where the body starts in the buffer
+    """Every header as sent (names as sent, values trimmed)."""
+    length: int = 0
+    chunked: bool = False
+    close: bool = False
+    expect: bool = False
+    """``Expect: 100-continue``."""
+    host: str | None = None
+    origin: str | None = None
+    fetch_site: str | None = None
+    authorization: str = ""
+    x_api_key: str = ""
+    preflight_headers: str | None = None
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+
+def _bad(message: str, status: int = 400) -> Refusal:
+    return Refusal(status, message, "bad_request")
+
+
+#: headers the guard reads, by the ``Head`` field that keeps them
+_CAPTURED = {
+    "authorization": "authorization", "x-api-key": "x_api_key", "origin": "origin",
+    "sec-fetch-site": "fetch_site", "access-control-request-headers": "preflight_headers",
+}  # fmt: skip
+#: headers that may appear once
+_SINGLE = frozenset({"content-length", "transfer-encoding", "host"})
+
+
+def parse_head(raw: bytes, max_body: int) -> Head | Refusal:  # noqa: PLR0911 - one per refusal
+    """Parse a request head (without its final CRLF CRLF) as a strict HTTP/1.1 server does."""
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") != crlf or raw.count(b"\r") != crlf:
+        return _bad("bare CR or LF in the request head (lines must end in CRLF)")
+    if _CONTROL.search(raw):
+        return _bad("control character in the request head")
+    lines = raw.split(b"\r\n")
+    if len(lines) - 1 > MAX_HEADERS:
+        return _bad(f"more than {MAX_HEADERS} header lines", 431)
+    head = _request_line(lines[0])
+    if isinstance(head, Refusal):
+        return head
+    once: dict[str, str] = {}
+    connection = ""
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):  # also a space before ':', or a folded line
+            return _bad("malformed header line")
+        text = value.strip(b" \t").decode("utf-8", "surrogateescape")
+        key = name.decode("ascii")
+        head.headers.append((key, text))
+        lowered = key.lower()
+        if lowered in _SINGLE:
+            if lowered in once:
+                return _bad(f"more than one {key} header")
+            once[lowered] = text
+        elif lowered == "connection":
+            connection += "," + text.lower()
+        elif lowered == "expect":
+            if text.lower() != "100-continue":
+                return _bad(f"unsupported expectation {text[:40]!r}", 417)
+            head.expect = True
+        elif attribute := _CAPTURED.get(lowered):
+            setattr(head, attribute, text)
+    head.host = once.get("host")
+    tokens = {t.strip() for t in connection.split(",")}
+    head.close = "close" in tokens if head.http11 else "keep-alive" not in tokens
+    return _framing(head, once, max_body) or head
+
+
+def _request_line(line: bytes) -> Head | Refusal:
+    parts = line.split(b" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
+        return _bad("malformed request line")
+    method, target, version = parts
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        if _VERSION.fullmatch(version):
+            return _bad("only HTTP/1.0 and HTTP/1.1 are served", 505)
+        return _bad("malformed request line")
+    if not target.isascii() or not (target.startswith(b"/") or target == b"*"):
+        return _bad("the request target must be an ASCII path")
+    return Head(
+        method=method.decode("ascii"),
+        target=target.decode("ascii"),
+        http11=version == b"HTTP/1.1",
+        headers=[],
+    )
+
+
+def _framing(head: Head, once: dict[str, str], max_body: int) -> Refusal | None:
+    """Where the body ends: ``Content-Length`` digits, or chunked (and not both)."""
+    length, coding = once.get("content-length"), once.get("transfer-encoding")
+    if coding is not None:
+        if length is not None:
+            return _bad("both Content-Length and Transfer-Encoding")
+        if not head.http11:
+            return _bad("Transfer-Encoding in an HTTP/1.0 request")
+        if coding.lower() != "chunked":
+            return _bad(f"unsupported Transfer-Encoding {coding[:40]!r}", 501)
+        head.chunked = True
+    elif length is not None:
+        # isdigit() alone takes "²" and other non-ASCII digits, which int() then refuses
+        if not (length.isascii() and length.isdigit()) or len(length) > 18:
+            return _bad("invalid Content-Length")
+        head.length = int(length)
+        if head.length > max_body:
+            return Refusal(413, f"the request body is over {max_body} bytes", "request_too_large")
+    return None
+
+
+class _Dechunker:
+    """Reads a chunked body out of a buffer as it grows; ``done`` once the trailers are in."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.body = bytearray()
+        self.pos = 0  # where the next unread byte of the buffer is
+        self.need = -1  # data bytes (with their CRLF) still to come; -1: a size line is next
+        self.trailers = False
+        self.done = False
+
+    def feed(self, buffer: bytearray) -> Refusal | None:
+        """Read what has arrived; a refusal if the framing is wrong or the body too big."""
+        while not self.done:
+            if self.trailers:
+                end = buffer.find(b"\r\n", self.pos)
+                if end < 0:
+                    return None if len(buffer) - self.pos <= MAX_HEAD else _bad("trailers", 431)
+                self.done = end == self.pos
+                self.pos = end + 2
+            elif self.need < 0:
+                end = buffer.find(b"\r\n", self.pos)
+                if end < 0:
+                    too_long = len(buffer) - self.pos > _MAX_CHUNK_LINE
+                    return _bad("chunk size line too long") if too_long else None
+                refused = self._size_line(bytes(buffer[self.pos : end]))
+                if refused is not None:
+                    return refused
+                self.pos = end + 2
+            else:
+                if len(buffer) - self.pos < self.need + 2:
+                    return None
+                end = self.pos + self.need
+                if buffer[end : end + 2] != b"\r\n":
+                    return _bad("chunk data not followed by CRLF")
+                self.body += buffer[self.pos : end]
+                self.pos, self.need = end + 2, -1
+        return None
+
+    def _size_line(self, line: bytes) -> Refusal | None:
+        digits = line.split(b";", 1)[0].strip(b" \t")
+        if not digits or len(digits) > 15 or digits.strip(b"0123456789abcdefABCDEF"):
+            return _bad("malformed chunk size")
+        size = int(digits, 16)
+        if size == 0:
+            self.trailers = True
+        elif len(self.body) + size > self.limit:
+            return Refusal(413, f"the body is over {self.limit} bytes", "request_too_large")
+        else:
+            self.need = size
+        return None
+
+
+class _Stage(enum.Enum):
+    IDLE = "idle"  # between requests: nothing of the next one read yet
+    HEAD = "head"  # the head is arriving
+    BODY = "body"  # the body is arriving
+    BUSY = "busy"  # a request is being answered
+    HANDED = "handed"  # aiohttp's protocol owns the connection
+    LINGER = "linger"  # refused: the answer is out, the rest is read and dropped
+
+
+Answer = Callable[[Incoming, asyncio.Transport, bool], Awaitable[bool]]
+
+
+class FrontDoor:
+    """Every open connection: the protocol factory, the cap, and the deadline sweeper.
+
+    ``answer(incoming, transport, close)`` answers a fast-path request on the
+    transport and returns whether the connection may carry another;
+    ``fallback()`` makes aiohttp's protocol for the rest.
+    """
+
+    def __init__(
+        self,
+        settings: FrontSettings,
+        guard: Guard,
+        answer: Answer,
+        fallback: Callable[[], asyncio.Protocol],
+    ) -> None:
+        self.settings = settings
+        self.guard = guard
+        self.answer = answer
+        self.fallback = fallback
+        self.connections: set[Front] = set()
+        self.refused = 0
+        self._cap_logged = float("-inf")
+
+    def __call__(self) -> Front:
+        return Front(self)
+
+    def admit(self, front: Front, now: float) -> bool:
+        """Make room for a new connection (closing the longest idle), or say there is none."""
+        if len(self.connections) < self.settings.max_connections:
+            self.connections.add(front)
+            return True
+        idle = [f for f in self.connections if f.stage is _Stage.IDLE and not f.buffer]
+        if idle:
+            oldest = min(idle, key=lambda f: f.last_active)
+            oldest.close()
+            self.connections.discard(oldest)
+            self.connections.add(front)
+            return True
+        self.refused += 1
+        self.connections.add(front)  # refused with 503: the sweeper ends its linger
+        if now - self._cap_logged >= _CAP_LOG_EVERY:
+            self._cap_logged = now
+            log.warning(
+                "connection cap reached: %d connections open, none idle; refusing new ones "
+                "with 503 (%d so far); raise max_connections if this load is expected",
+                len(self.connections),
+                self.refused,
+            )
+        return False
+
+    async def sweep(self, every: float = _SWEEP) -> None:
+        """Enforce every connection's deadline, until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for front in list(self.connections):
+                front.check_deadline(now)
+
+    def busy(self) -> list[asyncio.Task[None]]:
+        return [f.task for f in self.connections if f.task is not None]
+
+    def close_idle(self) -> None:
+        for front in list(self.connections):
+            front.close()
+
+    def abort_all(self) -> None:
+        for front in list(self.connections):
+            if front.transport is not None and front.stage is not _Stage.HANDED:
+                front.transport.abort()
 
 
 class Front(asyncio.Protocol):
     """One client connection (see the module docstring)."""
 
-    def __init__(self, router: Router, fallback: Callable[[], asyncio.Protocol]) -> None:
-        self.router = router
-        self.fallback = fallback
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.task: asyncio.Task[None] | None = None
-        self._head: _Head | None = None
+        self.stage = _Stage.IDLE
+        self._head: Head | None = None
+        self._body_at = 0  # where the body starts in the buffer
+        self._chunks: _Dechunker | None = None
         self._paused = False
+        self._inner: asyncio.Protocol | None = None
+        self.since = 0.0
+        """Loop time the current stage began."""
         self.last_active = 0.0
-        """Loop time of the last byte received or answer sent (see :meth:`idle_for`)."""
+        """Loop time of the last byte received or answer sent."""
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # TCP_NODELAY is already set: uvloop and asyncio set it on every TCP transport
         self.transport = cast("asyncio.Transport", transport)
-        self.router.fronts.add(self)
-        self.last_active = asyncio.get_running_loop().time()
+        now = self.since = self.last_active = asyncio.get_running_loop().time()
+        if not self.door.admit(self, now):
+            self._refuse(Refusal(503, "too many open connections; retry later", "overloaded"))
 
     def data_received(self, data: bytes) -> None:
+        stage = self.stage
+        if stage is _Stage.HANDED or stage is _Stage.LINGER:
+            return  # aiohttp has its whole request; or refused: dropped
         self.buffer += data
-        self.last_active = asyncio.get_running_loop().time()
-        if self.task is None:
-            self._next()
-        elif len(self.buffer) > _MAX_AHEAD and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
+        now = self.last_active = asyncio.get_running_loop().time()
+        if stage is _Stage.BUSY:
+            if len(self.buffer) > _MAX_AHEAD and not self._paused and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
+            return
+        if stage is _Stage.IDLE:
+            self.stage, self.since = _Stage.HEAD, now
+        self._advance()
+
+    def eof_received(self) -> bool | None:
+        if self._inner is not None:
+            return self._inner.eof_received()
+        return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.router.fronts.discard(self)
+        self.door.connections.discard(self)
         if self.task is not None:
             self.task.cancel()  # the client has gone: its upstream request is aborted
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
 
-    # -- requests -------------------------------------------------------------------------
-    def _next(self) -> None:
-        """Start the next request in the buffer if it is whole; hand over what is not ours."""
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    # -- reading a request ------------------------------------------------------------------
+    def _advance(self) -> None:
+        """Take as much of the next request as has arrived; act once it is whole."""
         if self.transport is None or self.transport.is_closing():
             return
         head = self._head
         if head is None:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > _MAX_HEAD:
-                    self._hand_over()
-                return
-            head = self._head = self._parse(end)
+            head = self._read_head()
             if head is None:
-                self._hand_over()
                 return
-        if len(self.buffer) < head.end + head.length:
-            return  # the body is still coming
-        body = bytes(self.buffer[head.end : head.end + head.length])
-        del self.buffer[: head.end + head.length]
-        self._head = None
-        incoming = Incoming(target=head.target, headers=head.headers, body=body)
+        if head.chunked:
+            chunks = self._chunks
+            if chunks is None:  # pragma: no cover - _read_head made it
+                return
+            refused = chunks.feed(self.buffer)
+            if refused is not None:
+                self._refuse(refused)
+                return
+            if not chunks.done:
+                return
+            body, rest = bytes(chunks.body), chunks.pos
+        else:
+            rest = self._body_at + head.length
+            if len(self.buffer) < rest:
+                return  # the body is still coming
+            body = bytes(self.buffer[self._body_at : rest])
+        del self.buffer[:rest]
+        self._head, self._chunks = None, None
+        self._dispatch(head, body)
+
+    def _read_head(self) -> Head | None:
+        buffer = self.buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                self._refuse(_bad(f"the request head is over {MAX_HEAD} bytes", 431))
+            elif buffer.count(b"\n") > buffer.count(b"\r\n"):
+                self._refuse(_bad("bare LF in the request head (lines must end in CRLF)"))
+            return None
+        if end > MAX_HEAD:
+            self._refuse(_bad(f"the request head is over {MAX_HEAD} bytes", 431))
+            return None
+        door = self.door
+        parsed = parse_head(bytes(buffer[:end]), door.settings.max_body)
+        if isinstance(parsed, Refusal):
+            self._refuse(parsed)
+            return None
+        refused = door.guard.check(
+            path=parsed.path,
+            host=parsed.host,
+            origin=parsed.origin,
+            fetch_site=parsed.fetch_site,
+            authorization=parsed.authorization,
+            x_api_key=parsed.x_api_key,
+            http11=parsed.http11,
+        )
+        # a preflight carries no key: the origin decides (a foreign one gets 403 there)
+        answerable = refused is None or refused.code in ("invalid_api_key", "origin_not_allowed")
+        if parsed.method == "OPTIONS" and answerable:
+            status, headers = door.guard.preflight(
+                host=parsed.host, origin=parsed.origin, request_headers=parsed.preflight_headers
+            )
+            close = parsed.close or parsed.chunked or parsed.length > 0
+            self._write_plain(status, headers, close=close)
+            return None
+        if refused is not None:
+            self._refuse(refused)
+            return None
+        self._head, self._body_at = parsed, end + 4
+        self.stage, self.since = _Stage.BODY, asyncio.get_running_loop().time()
+        if parsed.chunked:
+            self._chunks = _Dechunker(door.settings.max_body)
+            self._chunks.pos = self._body_at
+        whole = not parsed.chunked and len(buffer) >= self._body_at + parsed.length
+        if parsed.expect and not whole and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return parsed
+
+    def _dispatch(self, head: Head, body: bytes) -> None:
+        door = self.door
+        fast = head.method == "POST" and head.http11 and head.path in door.settings.fast_paths
+        if not fast:
+            self._hand_over(head, body)
+            return
+        skip = door.settings.skip
+        incoming = Incoming(
+            target=head.target,
+            headers=[(k, v) for k, v in head.headers if k.lower() not in skip],
+            body=body,
+            cors=tuple(door.guard.cors_headers(head.origin, head.host)),
+        )
+        self.stage = _Stage.BUSY
         self.task = asyncio.get_running_loop().create_task(self._serve(incoming, head.close))
-
-    def _parse(self, end: int) -> _Head | None:
-        """The head if the request is one this front serves, else None."""
-        lines = self.buffer[:end].decode("utf-8", "surrogateescape").split("\r\n")
-        method, _, rest = lines[0].partition(" ")
-        target, _, version = rest.partition(" ")
-        ours = method == "POST" and version == "HTTP/1.1"
-        if not ours or target.partition("?")[0] not in self.router.fast_paths:
-            return None
-        return self._headers(lines[1:], target, end + 4)
-
-    def _headers(self, lines: list[str], target: str, body_at: int) -> _Head | None:
-        router = self.router
-        headers: list[tuple[str, str]] = []
-        length: int | None = None
-        close, authorization = False, ""
-        for line in lines:
-            name, colon, value = line.partition(":")
-            value, lowered = value.strip(), name.lower()
-            if not colon or not name or name != name.strip() or lowered in _NOT_OURS:
-                return None
-            if lowered == "content-length":
-                if length is not None or not value.isdigit():
-                    return None
-                length = int(value)
-            elif lowered == "connection":
-                close = "close" in value.lower()
-            elif lowered == "authorization":
-                authorization = value
-            if lowered not in router.hop_by_hop:
-                headers.append((name, value))
-        if length is None or length > router.settings.max_body_bytes:
-            return None
-        if not router.authorised(authorization):  # aiohttp answers the 401
-            return None
-        return _Head(target=target, headers=headers, length=length, close=close, end=body_at)
 
     async def _serve(self, incoming: Incoming, close: bool) -> None:
         transport = self.transport
-        if transport is None:  # pragma: no cover - _next runs after connection_made
+        if transport is None:  # pragma: no cover - _advance runs after connection_made
             return
         keep = False
         try:
-            keep = await self.router.answer_raw(incoming, transport, close=close)
+            keep = await self.door.answer(incoming, transport, close)
         except asyncio.CancelledError:
             return  # the client left: connection_lost cancelled us
         except Exception:  # a bug must cost one connection, not the router
@@ -177,7 +522,8 @@ class Front(asyncio.Protocol):
             return
         finally:
             self.task = None
-            self.last_active = asyncio.get_running_loop().time()
+            self.stage = _Stage.IDLE
+            self.since = self.last_active = asyncio.get_running_loop().time()
         if not keep or transport.is_closing():
             transport.close()
             return
@@ -185,40 +531,102 @@ class Front(asyncio.Protocol):
             self._paused = False
             transport.resume_reading()
         if self.buffer:
-            self._next()
+            self.stage = _Stage.HEAD
+            self._advance()
 
-    def _hand_over(self) -> None:
-        """Give the connection, and every byte read from it, to aiohttp's protocol."""
+    def _hand_over(self, head: Head, body: bytes) -> None:
+        """Give aiohttp's protocol this one request, re-framed; the connection ends with it."""
         transport = self.transport
-        if transport is None:  # pragma: no cover - _next runs after connection_made
+        if transport is None:  # pragma: no cover - _advance runs after connection_made
             return
-        # from here the protocol is aiohttp's: nothing reaches this object again
-        self.router.fronts.discard(self)
-        protocol = self.fallback()
-        transport.set_protocol(protocol)
+        dropped = {"content-length", "transfer-encoding", "expect", "connection", "keep-alive"}
+        version = "HTTP/1.1" if head.http11 else "HTTP/1.0"
+        lines = [f"{head.method} {head.target} {version}"]
+        lines += [f"{k}: {v}" for k, v in head.headers if k.lower() not in dropped]
+        lines += [f"Content-Length: {len(body)}", "Connection: close"]
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+        self.buffer.clear()  # pipelined requests after this one are not answered
+        self.stage = _Stage.HANDED
+        protocol = self._inner = self.door.fallback()
         protocol.connection_made(transport)
-        data, self.buffer = bytes(self.buffer), bytearray()
         if self._paused:
             self._paused = False
             transport.resume_reading()
-        if data:
-            protocol.data_received(data)
+        protocol.data_received(data)
 
-    def idle_for(self, now: float) -> float:
-        """Seconds without a request in progress or a byte from the client (0 if busy)."""
-        return 0.0 if self.task is not None else now - self.last_active
+    # -- answering here ---------------------------------------------------------------------
+    def _write_plain(self, status: int, headers: Iterable[tuple[str, str]], *, close: bool) -> None:
+        """An answer without a body (a preflight); the connection stays if it may."""
+        if self.transport is None:
+            return
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}", *map(": ".join, headers)]
+        lines += ["Content-Length: 0"] + (["Connection: close"] if close else [])
+        del self.buffer[: self.buffer.find(b"\r\n\r\n") + 4]
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"))
+        if close:
+            self._linger()
+            return
+        self.stage = _Stage.IDLE
+        self.since = self.last_active = asyncio.get_running_loop().time()
+        if self.buffer:
+            self.stage = _Stage.HEAD
+            self._advance()
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer with the refusal and close: what follows in the stream cannot be trusted."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(error_bytes(refusal))
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after the answer, reading (and dropping) what the client still sends for a
+        moment: closing with unread bytes would reset the connection before it reads it."""
+        transport = self.transport
+        self.buffer.clear()
+        self._head, self._chunks = None, None
+        self.stage, self.since = _Stage.LINGER, asyncio.get_running_loop().time()
+        if transport is None:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
+    # -- deadlines --------------------------------------------------------------------------
+    def check_deadline(self, now: float) -> None:
+        """Called by the sweeper: close or refuse a connection that has overstayed."""
+        settings, stage = self.door.settings, self.stage
+        if stage is _Stage.IDLE:
+            if now - self.last_active > settings.keepalive:
+                self.close()
+        elif stage is _Stage.HEAD:
+            if now - self.since > settings.head_timeout:
+                timeout = Refusal(408, "the request head took too long", "request_timeout")
+                self._refuse(timeout)
+        elif stage is _Stage.BODY:
+            late = now - self.since - settings.body_grace
+            if late > 0 and len(self.buffer) - self._body_at < settings.min_body_rate * late:
+                slow = f"the body arrives slower than {settings.min_body_rate} bytes/s"
+                self._refuse(Refusal(408, slow, "request_timeout"))
+        elif stage is _Stage.LINGER and now - self.since > _LINGER and self.transport is not None:
+            self.transport.abort()
 
     def close(self) -> None:
-        """Close the connection if no request is being answered on it."""
-        if self.task is None and self.transport is not None:
+        """Close the connection if no request is being read or answered on it."""
+        if self.stage is _Stage.IDLE and not self.buffer and self.transport is not None:
             self.transport.close()
 
 
-async def close_idle(fronts: set[Front], every: float = KEEPALIVE / 5) -> None:
-    """Close connections idle for :data:`KEEPALIVE` seconds, until cancelled."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(every)
-        now = loop.time()
-        for front in [f for f in fronts if f.idle_for(now) > KEEPALIVE]:
-            front.close()
+def error_bytes(refusal: Refusal, *, close: bool = True) -> bytes:
+    """A whole answer for ``refusal``: OpenAI's error body, ``Connection: close``."""
+    error = {"message": refusal.message, "type": refusal.kind, "param": None, "code": refusal.code}
+    body = json.dumps({"error": error}).encode()
+    lines = [
+        f"HTTP/1.1 {refusal.status} {_REASONS.get(refusal.status, 'Error')}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *map(": ".join, refusal.headers),
+        *(["Connection: close"] if close else []),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace") + body

@@ -25,9 +25,12 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from procman._endpoint import Endpoint
 
 __all__ = [
     "ChunkScanner", "Head", "Pool", "UpstreamHungUp", "encode_head", "open_stream", "relay",
@@ -168,6 +171,7 @@ class _Answer(asyncio.Protocol):
     loop: asyncio.AbstractEventLoop
     #: the pool it goes back to after a complete answer (None: closed after one)
     pool: Pool | None = None
+    #: the server's ``Endpoint.pool_key``
     key: tuple[str, int] = ("", 0)
     head: asyncio.Future[Head] = field(init=False)
     #: resolves when the whole answer has been passed on (or read, if kept whole)
@@ -386,7 +390,7 @@ class _Answer(asyncio.Protocol):
 
 
 class Pool:
-    """Kept-alive connections to llama-servers, by (host, port), the latest used first.
+    """Kept-alive connections to llama-servers, by endpoint, the latest used first.
 
     Reusing the most recently used connection keeps as few open as the
     concurrency needs: each one holds a llama-server HTTP thread while idle
@@ -430,7 +434,7 @@ class Pool:
 
 
 async def open_stream(
-    base: str,
+    endpoint: Endpoint,
     path: str,
     headers: Iterable[tuple[str, str]],
     body: bytes,
@@ -438,27 +442,26 @@ async def open_stream(
     connect_timeout: float,
     pool: Pool | None = None,
 ) -> _Answer:
-    """Send the request to llama-server at ``base`` (``http://host:port``); returns once the
-    head of its answer is in. With a ``pool``, on a kept-alive connection from it (a new one
-    if none is idle); without, on a new one closed after the answer. Raises OSError
-    (ConnectionRefusedError: nothing listens; :class:`UpstreamHungUp`: closed before
-    answering) or ValueError (a malformed head).
+    """Send the request to the llama-server at ``endpoint``; returns once the head of its
+    answer is in. With a ``pool``, on a kept-alive connection from it (a new one if none is
+    idle); without, on a new one closed after the answer. Raises OSError
+    (ConnectionRefusedError/FileNotFoundError: nothing listens; :class:`UpstreamHungUp`:
+    closed before answering) or ValueError (a malformed head).
     """
-    host, _, port = base.removeprefix("http://").rpartition(":")
-    key = (host.strip("[]"), int(port))
+    key = endpoint.pool_key
     loop = asyncio.get_running_loop()
     answer = pool.take(key, loop.time()) if pool is not None else None
     if answer is None:
         answer = _Answer(loop, pool=pool, key=key)
-        await asyncio.wait_for(
-            loop.create_connection(lambda: answer, key[0], key[1]), connect_timeout
-        )
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(body)}"]
+        await asyncio.wait_for(endpoint.connect(lambda: answer), connect_timeout)
+    host = "localhost" if endpoint.socket is not None else f"{key[0]}:{key[1]}"
+    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
     lines += ["Accept-Encoding: identity"] + ([] if pool is not None else ["Connection: close"])
-    lines += [f"{name}: {value}" for name, value in headers]
-    if answer.transport is None:  # pragma: no cover - create_connection made it
+    lines += [f"{name}: {value}" for name, value in (*headers, *endpoint.auth())]
+    if answer.transport is None:  # pragma: no cover - the connect made it
         raise UpstreamHungUp("no connection")
-    # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: the same bytes go on
+    # the front decoded the client's header bytes as UTF-8 with surrogateescape: the same
+    # bytes go on
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
     answer.transport.write(head + body)
     try:
@@ -514,13 +517,19 @@ def encode_head(status: int, reason: str, headers: Iterable[tuple[str, str]]) ->
 
 
 async def relay_raw(
-    sink: asyncio.Transport, answer: _Answer, skip: frozenset[str], *, close: bool
+    sink: asyncio.Transport,
+    answer: _Answer,
+    skip: frozenset[str],
+    *,
+    close: bool,
+    extra: Iterable[tuple[str, str]] = (),
 ) -> bool:
     """:func:`relay` for the router's lean front (``procman._front``): the answer is
-    written to the client's transport itself. Returns whether the connection may carry
-    another request."""
+    written to the client's transport itself, with the ``extra`` headers. Returns whether
+    the connection may carry another request."""
     head = answer.head.result()
     headers = [(k, v) for k, v in head.headers if k.lower() not in skip]
+    headers += extra
     if close:
         headers.append(("Connection", "close"))
     try:

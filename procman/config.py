@@ -17,10 +17,6 @@ the nearest known key, and every error names the key path (``models.chat.ttl``).
 
 from __future__ import annotations
 
-import ast
-import difflib
-import inspect
-import itertools
 import re
 import sys
 import tomllib
@@ -53,6 +49,7 @@ __all__ = [
     "ServerSection",
     "load_config",
     "parse_config",
+    "read_key_file",
     "reference",
     "starter",
 ]
@@ -68,8 +65,14 @@ class ServerSection:
     """Interface of the public endpoint; anything but loopback needs ``api_key``."""
     port: int = 8080
     """Port of the public endpoint."""
-    api_key: str | None = None
-    """If set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``."""
+    api_key: str | None = field(default=None, repr=False)
+    """If set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>`` (or ``x-api-key``)."""  # noqa: E501
+    api_key_file: str | None = None
+    """A file whose first line is the API key: keeps the key out of this file (and of `ps`)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """`Host` names accepted besides loopback and the bound address, e.g. ``["llm.lan"]`` (``".lan"``: a domain and its subdomains, ``"*"``: any). Others get 403: DNS-rebinding protection."""  # noqa: E501
+    cors_origins: tuple[str, ...] = ()
+    """Web pages that may call the API from a browser, e.g. ``["http://localhost:3000"]`` (``*`` wildcards). Requests from other origins get 403 unless they carry the API key."""  # noqa: E501
     max_loaded: int | None = None
     """Most models running at once; to load another, the least recently used idle one stops. Unset: no limit."""  # noqa: E501
     memory_budget: Budget = "auto"
@@ -165,6 +168,19 @@ class ServePlan:
     models: tuple[ModelPlan, ...]
 
 
+def read_key_file(path: str | Path) -> str:
+    """The API key in ``path``: its first line that is not empty or a ``#`` comment."""
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the API key file {file}: {exc}") from exc
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            return line.strip()
+    raise ConfigError(f"the API key file {file} holds no key", hint="put the key on its first line")
+
+
 # -- parsing ------------------------------------------------------------------------------------
 Convert = Callable[[Any], Any]
 
@@ -183,6 +199,12 @@ def _integer(minimum: int) -> Convert:
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _secret(value: Any) -> str:
+    if not isinstance(value, str):  # the value itself is never echoed
+        raise TypeError("expected a string")
     return value
 
 
@@ -230,7 +252,10 @@ def _order(value: Any) -> Order:
 _SERVER_KEYS: dict[str, Convert] = {
     "host": _string,
     "port": _integer(0),
-    "api_key": _string,
+    "api_key": _secret,
+    "api_key_file": _string,
+    "allowed_hosts": _strings,
+    "cors_origins": _strings,
     "max_loaded": _integer(1),
     "memory_budget": _budget,
     "vram_budget": _budget,
@@ -252,6 +277,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _unknown(path: str, key: str, known: list[str]) -> ConfigError:
+    import difflib  # speed: only on an error
+
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
     return ConfigError(f"{path}{key}: unknown key", hint=hint)
@@ -316,6 +343,10 @@ def load_config(path: Path) -> Config:
 # -- documentation from the docstrings -----------------------------------------------------------
 def _field_docs(cls: type) -> dict[str, str]:
     """Field name → the docstring written under it (Python keeps these only in the source)."""
+    import ast  # speed: docs only; `serve` imports this module on its way to a first answer
+    import inspect
+    import itertools
+
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
     docs = {}
@@ -333,7 +364,8 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 _KINDS = {
-    "host": "string", "port": "integer", "api_key": "string", "max_loaded": "integer",
+    "host": "string", "port": "integer", "api_key": "string", "api_key_file": "string",
+    "allowed_hosts": "list of strings", "cors_origins": "list of strings", "max_loaded": "integer",
     "memory_budget": 'size or "auto"', "vram_budget": 'size or "auto"', "path": "string",
     "ctx": "integer", "parallel": "integer", "gpu_layers": 'integer, "auto" or "all"',
     "memory_limit": "size", "ttl": "duration", "queue": "integer", "order": '"fifo" or "lifo"',
@@ -359,6 +391,8 @@ def reference() -> str:
         'Sizes are bytes or strings such as `"512MiB"`, `"2GiB"`, `"1.5GB"`; durations are '
         'seconds or strings such as `"90s"`, `"10m"`, `"1h30m"`.',
     ]
+    import inspect  # speed: docs only
+
     for table, cls in (("[server]", ServerSection), ("[models.NAME]", ModelSection)):
         lines += ["", f"### `{table}`", "", (inspect.getdoc(cls) or "").replace("``", "`"), ""]
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]

@@ -17,14 +17,14 @@ by this module's aiohttp application.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
+import math
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
@@ -32,13 +32,15 @@ import aiohttp
 from aiohttp import web
 
 from procman import _relay
-from procman._front import Front, Incoming, close_idle
+from procman._front import FrontDoor, FrontSettings, Incoming
+from procman._guard import Guard, Refusal
 from procman._ports import check_exposure
 from procman.errors import AdmissionError, LlamactlError
 from procman.events import State
 from procman.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
 
 if TYPE_CHECKING:
+    from procman._endpoint import Endpoint
     from procman.metrics import Snapshot
 
 __all__ = ["Loader", "Router", "RouterSettings", "Upstream", "Upstreams", "check_exposure"]
@@ -54,10 +56,15 @@ _HOP_BY_HOP = frozenset(
         "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "trailers", "transfer-encoding", "upgrade", "content-length", "host", "authorization",
         "accept-encoding", "server", "date",
-        # aiohttp (the front hands such requests to it) has answered 100-continue; the
-        # body goes on with the request, and llama-server's own interim 100 would be
-        # taken for its answer
+        # the front has answered 100-continue; the body goes on with the request, and
+        # llama-server's own interim 100 would be taken for its answer
         "expect",
+        # the client's key is ours (llama-server gets its own, or none on its private
+        # socket), and so is CORS: llama-server's reflects any Origin it is sent
+        "x-api-key", "origin", "access-control-allow-origin",
+        "access-control-allow-credentials", "access-control-allow-methods",
+        "access-control-allow-headers", "access-control-expose-headers",
+        "access-control-max-age",
     }
 )  # fmt: skip
 _RETRY_CONNECT_DELAY = 0.05
@@ -75,11 +82,12 @@ class Upstream(Protocol):
     @property
     def state(self) -> State: ...
     @property
-    def url(self) -> str | None: ...
+    def endpoint(self) -> Endpoint | None: ...
     @property
     def last_reason(self) -> str: ...
     @property
     def pipeline(self) -> int: ...
+    def retry_in(self) -> float: ...
     async def wait_ready(self, timeout: float | None = None) -> bool: ...  # noqa: ASYNC109
 
 
@@ -112,9 +120,21 @@ class Metered(Protocol):
 class RouterSettings:
     """How the public endpoint behaves."""
 
-    api_key: str | None = None
-    """If set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>``
-    (``/metrics`` included: give the scraper the key)."""
+    api_key: str | None = field(default=None, repr=False)
+    """If set, every endpoint but ``/health`` needs ``Authorization: Bearer <key>`` or
+    ``x-api-key: <key>`` (``/metrics`` included: give the scraper the key)."""
+    allowed_hosts: tuple[str, ...] = ()
+    """``Host`` names accepted beyond loopback and the bound address (``.example.com``:
+    it and its subdomains; ``*``: any). Others get 403 (DNS rebinding)."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins that may call the API, e.g. ``http://localhost:3000`` (``*``
+    wildcards allowed). Requests from other origins get 403 unless they carry the key."""
+    max_connections: int = 512
+    """Client connections open at once; idle ones are closed to make room, then 503."""
+    head_timeout: float = 10.0
+    """Seconds a request head may take from its first byte (then 408)."""
+    min_body_rate: int = 8192
+    """Bytes per second a request body must keep up after its first 10 s (then 408)."""
     ready_timeout: float = 120.0
     """Seconds a request waits for a starting or restarting server before 503."""
     retry_after: int = 5
@@ -123,8 +143,6 @@ class RouterSettings:
     """Seconds to connect to a private server (it is local: this only trips on a hang)."""
     max_body_bytes: int = 64 * 1024 * 1024
     """Largest request body (prompts with images or long documents are big)."""
-    pool_size: int = 256
-    """Upstream connections kept open across all servers."""
     shutdown_timeout: float = 2.0
     """Seconds in-flight requests get to finish when the router stops."""
 
@@ -139,6 +157,12 @@ def _error(
 ) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return web.json_response(body, status=status, headers=headers or None)
+
+
+def _refused(refusal: Refusal) -> web.Response:
+    return _error(
+        refusal.status, refusal.message, refusal.kind, refusal.code, **dict(refusal.headers)
+    )
 
 
 R = TypeVar("R")
@@ -169,16 +193,20 @@ class _AiohttpReply(_Reply[web.StreamResponse]):
 
 
 class _RawReply(_Reply[None]):
-    def __init__(self, transport: asyncio.Transport, close: bool) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, close: bool, extra: Sequence[tuple[str, str]]
+    ) -> None:
         self.transport = transport
         self.close = close
+        self.extra = extra
+        """Headers every answer gets (CORS, for a browser origin that may read it)."""
         self.keep = False
         """The connection may carry another request."""
 
     def error(self, response: web.Response) -> None:
         headers = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
         body = response.body if isinstance(response.body, bytes) else b""
-        headers.append(("Content-Length", str(len(body))))
+        headers += [*self.extra, ("Content-Length", str(len(body)))]
         if self.close:
             headers.append(("Connection", "close"))
         head = _relay.encode_head(response.status, response.reason, headers)
@@ -186,7 +214,9 @@ class _RawReply(_Reply[None]):
         self.keep = not self.close
 
     async def relay(self, answer: _relay._Answer) -> None:
-        self.keep = await _relay.relay_raw(self.transport, answer, _HOP_BY_HOP, close=self.close)
+        self.keep = await _relay.relay_raw(
+            self.transport, answer, _HOP_BY_HOP, close=self.close, extra=self.extra
+        )
 
 
 class Router:
@@ -203,23 +233,26 @@ class Router:
         self.settings = settings or RouterSettings()
         self.scheduler = scheduler or Scheduler()
         self.loader = upstreams if isinstance(upstreams, Loader) else None
-        self._key = self.settings.api_key.encode() if self.settings.api_key else None
-        self._session: aiohttp.ClientSession | None = None
+        settings = self.settings
+        self.guard = Guard(
+            api_key=settings.api_key,
+            allowed_hosts=settings.allowed_hosts,
+            cors_origins=settings.cors_origins,
+        )
         self._pool = _relay.Pool()
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.door: FrontDoor | None = None
+        """Every open client connection (see :mod:`procman._front`), once started."""
         self.address: tuple[str, int] | None = None
-        #: open connections of the lean front (procman._front)
-        self.fronts: set[Front] = set()
-        self.fast_paths = frozenset(PROXIED)
-        self.hop_by_hop = _HOP_BY_HOP
+        # the front applies the guard to every connection it reads; the middleware is for
+        # this application used on its own (tests, an embedding app's own server)
         self.app = web.Application(
-            # no key, no middleware: it would wrap every request for nothing
-            middlewares=[self._auth] if self._key is not None else [],
-            client_max_size=self.settings.max_body_bytes,
+            middlewares=[self._guarded], client_max_size=settings.max_body_bytes
         )
-        self.app.cleanup_ctx.append(self._client_session)
+        self.app.on_response_prepare.append(self._cors)
+        self.app.on_cleanup.append(self._close_pool)
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/v1/models", self._models)
         for path in PROXIED:
@@ -233,18 +266,8 @@ class Router:
 
             add_metrics_route(self.app, upstreams, self.scheduler)
 
-    async def _client_session(self, app: web.Application) -> AsyncIterator[None]:
-        connector = aiohttp.TCPConnector(limit=self.settings.pool_size, limit_per_host=0)
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout)
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False
-        )
-        try:
-            yield
-        finally:
-            self._pool.close()
-            await self._session.close()
-            self._session = None
+    async def _close_pool(self, app: web.Application) -> None:
+        self._pool.close()
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self, sock: socket.socket) -> None:
@@ -261,32 +284,38 @@ class Router:
         fallback = self._runner.server
         if fallback is None:  # pragma: no cover - setup() made it
             raise RuntimeError("aiohttp's server was not set up")
-        # each connection starts at the lean front, which hands aiohttp what is not its own
-        self._listener = await asyncio.get_running_loop().create_server(
-            lambda: Front(self, fallback), sock=sock
-        )
-        self._sweeper = asyncio.create_task(close_idle(self.fronts))
         name = sock.getsockname()
         self.address = (str(name[0]), int(name[1]))
+        self.guard.bind(self.address[0])
+        settings = self.settings
+        front = FrontSettings(
+            fast_paths=frozenset(PROXIED),
+            skip=_HOP_BY_HOP,
+            max_body=settings.max_body_bytes,
+            max_connections=settings.max_connections,
+            head_timeout=settings.head_timeout,
+            min_body_rate=settings.min_body_rate,
+        )
+        # each connection starts at the front, which hands aiohttp what is not its own
+        self.door = FrontDoor(front, self.guard, self.answer_raw, fallback)
+        self._listener = await asyncio.get_running_loop().create_server(self.door, sock=sock)
+        self._sweeper = asyncio.create_task(self.door.sweep())
 
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        if self._listener is not None:
+        if self._listener is not None and self.door is not None:
             self._listener.close()
             self._listener = None
-            # requests in flight on the lean front get the shutdown timeout to finish
-            busy = [f.task for f in self.fronts if f.task is not None]
-            for front in list(self.fronts):
-                front.close()
+            # requests in flight on the front get the shutdown timeout to finish
+            busy = self.door.busy()
+            self.door.close_idle()
             if busy:
                 _, late = await asyncio.wait(busy, timeout=self.settings.shutdown_timeout)
                 for task in late:
                     task.cancel()
-            for front in list(self.fronts):
-                if front.transport is not None:
-                    front.transport.close()
+            self.door.abort_all()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -304,25 +333,37 @@ class Router:
 
     # -- handlers ------------------------------------------------------------------
     @web.middleware
-    async def _auth(
+    async def _guarded(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        public = request.path == "/health"
-        if not public and not self.authorised(request.headers.get("Authorization", "")):
-            return _error(
-                401, "invalid or missing API key", "invalid_request_error", "invalid_api_key",
-                **{"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
+        headers = request.headers
+        refused = self.guard.check(
+            path=request.path,
+            host=headers.get("Host"),
+            origin=headers.get("Origin"),
+            fetch_site=headers.get("Sec-Fetch-Site"),
+            authorization=headers.get("Authorization", ""),
+            x_api_key=headers.get("x-api-key", ""),
+            http11=request.version >= (1, 1),
+        )
+        answerable = refused is None or refused.code in ("invalid_api_key", "origin_not_allowed")
+        if request.method == "OPTIONS" and answerable:
+            status, extra = self.guard.preflight(
+                host=headers.get("Host"),
+                origin=headers.get("Origin"),
+                request_headers=headers.get("Access-Control-Request-Headers"),
+            )
+            return web.Response(status=status, headers=extra)
+        if refused is not None:
+            return _refused(refused)
         return await handler(request)
 
-    def authorised(self, header: str) -> bool:
-        """Whether an ``Authorization`` header carries the API key (constant-time)."""
-        if self._key is None:
-            return True
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode("utf-8", "surrogateescape"), self._key
-        )
+    async def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+        if request.method == "OPTIONS":
+            return  # the preflight answer has its own
+        headers = request.headers
+        for name, value in self.guard.cors_headers(headers.get("Origin"), headers.get("Host")):
+            response.headers[name] = value
 
     async def _health(self, request: web.Request) -> web.Response:
         servers = self.upstreams.upstreams()
@@ -360,6 +401,9 @@ class Router:
             payload: Any = json.loads(body) if body else {}
         except ValueError:
             return _error(400, "the request body is not valid JSON", "invalid_request_error")
+        except RecursionError:  # Python's parser recurses: ~1000 levels, far past any API's
+            message = "the request body's JSON is nested too deeply"
+            return _error(400, message, "invalid_request_error", "json_too_deep")
         model = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(payload, dict) or not isinstance(model, str | None):
             message = "the request body must be a JSON object with a string 'model'"
@@ -384,11 +428,11 @@ class Router:
         return await self._answer(incoming, _AiohttpReply(request))
 
     async def answer_raw(
-        self, incoming: Incoming, transport: asyncio.Transport, *, close: bool
+        self, incoming: Incoming, transport: asyncio.Transport, close: bool
     ) -> bool:
         """Answer a request of the lean front on its transport; True if the connection
         may carry another."""
-        reply = _RawReply(transport, close)
+        reply = _RawReply(transport, close, incoming.cors)
         await self._answer(incoming, reply)
         return reply.keep
 
@@ -416,6 +460,8 @@ class Router:
             )
         try:
             if self.loader is not None and self.loader.on_demand(upstream.name):
+                if upstream.retry_in() > 0:  # failed by its crashes: not retried before this
+                    return reply.error(self._unavailable(upstream))
                 try:
                     await self.loader.load(upstream.name)
                 except AdmissionError as exc:
@@ -454,12 +500,13 @@ class Router:
         resent = False
         while True:
             ready = await upstream.wait_ready(max(0.0, deadline - loop.time()))
-            if not ready or upstream.url is None:
+            endpoint = upstream.endpoint
+            if not ready or endpoint is None:
                 return reply.error(self._unavailable(upstream))
             try:
                 if raw:
                     answer = await _relay.open_stream(
-                        upstream.url, incoming.target, incoming.headers, incoming.body,
+                        endpoint, incoming.target, incoming.headers, incoming.body,
                         connect_timeout=self.settings.connect_timeout,
                         pool=pool,
                     )  # fmt: skip
@@ -467,8 +514,9 @@ class Router:
                 request = reply.request
                 if request is None:  # pragma: no cover - the lean front takes HTTP/1.1 only
                     raise RuntimeError("an HTTP/1.0 stream needs aiohttp's request")
-                response = await self._send(request, upstream.url, incoming.body)
-            except (aiohttp.ClientConnectorError, ConnectionRefusedError, TimeoutError):
+                return cast(R, await self._stream_http10(request, endpoint, incoming.body))
+            except (aiohttp.ClientConnectorError, ConnectionRefusedError, FileNotFoundError,
+                    TimeoutError):  # fmt: skip
                 # nothing reached the server (it died after we saw it ready):
                 # safe to send again once the supervisor has restarted it
                 if loop.time() >= deadline:
@@ -489,27 +537,34 @@ class Router:
             except (aiohttp.ClientError, OSError, ValueError) as exc:
                 message = f"model {upstream.name!r} failed: {exc}"
                 return reply.error(_error(502, message, "server_error", "upstream_error"))
-            return cast(R, await self._relay(request, response))
 
     def _unavailable(self, upstream: Upstream) -> web.Response:
         if upstream.state is State.FAILED:
-            return _error(
-                503,
-                f"model {upstream.name!r} failed: {upstream.last_reason}",
-                "server_error",
-                "model_failed",
-            )
+            wait = upstream.retry_in()
+            retry = {"Retry-After": str(math.ceil(wait))} if wait > 0 else {}
+            message = f"model {upstream.name!r} failed: {upstream.last_reason}"
+            return _error(503, message, "server_error", "model_failed", **retry)
         return _error(
             503, f"model {upstream.name!r} is not ready ({upstream.state}); retry later",
             "server_error", "model_not_ready", **{"Retry-After": str(self.settings.retry_after)},
         )  # fmt: skip
 
-    async def _send(self, request: web.Request, base: str, body: bytes) -> aiohttp.ClientResponse:
-        if self._session is None:
-            raise RuntimeError("the router's client session opens when the app starts")
+    async def _stream_http10(
+        self, request: web.Request, endpoint: Endpoint, body: bytes
+    ) -> web.StreamResponse:
+        """A stream for an HTTP/1.0 client, re-framed by aiohttp's client and server (rare:
+        a session of its own)."""
         headers = dict(_forwarded(request))
         headers["Accept-Encoding"] = "identity"
-        return await self._session.post(f"{base}{request.rel_url}", data=body, headers=headers)
+        headers.update(endpoint.auth())
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout)
+        connector = endpoint.connector()
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False
+        ) as session:
+            url = f"{endpoint.url}{request.rel_url}"
+            response = await session.post(url, data=body, headers=headers)
+            return await self._relay(request, response)
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse

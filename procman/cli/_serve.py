@@ -39,7 +39,7 @@ from procman.errors import AdmissionError, ServerError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from procman.config import ServePlan
+    from procman.config import ServePlan, ServerSection
     from procman.events import Event
     from procman.router import Router
     from procman.spec import ServerSpec
@@ -84,7 +84,30 @@ def serve(
     ] = None,
     api_key: Annotated[
         str | None,
-        typer.Option(envvar="LLAMACTL_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+        typer.Option(
+            envvar="LLAMACTL_API_KEY",
+            help="Require 'Authorization: Bearer KEY' (prefer --api-key-file or the variable: "
+            "arguments show in `ps`).",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(envvar="LLAMACTL_API_KEY_FILE", help="Read the API key from this file."),
+    ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            help="Also answer requests whose Host is NAME (repeatable; .lan: a domain and its "
+            "subdomains; *: any). Others get 403 (DNS rebinding).",
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="Let web pages at ORIGIN call the API, e.g. http://localhost:3000 (repeatable).",
+        ),
     ] = None,
     server: Annotated[Path | None, typer.Option(help="The llama-server binary to run.")] = None,
     name: Annotated[
@@ -97,7 +120,8 @@ def serve(
         bool,
         typer.Option(
             "--daemon",
-            help="Have the shared daemon (started if none runs) serve MODEL; print its URL.",
+            help="Have the shared daemon (started if none runs) serve MODEL; print its URL "
+            "and its API key, one per line.",
         ),
     ] = False,
     insecure: Annotated[
@@ -119,15 +143,20 @@ def serve(
     if model is not None and model.startswith("-"):  # `serve -- -fa on`: click gives -fa to MODEL
         extra.insert(0, model)
         model = None
+    # what the command line (or the environment, through typer) says of the endpoint
+    given: dict[str, Any] = {
+        "host": host, "port": port, "api_key": api_key,
+        "api_key_file": str(api_key_file) if api_key_file else None,
+        "allowed_hosts": tuple(allowed_host) if allowed_host else None,
+        "cors_origins": tuple(cors_origin) if cors_origin else None,
+    }  # fmt: skip
     if config is not None:
         if model is not None or extra:
             raise LlamactlError(
                 "--config declares the models: pass no MODEL or extra arguments with it",
                 hint="put per-model llama-server arguments in the file's `args`",
             )
-        _serve_config(
-            config, host=host, port=port, api_key=api_key, binary=server, insecure=insecure
-        )
+        _serve_config(config, given, binary=server, insecure=insecure)
         return
     if daemon:
         _serve_via_daemon(
@@ -141,10 +170,15 @@ def serve(
             startup_timeout=startup_timeout,
         )
         return
-    host = host or "127.0.0.1"
-    port = 8080 if port is None else port
+    # (no ServerSection here: procman.config costs ~10 ms on the way to the first spawn)
+    host, port = host or "127.0.0.1", 8080 if port is None else port
+    access: dict[str, Any] = {
+        "api_key": _key(api_key, given["api_key_file"]),
+        "allowed_hosts": given["allowed_hosts"] or (),
+        "cors_origins": given["cors_origins"] or (),
+    }
     layers = parse_gpu_layers(gpu_layers)
-    check_exposure(host, api_key, allow_unauthenticated=insecure)
+    check_exposure(host, access["api_key"], allow_unauthenticated=insecure)
     model_path = resolve_model(model)
     info = validate_model(model_path)
     with BuildProgressView(
@@ -173,21 +207,39 @@ def serve(
         binary, why = escape(str(resolved.binary)), escape(resolved.reason)
         console.print(f"[dim]llama-server:[/] {binary} [dim]({why})[/]")
         try:
-            failure = run_loop(_serve(spec, listener, api_key))
+            failure = run_loop(_serve(spec, listener, access))
         finally:
             _early.discard()  # unless adopted: the start may have ended before its spawn
     if failure is not None:
         raise ServerError(failure.reason, log_tail=failure.log_tail, hint=f"log: {spec.log_path}")
 
 
+def _key(api_key: str | None, key_file: str | None) -> str | None:
+    """The API key, given or read from ``key_file`` (both: they must agree)."""
+    if key_file is None:
+        return api_key
+    from procman.config import read_key_file
+
+    key = read_key_file(key_file)
+    if api_key is not None and api_key != key:
+        raise LlamactlError(
+            f"an API key and the API key file {key_file} were given, and they differ",
+            hint="pass one of them (is LLAMACTL_API_KEY set in this environment?)",
+        )
+    return key
+
+
+def _override(section: ServerSection, given: dict[str, Any]) -> ServerSection:
+    """``section`` with what the command line gave: CLI/env over the file, applied here only."""
+    chosen = {key: value for key, value in given.items() if value is not None}
+    if "api_key" in chosen or "api_key_file" in chosen:  # a key given replaces the file's
+        chosen.setdefault("api_key", None)
+        chosen.setdefault("api_key_file", None)
+    return dataclasses.replace(section, **chosen)
+
+
 def _serve_config(
-    path: Path,
-    *,
-    host: str | None,
-    port: int | None,
-    api_key: str | None,
-    binary: Path | None,
-    insecure: bool,
+    path: Path, given: dict[str, Any], *, binary: Path | None, insecure: bool
 ) -> None:
     """``serve --config``: validate everything, bind, then serve until Ctrl-C."""
     import buildtools
@@ -196,11 +248,8 @@ def _serve_config(
     from procman.model_file import validate_model
 
     loaded = load_config(path)
-    # CLI/env over the file, applied here only
-    given: dict[str, Any] = {"host": host, "port": port, "api_key": api_key}
-    section = dataclasses.replace(
-        loaded.server, **{key: value for key, value in given.items() if value is not None}
-    )
+    section = _override(loaded.server, given)
+    section = dataclasses.replace(section, api_key=_key(section.api_key, section.api_key_file))
     loaded = dataclasses.replace(loaded, server=section)
     check_exposure(section.host, section.api_key, allow_unauthenticated=insecure)
     with BuildProgressView(
@@ -218,6 +267,15 @@ def _serve_config(
     listener = bind_listener(section.host, section.port)
     with listener:
         run_loop(_serve_plan(plan, listener))
+
+
+def _access(section: ServerSection) -> dict[str, Any]:
+    """What the router's access rules need of a ``[server]`` table."""
+    return {
+        "api_key": section.api_key,
+        "allowed_hosts": section.allowed_hosts,
+        "cors_origins": section.cors_origins,
+    }
 
 
 async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
@@ -246,7 +304,7 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
             slots=model.spec.parallel or 1, maxsize=model.queue, order=model.order
         )
         scheduler.add(model.spec.name, slots)
-    router = Router(supervisor, RouterSettings(api_key=plan.server.api_key), scheduler=scheduler)
+    router = Router(supervisor, RouterSettings(**_access(plan.server)), scheduler=scheduler)
     try:
         await router.start(listener)
         names = ", ".join(m.spec.name for m in plan.models)
@@ -309,9 +367,11 @@ def _serve_via_daemon(
         )
     console.print(
         f"[bold green]ready[/]: model [bold]{escape(info.name)}[/] at [bold]{info.base_url}[/] "
-        f"[dim](served by the shared daemon, pid {info.pid}; `llamactl daemon --stop` ends it)[/]"
+        f"[dim](served by the shared daemon, pid {info.pid}; `llamactl daemon --stop` ends it; "
+        "the second line is the server's own API key: other local users cannot call it)[/]"
     )
     out.print(info.base_url)
+    out.print(info.api_key or "")
 
 
 def _print_event(event: Event) -> None:
@@ -321,26 +381,22 @@ def _print_event(event: Event) -> None:
     console.print(f"[dim]{stamp}[/] {what} [dim]{escape(event.reason)}[/]")
 
 
-async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None) -> Event | None:
-    """Run until Ctrl-C/SIGTERM (returns None) or until the server fails for good (its event)."""
-    from procman.events import State
+async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, Any]) -> Event | None:
+    """Run until Ctrl-C/SIGTERM (returns None), or until the first start fails (its event).
+
+    Once the model has been ready, serve stays up whatever happens to it: an
+    unloaded model (admin API) starts again on the next request, and one
+    failed by its crashes after its cooldown (see :mod:`procman.policy`).
+    """
     from procman.supervisor import Supervisor
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     _catch_signals(loop, stop.set)
-    failed: asyncio.Future[Event] = loop.create_future()
-    spawned: asyncio.Future[None] = loop.create_future()
-
-    def on_event(event: Event) -> None:
-        _print_event(event)
-        if event.state in {State.STARTING, State.FAILED} and not spawned.done():
-            spawned.set_result(None)
-        if event.state is State.FAILED and not failed.done():
-            failed.set_result(event)
-
+    watch = _FirstStart(loop)
+    failed, spawned = watch.failed, watch.spawned
     supervisor = Supervisor()
-    supervisor.bus.subscribe(on_event)
+    supervisor.bus.subscribe(watch)
     # since `llamactl serve` was launched: the early start began before this function
     started = _early.launched_at() or time.monotonic()
     router = None
@@ -348,7 +404,8 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
     try:
         # validated before the port was bound; the early server (if any) is adopted only
         # if it runs exactly what the checks below decide
-        supervisor.add(spec, validate=False).offer(_early.take())
+        # on demand: a stopped or (after its cooldown) failed model starts at the next request
+        supervisor.add(spec, validate=False, on_demand=True).offer(_early.take())
         # through the supervisor: the -ngl choice (printed as an event) and admission
         starting = asyncio.ensure_future(supervisor.load(spec.name))
         # The model loads while the router is imported and started (~150 ms of
@@ -360,7 +417,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
         from procman.router import Router, RouterSettings
 
         _print_budget(supervisor)
-        router = Router(supervisor, RouterSettings(api_key=api_key))
+        router = Router(supervisor, RouterSettings(**access))
         await router.start(listener)  # from now on requests wait for the model, never refused
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -375,8 +432,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
                 f"model [bold]{escape(spec.name)}[/] at [bold]{_url(router)}[/]  "
                 "[dim](Ctrl-C stops)[/]"
             )
-            until: set[asyncio.Future[Any]] = {stopping, failed}
-            await asyncio.wait(until, return_when=asyncio.FIRST_COMPLETED)
+            await stopping
         stopping.cancel()
     finally:
         record.flush()
@@ -388,6 +444,25 @@ async def _serve(spec: ServerSpec, listener: socket.socket, api_key: str | None)
         return failed.result()
     console.print("stopped")
     return None
+
+
+class _FirstStart:
+    """Prints the events; ``failed`` only if the model never got ready (then serve ends)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.failed: asyncio.Future[Event] = loop.create_future()
+        self.spawned: asyncio.Future[None] = loop.create_future()
+        self.ready = False
+
+    def __call__(self, event: Event) -> None:
+        from procman.events import State
+
+        _print_event(event)
+        self.ready = self.ready or event.state is State.READY
+        if event.state in {State.STARTING, State.FAILED} and not self.spawned.done():
+            self.spawned.set_result(None)
+        if event.state is State.FAILED and not self.failed.done() and not self.ready:
+            self.failed.set_result(event)
 
 
 def _catch_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> None:
@@ -430,13 +505,15 @@ class _LaunchRecord:
         supervisor = self._supervisor
         server = supervisor.servers[self._name]
         held = supervisor.limits.ledger.held().get(self._name)
-        if server.port is None or held is None or self._listener.fileno() < 0:
+        endpoint = server.endpoint
+        if endpoint is None or held is None or self._listener.fileno() < 0:
             return  # stopped meanwhile
+        if endpoint.socket is None:
+            return  # a keyed TCP server is not started early: its key file is per life
         public = self._listener.getsockname()
         _early.remember(
-            argv=server.spec.argv(server.port),
-            port=server.port,
-            host=server.spec.host,
+            argv=server.spec.argv(endpoint),
+            socket=endpoint.socket,
             model=str(server.spec.model),
             binary=str(server.spec.binary),
             public=(str(public[0]), int(public[1])),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from procman._endpoint import Endpoint
 from procman._units import format_duration, format_size, parse_duration, parse_size
 from procman.config import Order, load_config, parse_config, reference, starter
 from procman.errors import ConfigError
@@ -98,7 +99,11 @@ def test_the_plan_holds_specs_and_scheduling(tmp_path: Path) -> None:
     chat = plan.models[0]
     assert chat.spec.name == "chat" and chat.spec.model == model and chat.spec.parallel == 2
     assert chat.spec.aliases == ("default",) and chat.memory_limit == 2 * 1024**3
-    assert "--temp" in chat.spec.argv(1234) and chat.queue == 8 and chat.order is Order.LIFO
+    assert (
+        "--temp" in chat.spec.argv(Endpoint(socket="/r/c.sock"))
+        and chat.queue == 8
+        and chat.order is Order.LIFO
+    )
     assert plan.server.memory_budget == 24 * 1024**3
 
 

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from procman._endpoint import Endpoint
 from procman._ports import bind_listener
 from procman.errors import ConfigError
 from procman.events import State
@@ -37,6 +38,16 @@ class FakeServer:
     last_reason: str = "spawned"
     pipeline: int = 8
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        if self.url is None:
+            return None
+        host, _, port = self.url.removeprefix("http://").rpartition(":")
+        return Endpoint(host=host, port=int(port))
+
+    def retry_in(self) -> float:
+        return 0.0
 
     def become(self, state: State, url: str | None = None) -> None:
         self.state = state
@@ -88,6 +99,9 @@ def fake_llama_app(seen: Upstream) -> web.Application:
         mode = payload.get("mode", "echo")
         if mode == "echo":
             return web.json_response({"path": request.path, "echo": payload})
+        if mode == "cors":  # as llama-server does: it reflects any Origin
+            cors = {"Access-Control-Allow-Origin": request.headers.get("Origin", "*")}
+            return web.json_response({"echo": payload}, headers=cors)
         if mode.startswith("hangup"):  # "hangup-N": the first N requests get no answer at all
             if len(seen.requests) <= int(mode.split("-")[1]):
                 assert request.transport is not None
