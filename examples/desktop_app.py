@@ -53,10 +53,12 @@ def model_table(servers: list[ServerInfo]) -> Table:
     return table
 
 
-def ask(base_url: str, history: list[dict[str, str]], max_tokens: int) -> str:
+def ask(server: ServerInfo, history: list[dict[str, str]], max_tokens: int) -> str:
     body = json.dumps({"messages": history, "max_tokens": max_tokens}).encode()
+    # the server's own key: other local users cannot call it (see ServerInfo.api_key)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {server.api_key}"}
     request = urllib.request.Request(  # noqa: S310 - the model's own loopback URL
-        f"{base_url}/chat/completions", body, {"Content-Type": "application/json"}
+        f"{server.base_url}/chat/completions", body, headers
     )
     with urllib.request.urlopen(request, timeout=120) as resp:  # noqa: S310
         answer: dict[str, Any] = json.load(resp)
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             history.append({"role": "user", "content": text})
             try:
-                answer = ask(server.base_url, history, options.max_tokens)
+                answer = ask(server, history, options.max_tokens)
             except OSError as exc:
                 console.print(f"[red]request failed:[/] {exc}")
                 history.pop()

@@ -9,7 +9,7 @@ after the other, that is ~250 ms more than starting llama-server by hand.
 So the entry point, before importing anything heavy (this module uses the
 standard library only), looks up what the same command spawned the last time
 it got a server ready, and starts that again at once on a fresh private
-port. The CLI then runs exactly as without it (validation, binary,
+socket. The CLI then runs exactly as without it (validation, binary,
 admission, command line) and :class:`~procman.server.ManagedServer` adopts
 the early process only if the command line it would run is the one already
 running; otherwise, or if the CLI stops for any reason first, the early
@@ -47,12 +47,12 @@ import sys
 import time
 
 from procman._pdeathsig import child_setup
-from procman._sockets import can_bind, pick_free_port
+from procman._sockets import can_bind, home, new_socket_path
 
 __all__ = ["EarlyServer", "Record", "discard", "launched_at", "remember", "start", "take"]
 
 #: bump when a record's fields change meaning: old records are then ignored
-FORMAT = 1
+FORMAT = 2
 #: records kept; the least recently written go first
 MAX_RECORDS = 32
 #: the pipe holds llama-server's output until the CLI adopts it (~15 KiB for the demo model)
@@ -66,11 +66,12 @@ class EarlyServer:
     """
 
     def __init__(
-        self, process: subprocess.Popen[bytes], argv: list[str], port: int, pidfd: int
+        self, process: subprocess.Popen[bytes], argv: list[str], socket: str, pidfd: int
     ) -> None:
         self.process = process
         self.argv = argv
-        self.port = port
+        #: the private Unix socket it listens on (see procman._endpoint)
+        self.socket = socket
         #: a pidfd for the process (readable once it exits): no pid-reuse race, no thread
         self.pidfd = pidfd
         #: time.monotonic() of the spawn
@@ -89,6 +90,8 @@ class EarlyServer:
                 self.process.stdout.close()
         os.close(self.pidfd)
         self.pidfd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket)
 
 
 class _Launch:
@@ -130,24 +133,12 @@ def discard() -> None:
         _launch.early.discard()
 
 
-def _home() -> str:
-    # the twin of buildtools.paths.home(), which imports pathlib and tempfile (~30 ms);
-    # a unit test keeps the two equal
-    if explicit := os.environ.get("LLAMACTL_HOME"):
-        return os.path.expanduser(explicit)
-    if xdg := os.environ.get("XDG_CACHE_HOME"):
-        return os.path.join(xdg, "llamactl")
-    if sys.platform == "darwin":
-        return os.path.expanduser("~/Library/Caches/llamactl")
-    return os.path.expanduser("~/.cache/llamactl")
-
-
 def record_path(args: list[str]) -> str:
     """Where the record for ``serve ARGS`` (here, with this environment) lives."""
     settings = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("LLAMACTL_"))
     material = "\0".join([f"serve-{FORMAT}", os.getcwd(), *args, "\0", *settings])
     digest = hashlib.sha256(material.encode("utf-8", "surrogateescape")).hexdigest()
-    return os.path.join(_home(), "launches", f"{digest[:32]}.rec")
+    return os.path.join(home(), "launches", f"{digest[:32]}.rec")
 
 
 def identity(st: os.stat_result) -> list[int]:
@@ -180,8 +171,7 @@ class Record:
         self,
         *,
         argv: list[str],
-        port_index: int,
-        host: str,
+        socket_index: int,
         model: str,
         model_identity: list[int],
         binary: str,
@@ -191,8 +181,7 @@ class Record:
         cuda: bool,
     ) -> None:
         self.argv = argv
-        self.port_index = port_index
-        self.host = host
+        self.socket_index = socket_index
         self.model = model
         self.model_identity = model_identity
         self.binary = binary
@@ -208,8 +197,7 @@ class Record:
             " ".join(map(str, self.model_identity)),
             self.binary,
             " ".join(map(str, self.binary_identity)),
-            self.host,
-            str(self.port_index),
+            str(self.socket_index),
             self.public[0],
             str(self.public[1]),
             str(self.min_available),
@@ -222,14 +210,13 @@ class Record:
     def decode(cls, data: bytes) -> Record:
         """Raises ValueError for anything but a record this version wrote."""
         fields = data.decode("utf-8", "surrogateescape").split("\0")
-        if len(fields) < 12 or fields[0] != cls.MAGIC:
+        if len(fields) < 11 or fields[0] != cls.MAGIC:
             raise ValueError("not a launch record of this version")
-        (_, model, model_id, binary, binary_id, host, index, public_host, public_port,
+        (_, model, model_id, binary, binary_id, index, public_host, public_port,
          min_available, cuda, *argv) = fields  # fmt: skip
         record = cls(
             argv=argv,
-            port_index=int(index),
-            host=host,
+            socket_index=int(index),
             model=model,
             model_identity=[int(n) for n in model_id.split()],
             binary=binary,
@@ -238,8 +225,8 @@ class Record:
             min_available=int(min_available),
             cuda=cuda == "1",
         )
-        if not 0 <= record.port_index < len(argv):
-            raise ValueError("port index out of range")
+        if not 0 <= record.socket_index < len(argv):
+            raise ValueError("socket index out of range")
         return record
 
 
@@ -270,9 +257,9 @@ def _start(args: list[str]) -> EarlyServer | None:
         return None
     if os.environ.get("LLAMACTL_EARLY_START", "1") == "0" or (record := _load(args)) is None:
         return None
-    port = pick_free_port(record.host)
+    socket = new_socket_path(os.path.basename(record.model).removesuffix(".gguf"))
     argv = list(record.argv)
-    argv[record.port_index] = str(port)
+    argv[record.socket_index] = socket
     process = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -291,14 +278,13 @@ def _start(args: list[str]) -> EarlyServer | None:
     if process.stdout is not None:
         with contextlib.suppress(OSError):
             fcntl.fcntl(process.stdout, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-    return EarlyServer(process, argv, port, pidfd)
+    return EarlyServer(process, argv, socket, pidfd)
 
 
 def remember(
     *,
     argv: list[str],
-    port: int,
-    host: str,
+    socket: str,
     model: str,
     binary: str,
     public: tuple[str, int],
@@ -324,8 +310,7 @@ def remember(
             return
         record = Record(
             argv=argv,
-            port_index=argv.index(str(port), argv.index("--port")),
-            host=host,
+            socket_index=argv.index(socket, argv.index("--host")),
             model=model,
             model_identity=identity(st),
             binary=binary,

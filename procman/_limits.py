@@ -189,12 +189,16 @@ class Limits:
 
         from procman.meter import scrape_llama_metrics
 
-        asked = [s for s in servers if s.url is not None and "--metrics" in s.spec.extra_args]
+        asked = [
+            (s, endpoint)
+            for s in servers
+            if (endpoint := s.endpoint) is not None and "--metrics" in s.spec.extra_args
+        ]
         if not asked:
             return
-        got = await asyncio.gather(*(scrape_llama_metrics(str(s.url)) for s in asked))
+        got = await asyncio.gather(*(scrape_llama_metrics(e) for _, e in asked))
         now = time.monotonic()
-        for server, metrics in zip(asked, got, strict=True):
+        for (server, _), metrics in zip(asked, got, strict=True):
             if metrics is not None:
                 self.record_metrics(server.name, now, metrics)
 

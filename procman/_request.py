@@ -81,6 +81,8 @@ class ServeRequest:
             extra_args=self.args,
             startup_timeout=self.startup_timeout,
             log=LogSettings(directory=Path(self.log_dir) if self.log_dir else None),
+            # the caller talks to the server itself: a loopback port behind a per-server key
+            listen="tcp",
         )
 
 
@@ -94,6 +96,9 @@ class ServerInfo:
     port: int | None
     url: str | None
     """The private server's root URL, ``http://127.0.0.1:PORT``."""
+    api_key: str | None = field(default=None, repr=False)
+    """The server's own key: send ``Authorization: Bearer KEY`` (an OpenAI client's
+    ``api_key``). Only this user is told it; other local users cannot use the server."""
     model: str = ""
     aliases: tuple[str, ...] = field(default=())
     reason: str = ""
@@ -141,6 +146,7 @@ def server_info(server: ManagedServer) -> ServerInfo:
         pid=server.pid,
         port=server.port,
         url=server.url,
+        api_key=server.api_key,
         model=str(server.spec.model),
         aliases=server.aliases,
         reason=server.last_reason,

@@ -30,9 +30,12 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
+
+if TYPE_CHECKING:
+    from procman._endpoint import Endpoint
 
 __all__ = [
     "LlamaMetrics",
@@ -208,7 +211,7 @@ def parse_llama_metrics(text: str) -> LlamaMetrics:
 
 
 async def scrape_llama_metrics(
-    base_url: str,
+    endpoint: Endpoint,
     *,
     timeout: float = 2.0,  # noqa: ASYNC109 - one HTTP GET; callers want None on timeout
 ) -> LlamaMetrics | None:
@@ -217,9 +220,11 @@ async def scrape_llama_metrics(
 
     try:
         async with (
-            aiohttp.ClientSession() as session,
+            aiohttp.ClientSession(connector=endpoint.connector()) as session,
             session.get(
-                f"{base_url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)
+                f"{endpoint.url}/metrics",
+                headers=dict(endpoint.auth()),
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp,
         ):
             if resp.status != 200:  # 501 "This server does not support metrics endpoint"

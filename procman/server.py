@@ -23,12 +23,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from procman._ports import is_bind_failure, pick_free_port
+from procman._endpoint import Endpoint
+from procman._ports import is_bind_failure
 from procman._process import Child, adopt, describe_exit, spawn, terminate
 from procman.errors import ServerError, StartupTimeout
 from procman.events import Event, EventBus, State
 from procman.logs import LineTail, RotatingLog
-from procman.policy import Action, RestartPolicy
+from procman.policy import Action, RestartPolicy, is_crash
 from procman.spec import ServerSpec
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class _End(Enum):
     """Why one life of the process ended: it exited, or we killed it for hanging."""
 
     EXITED = "exited"
+    ENDED = "ended"  # after being ready, not by a crash (see procman.policy.is_crash)
     TIMEOUT = "timeout"
     UNHEALTHY = "unhealthy"
     RECYCLED = "recycled"
@@ -72,7 +74,7 @@ class ManagedServer:
         self._validate = validate
         self._state = State.STOPPED
         self._pid: int | None = None
-        self._port: int | None = None
+        self._endpoint: Endpoint | None = None
         self._available = asyncio.Event()
         self._settled = asyncio.Event()
         self._settled.set()
@@ -83,12 +85,13 @@ class ManagedServer:
             spec.log_path, max_bytes=spec.log.max_bytes, backups=spec.log.backups
         )
         self._tail = LineTail(_TAIL_LINES)
-        self._session: aiohttp.ClientSession | None = None
         self._recycle: asyncio.Future[str] | None = None
         self._offered: EarlyServer | None = None
         self.restarts = 0
         self.last_reason = "not started"
         self.ready_since: float | None = None
+        self.failed_until = 0.0
+        """After too many crashes: time.monotonic() before which no start is tried."""
 
     # -- what others read -------------------------------------------------
     @property
@@ -108,8 +111,20 @@ class ManagedServer:
         return self._pid
 
     @property
+    def endpoint(self) -> Endpoint | None:
+        """Where the private server listens while a process is running (see
+        :mod:`procman._endpoint`)."""
+        return self._endpoint
+
+    @property
     def port(self) -> int | None:
-        return self._port
+        """The private TCP port (None on a Unix socket, or when not running)."""
+        return self._endpoint.port if self._endpoint is not None else None
+
+    @property
+    def api_key(self) -> str | None:
+        """The key a client of the private TCP server sends (None on a Unix socket)."""
+        return self._endpoint.api_key if self._endpoint is not None else None
 
     @property
     def pipeline(self) -> int:
@@ -117,11 +132,10 @@ class ManagedServer:
 
     @property
     def url(self) -> str | None:
-        """Base URL of the private server while a process is running."""
-        if self._port is None:
-            return None
-        host = f"[{self.spec.host}]" if ":" in self.spec.host else self.spec.host
-        return f"http://{host}:{self._port}"
+        """Base URL of the private TCP server while a process is running (None on a
+        socket: use :attr:`endpoint`)."""
+        endpoint = self._endpoint
+        return endpoint.url if endpoint is not None and endpoint.socket is None else None
 
     @property
     def log_path(self) -> Path:
@@ -129,6 +143,12 @@ class ManagedServer:
 
     def log_tail(self) -> str:
         return self._tail.text()
+
+    def retry_in(self, now: float | None = None) -> float:
+        """Seconds until a server failed by its crashes may be started again (0: now)."""
+        if self._state is not State.FAILED:
+            return 0.0
+        return max(0.0, self.failed_until - (time.monotonic() if now is None else now))
 
     async def wait_ready(
         self,
@@ -251,7 +271,7 @@ class ManagedServer:
             self._settled.set()
         log.info("%s: %s -> %s (%s)", self.name, previous, state, reason)
         return self.bus.emit(
-            self.name, state, previous, reason, pid=self._pid, port=self._port, log_tail=log_tail
+            self.name, state, previous, reason, pid=self._pid, port=self.port, log_tail=log_tail
         )
 
     async def _supervise(self, first: asyncio.Future[None]) -> None:
@@ -270,8 +290,10 @@ class ManagedServer:
                             )
                         )
                     return
-                decision = self.policy.on_crash(time.monotonic(), reason)
+                now = time.monotonic()
+                decision = self.policy.on_crash(now, reason, crash=end is not _End.ENDED)
                 if decision.action is Action.GIVE_UP:
+                    self.failed_until = now + decision.delay
                     self._set(State.FAILED, decision.reason, log_tail=tail)
                     return
                 self.restarts += 1
@@ -289,57 +311,58 @@ class ManagedServer:
             if not first.done():
                 first.set_exception(exc)
         finally:
-            self._pid = self._port = None
+            self._pid = self._endpoint = None
             self.ready_since = None
             self._log.close()
-            if self._session is not None:
-                await self._session.close()
-                self._session = None
 
     async def _one_life(self, first: asyncio.Future[None]) -> tuple[_End, str]:
         """Spawn, run until the process ends or must be killed; always reaps it."""
         note = ""
         for _ in range(_BIND_ATTEMPTS):
             early = self._take_offer()
-            if early is not None:
-                port = early.port
-            elif self.spec.port is not None:
-                port = self.spec.port
-            else:
-                port = pick_free_port(self.spec.host)
             try:
-                transport, child = await self._spawn(port, note, early)
+                endpoint = self._new_endpoint(early)
+                transport, child = await self._spawn(endpoint, note, early)
             except OSError as exc:
                 return _End.EXITED, f"cannot run {self.spec.binary}: {exc.strerror or exc}"
             try:
                 spawned = early.started if early is not None else time.monotonic()
-                end, reason, was_ready = await self._live(child, first, spawned)
+                end, reason, was_ready = await self._live(child, first, spawned, endpoint)
             finally:
                 await terminate(transport, child, self.spec.stop_grace, self.name)
-                self._pid = None
+                self._pid = self._endpoint = None
                 self.ready_since = None
+                endpoint.remove()
             taken = end is _End.EXITED and not was_ready and is_bind_failure(self._tail.text())
-            if not taken:
+            if not taken or endpoint.socket is not None:
                 return end, reason
             if self.spec.port is not None:
-                return end, f"port {port} on {self.spec.host} is in use"
-            note = f" (port {port} was taken meanwhile)"
-            log.info("%s: port %d taken before llama-server bound it; retrying", self.name, port)
+                return end, f"port {endpoint.port} on {self.spec.host} is in use"
+            note = f" (port {endpoint.port} was taken meanwhile)"
+            log.info("%s: %s taken before llama-server bound it; retrying", self.name, note)
         return _End.EXITED, f"could not bind a free port in {_BIND_ATTEMPTS} attempts"
+
+    def _new_endpoint(self, early: EarlyServer | None) -> Endpoint:
+        if early is not None:
+            return Endpoint(socket=early.socket)
+        if self.spec.listen == "unix":
+            return Endpoint.unix(self.name)
+        return Endpoint.tcp(self.name, self.spec.host, self.spec.port)
 
     def _take_offer(self) -> EarlyServer | None:
         early, self._offered = self._offered, None
         if early is None:
             return None
-        if early.argv != self.spec.argv(early.port) or early.process.poll() is not None:
+        same = early.argv == self.spec.argv(Endpoint(socket=early.socket))
+        if not same or early.process.poll() is not None:
             early.discard()  # started for another command line, or already dead
             return None
         return early
 
     async def _spawn(
-        self, port: int, note: str, early: EarlyServer | None = None
+        self, endpoint: Endpoint, note: str, early: EarlyServer | None = None
     ) -> tuple[asyncio.SubprocessTransport, Child]:
-        argv = self.spec.argv(port)
+        argv = self.spec.argv(endpoint)
         self._tail.clear()
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
         if early is not None:
@@ -349,32 +372,47 @@ class ManagedServer:
         if early is not None:
             transport, child = await adopt(early, self._log, self._tail)
         else:
+            endpoint.prepare()
             transport, child = await spawn(argv, self._log, self._tail)
-        self._pid, self._port = transport.get_pid(), port
-        self._set(State.STARTING, f"spawned pid {self._pid} on port {port}{note}")
+        self._pid, self._endpoint = transport.get_pid(), endpoint
+        self._set(State.STARTING, f"spawned pid {self._pid} on {endpoint.address}{note}")
         return transport, child
 
-    async def _probe(self, url: str, limit: float) -> tuple[int | None, str]:
+    @staticmethod
+    async def _probe(
+        session: aiohttp.ClientSession, url: str, limit: float
+    ) -> tuple[int | None, str]:
         import aiohttp
 
-        if self._session is None:
-            # a fresh connection per probe: cheap on loopback, and never a stale keep-alive
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         try:
-            async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=limit)) as resp:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=limit)) as resp:
                 await resp.read()
                 return resp.status, f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
             return None, type(exc).__name__
 
     async def _live(
-        self, child: Child, first: asyncio.Future[None], started: float
+        self, child: Child, first: asyncio.Future[None], started: float, endpoint: Endpoint
+    ) -> tuple[_End, str, bool]:
+        import aiohttp
+
+        # a fresh connection per probe: cheap locally, and never a stale keep-alive
+        connector = endpoint.connector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            return await self._watch(session, child, first, started, f"{endpoint.url}/health")
+
+    async def _watch(
+        self,
+        session: aiohttp.ClientSession,
+        child: Child,
+        first: asyncio.Future[None],
+        started: float,
+        health_url: str,
     ) -> tuple[_End, str, bool]:
         spec, health = self.spec, self.spec.health
-        health_url = f"{self.url}/health"
         deadline = started + spec.startup_timeout
         while True:
-            status, _ = await self._probe(health_url, health.timeout)
+            status, _ = await self._probe(session, health_url, health.timeout)
             if status == 200:
                 break
             if status is not None and self._state is State.STARTING:
@@ -407,8 +445,10 @@ class ManagedServer:
                 if recycle.done():
                     return _End.RECYCLED, recycle.result(), True
                 if child.exited.done():
-                    return _End.EXITED, f"llama-server {describe_exit(child.exited.result())}", True
-                failures, detail = await self._check(health_url, failures)
+                    code = child.exited.result()
+                    why = f"llama-server {describe_exit(code)}"
+                    return (_End.EXITED if is_crash(code) else _End.ENDED), why, True
+                failures, detail = await self._check(session, health_url, failures)
                 if failures >= health.restart_after:
                     return (
                         _End.UNHEALTHY,
@@ -420,10 +460,12 @@ class ManagedServer:
             if not recycle.done():
                 recycle.cancel()
 
-    async def _check(self, health_url: str, failures: int) -> tuple[int, str]:
+    async def _check(
+        self, session: aiohttp.ClientSession, health_url: str, failures: int
+    ) -> tuple[int, str]:
         """One health poll of a ready server; the consecutive failures after it."""
         health = self.spec.health
-        status, detail = await self._probe(health_url, health.timeout)
+        status, detail = await self._probe(session, health_url, health.timeout)
         if status == 200:
             if self._state is State.UNHEALTHY:
                 self._set(State.READY, "health checks pass again")

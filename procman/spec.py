@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from procman._endpoint import Endpoint, Listen
 from procman.errors import ConfigError, ModelError
 
 __all__ = [
@@ -67,7 +68,8 @@ def check_extra_args(args: Sequence[str]) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class RestartSettings:
-    """When a crashed server is started again, and when llamactl gives up."""
+    """When a crashed server is started again, and when llamactl gives up for a while
+    (see :mod:`procman.policy`)."""
 
     max_restarts: int = 5
     """Crashes tolerated within ``window`` seconds; one more marks the server failed."""
@@ -79,9 +81,12 @@ class RestartSettings:
     """Each further crash in the window multiplies the delay by this."""
     backoff_max: float = 30.0
     """Upper bound of the delay, in seconds."""
+    cooldown: float = 60.0
+    """Seconds a server that crashed too often stays failed; after that the next request
+    (or load) starts it again."""
 
     def __post_init__(self) -> None:
-        if self.max_restarts < 0 or self.window <= 0 or self.backoff_initial < 0:
+        if min(self.max_restarts, self.backoff_initial, self.cooldown) < 0 or self.window <= 0:
             raise ConfigError("restart settings must be non-negative (and window positive)")
         if self.backoff_factor < 1 or self.backoff_max < self.backoff_initial:
             raise ConfigError("backoff_factor must be >= 1 and backoff_max >= backoff_initial")
@@ -149,10 +154,15 @@ class ServerSpec:
     """Prompt cache limit in MiB (``--cache-ram``); 0 disables it. It is passed explicitly
     because llama-server's default (8 GiB) grows after start, beyond what admission reserved.
     ``None`` leaves llama-server's default; a ``--cache-ram`` in ``extra_args`` wins."""
+    listen: Listen = "unix"
+    """How the private server listens: ``unix``, a socket in a folder only this user can
+    enter (for servers behind the router), or ``tcp``, a loopback port that needs a random
+    per-server key (for clients that call the server themselves: ``server.api_key``)."""
     host: str = "127.0.0.1"
-    """Interface the private server listens on; only the router should reach it."""
+    """With ``listen = "tcp"``: the interface of the private port."""
     port: int | None = None
-    """Private port; ``None`` picks a free one (and another if it is taken meanwhile)."""
+    """With ``listen = "tcp"``: the private port; ``None`` picks a free one (and another if
+    it is taken meanwhile)."""
     startup_timeout: float = 120.0
     """Seconds from spawn to ready before the server is killed as hung."""
     stop_grace: float = 10.0
@@ -170,6 +180,8 @@ class ServerSpec:
         for value, what in ((self.ctx, "ctx"), (self.parallel, "parallel")):
             if value is not None and value < 0:
                 raise ConfigError(f"{what} must be >= 0, got {value}")
+        if self.listen not in ("unix", "tcp"):
+            raise ConfigError(f"listen must be 'unix' or 'tcp', got {self.listen!r}")
         if self.startup_timeout <= 0 or self.stop_grace < 0:
             raise ConfigError("startup_timeout must be positive and stop_grace non-negative")
         check_extra_args(self.extra_args)
@@ -235,9 +247,9 @@ class ServerSpec:
         """
         return max(1, min(PIPELINE_DEPTH * self.slots, self.http_threads - SPARE_HTTP_THREADS))
 
-    def argv(self, port: int) -> list[str]:
-        """The llama-server command line for a server listening on ``port``."""
-        argv = [str(self.binary), "-m", str(self.model), "--host", self.host, "--port", str(port)]
+    def argv(self, endpoint: Endpoint) -> list[str]:
+        """The llama-server command line for a server listening at ``endpoint``."""
+        argv = [str(self.binary), "-m", str(self.model), *endpoint.argv()]
         argv += ["--alias", ",".join((self.name, *self.aliases))]
         if self.ctx is not None:
             argv += ["-c", str(self.ctx)]

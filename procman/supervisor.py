@@ -363,7 +363,7 @@ class Supervisor:
 
     # -- status ----------------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
-        """Per server: what ``llamactl ps`` shows (state, pid, private port, RSS, restarts...).
+        """Per server: what ``llamactl ps`` shows (state, pid, private socket, RSS, restarts...).
 
         ``rss_bytes`` is read now; ``cpu_percent``, ``vram_bytes`` and
         ``tokens_per_second`` come from the last sample (None until there is one).
@@ -383,6 +383,7 @@ class Supervisor:
                     "reason": server.last_reason,
                     "pid": server.pid,
                     "port": server.port,
+                    "socket": server.endpoint.socket if server.endpoint is not None else None,
                     "model": str(server.spec.model),
                     "rss_bytes": _rss(server.pid),
                     "restarts": server.restarts,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from procman.bench._cases import BenchCase
@@ -55,6 +55,7 @@ async def stream_case(
     model: str,
     request_timeout: float = 600.0,
     clock: Callable[[], float] = time.perf_counter,
+    headers: Mapping[str, str] | None = None,
 ) -> Sample:
     """POST ``case`` to ``base_url/v1/chat/completions`` with streaming and time it."""
     import aiohttp
@@ -66,6 +67,7 @@ async def stream_case(
         async with session.post(
             f"{base_url}/v1/chat/completions",
             json=request_body(case, model),
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=request_timeout),
         ) as resp:
             if resp.status != 200:

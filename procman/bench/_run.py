@@ -147,6 +147,7 @@ async def run_bench(
                 ctx=target.ctx,
                 parallel=target.parallel,
                 log=LogSettings(directory=log_dir),
+                listen="tcp",  # measured as clients reach a server: over TCP, with its key
             )
             say(f"starting {target.label}")
             servers.append(await stack.enter_async_context(ManagedServer(spec)))
@@ -159,8 +160,14 @@ async def run_bench(
         async def once(server: ManagedServer, case: BenchCase) -> Sample:
             if server.url is None:  # crashed and not (yet) restarted
                 await server.wait_ready(request_timeout)
+            endpoint = server.endpoint
             return await stream_case(
-                session, server.url or "", case, model=server.name, request_timeout=request_timeout
+                session,
+                server.url or "",
+                case,
+                model=server.name,
+                request_timeout=request_timeout,
+                headers=dict(endpoint.auth()) if endpoint is not None else {},
             )
 
         if warmup:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -326,21 +327,30 @@ def test_serve_daemon_prints_a_url_the_shared_server_answers(
             cli, capture_output=True, text=True, env=env, timeout=120, check=False
         )
         assert first.returncode == 0, first.stderr
-        url = first.stdout.strip()
+        url, key = first.stdout.split()
         assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
         second = subprocess.run(
             cli, capture_output=True, text=True, env=env, timeout=120, check=False
         )
-        assert second.stdout.strip() == url, "a second client must share the running server"
+        assert second.stdout.split() == [url, key], "a second client shares the running server"
+        import urllib.error
         import urllib.request
 
         body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-        request = urllib.request.Request(  # noqa: S310 - loopback URL
-            f"{url}/chat/completions",
-            data=body.encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 - loopback
-            assert json.loads(reply.read())["usage"]["completion_tokens"] > 0
+
+        def ask(*auth: tuple[str, str]) -> dict[str, Any]:
+            request = urllib.request.Request(  # noqa: S310 - loopback URL
+                f"{url}/chat/completions",
+                data=body.encode(),
+                headers={"Content-Type": "application/json", **dict(auth)},
+            )
+            with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 - loopback
+                answer: dict[str, Any] = json.loads(reply.read())
+                return answer
+
+        assert ask(("Authorization", f"Bearer {key}"))["usage"]["completion_tokens"] > 0
+        with pytest.raises(urllib.error.HTTPError) as refused:  # another local user: no key
+            ask()
+        assert refused.value.code == 401
     finally:
         stop_daemon(home)

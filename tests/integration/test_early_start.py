@@ -13,6 +13,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ import psutil
 import pytest
 
 from procman import _early
+from procman._endpoint import Endpoint
 from procman._pdeathsig import child_setup
 from procman._ports import pick_free_port
 from procman.events import Event, State
@@ -32,6 +34,16 @@ from procman.spec import LogSettings, ServerSpec
 from tests.integration.test_serve import CLI, REPO, fake_server, http_status, llama_children
 
 PROMPT = [{"role": "user", "content": "Say hello."}]
+
+
+def unix_status(endpoint: Endpoint, path: str) -> int:
+    """The HTTP status a GET over the endpoint's Unix socket gets."""
+    assert endpoint.socket is not None
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(endpoint.socket)
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+        return int(sock.recv(64).split()[1])
 
 
 def counting_wrapper(tmp_path: Path, binary: Path) -> tuple[Path, Path]:
@@ -102,7 +114,7 @@ def test_a_repeated_serve_starts_its_server_at_launch_and_adopts_it(
         assert answer(port)
         (child,) = llama_children(second.pid)
     log = second.stderr.read() if second.stderr else ""
-    assert f"spawned pid {child.pid} on port" in log
+    assert f"spawned pid {child.pid} on /" in log  # its private socket
     assert "(started at launch, adopted" in log
     assert runs.read_text().count("run") == 2  # one server per run: the early one was adopted
 
@@ -158,7 +170,8 @@ def test_sigkill_of_serve_before_the_adoption_leaves_no_server(
 
 
 # -- adoption by ManagedServer, with a stand-in server ---------------------------------------------
-def early_server(argv: list[str], port: int) -> _early.EarlyServer:
+def early_server(argv: list[str], endpoint: Endpoint) -> _early.EarlyServer:
+    assert endpoint.socket is not None
     process = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -167,7 +180,7 @@ def early_server(argv: list[str], port: int) -> _early.EarlyServer:
         start_new_session=True,
         preexec_fn=child_setup(),  # noqa: PLW1509 - as procman._early does
     )
-    return _early.EarlyServer(process, argv, port, os.pidfd_open(process.pid))
+    return _early.EarlyServer(process, argv, endpoint.socket, os.pidfd_open(process.pid))
 
 
 def stand_in_spec(tmp_path: Path) -> ServerSpec:
@@ -184,8 +197,8 @@ def stand_in_spec(tmp_path: Path) -> ServerSpec:
 
 async def test_the_server_adopts_a_process_running_its_command_line(tmp_path: Path) -> None:
     spec = stand_in_spec(tmp_path)
-    port = pick_free_port()
-    early = early_server(spec.argv(port), port)
+    endpoint = Endpoint.unix(spec.name)
+    early = early_server(spec.argv(endpoint), endpoint)
     events: list[Event] = []
     managed = ManagedServer(spec, validate=False)
     managed.bus.subscribe(events.append)
@@ -193,8 +206,8 @@ async def test_the_server_adopts_a_process_running_its_command_line(tmp_path: Pa
     await managed.start()
     try:
         assert managed.pid == early.process.pid
-        assert managed.port == port
-        assert http_status(f"{managed.url}/health") == 200
+        assert managed.endpoint == endpoint
+        assert unix_status(endpoint, "/health") == 200
         starting = next(e for e in events if e.state is State.STARTING)
         assert "started at launch" in starting.reason
         early.process.kill()  # a crash after the adoption is seen and restarted as any other
@@ -213,8 +226,8 @@ async def test_a_process_running_another_command_line_is_killed_not_adopted(
     tmp_path: Path,
 ) -> None:
     spec = stand_in_spec(tmp_path)
-    port = pick_free_port()
-    early = early_server([*spec.argv(port), "--flash-attn", "on"], port)
+    endpoint = Endpoint.unix(spec.name)
+    early = early_server([*spec.argv(endpoint), "--flash-attn", "on"], endpoint)
     managed = ManagedServer(spec, validate=False)
     managed.offer(early)
     await managed.start()
@@ -228,8 +241,8 @@ async def test_a_process_running_another_command_line_is_killed_not_adopted(
 
 async def test_an_offer_never_taken_is_killed_by_stop(tmp_path: Path) -> None:
     spec = stand_in_spec(tmp_path)
-    port = pick_free_port()
-    early = early_server(spec.argv(port), port)
+    endpoint = Endpoint.unix(spec.name)
+    early = early_server(spec.argv(endpoint), endpoint)
     managed = ManagedServer(spec, validate=False)
     managed.offer(early)
     await managed.stop()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -24,12 +25,15 @@ import procman
 from procman.events import Event, State
 
 
-def chat(base_url: str, text: str = "Say hello.") -> str:
+def chat(base_url: str, key: str | None, text: str = "Say hello.") -> str:
     body = json.dumps(
         {"messages": [{"role": "user", "content": text}], "max_tokens": 8, "temperature": 0}
     ).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(  # noqa: S310 - loopback
-        f"{base_url}/chat/completions", body, {"Content-Type": "application/json"}
+        f"{base_url}/chat/completions", body, headers
     )
     with urllib.request.urlopen(request, timeout=60) as resp:  # noqa: S310 - loopback
         answer = json.load(resp)
@@ -92,7 +96,11 @@ def test_blocking_supervisor_serves_chats_reports_and_cleans_up(
         print(f"\nsync serve -> ready in {time.monotonic() - started:.2f} s")
         assert server.state is State.READY
         assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
-        assert chat(server.base_url)
+        assert server.api_key and server.api_key not in repr(server)
+        assert chat(server.base_url, server.api_key)
+        with pytest.raises(urllib.error.HTTPError) as refused:  # another local user: no key
+            chat(server.base_url, None)
+        assert refused.value.code == 401
         again = sup.serve(str(demo_model), name="lib", binary=str(llama_server))
         assert again.pid == server.pid  # the running server is reused
         assert [s.name for s in sup.status()] == ["lib"]

@@ -55,10 +55,12 @@ async def running(*specs: ServerSpec) -> AsyncIterator[list[ManagedServer]]:
 
 
 async def complete(server: ManagedServer, prompt: str, n_predict: int) -> dict[str, object]:
+    endpoint = server.endpoint
+    assert endpoint is not None
     async with (
-        aiohttp.ClientSession() as session,
+        aiohttp.ClientSession(connector=endpoint.connector()) as session,
         session.post(
-            f"{server.url}/completion",
+            f"{endpoint.url}/completion",
             json={"prompt": prompt, "n_predict": n_predict, "temperature": 0},
             timeout=aiohttp.ClientTimeout(total=120),
         ) as resp,
@@ -74,12 +76,12 @@ async def test_meter_rss_cpu_and_tokens_per_second(
     predicted = estimate(validate_model(demo_model), ctx=CTX, parallel=1).host_bytes
     meter = Meter()
     async with running(spec(llama_server, demo_model, tmp_path)) as (server,):
-        assert server.pid is not None and server.url is not None
+        assert server.pid is not None and server.endpoint is not None
         meter.sample([server.pid])
         # a prompt near the slot's size touches the whole compute buffer, as at peak
         await complete(server, " hello" * (CTX - 64), 16)
         sample = meter.sample([server.pid])[server.pid]
-        metrics = await scrape_llama_metrics(server.url)
+        metrics = await scrape_llama_metrics(server.endpoint)
     meter.close()
     print(
         f"\nRSS {sample.rss_bytes / MiB:.1f} MiB, PSS "

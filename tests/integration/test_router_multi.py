@@ -293,7 +293,8 @@ async def test_ps_stop_load_against_the_running_router(
         assert code == 0, err
         rows = {row["name"]: row for row in json.loads(out)}
         other = rows["other"]
-        assert other["state"] == "ready" and other["pid"] and other["port"]
+        assert other["state"] == "ready" and other["pid"]
+        assert other["port"] is None and other["socket"].endswith(".sock")  # private: no port
         assert other["rss_bytes"] > 10 * 2**20 and other["restarts"] == 0
         assert other["model"] == str(demo_model) and rows["brief"]["state"] == "stopped"
         code, _, err = await ctl("stop", "other")

@@ -154,8 +154,8 @@ def fake_server(tmp_path: Path, mode: str) -> Path:
     script = tmp_path / f"fake-llama-server-{mode}"
     script.write_text(
         f"""#!{sys.executable}
-import http.server, os, signal, sys, threading, time
-port = int(sys.argv[sys.argv.index("--port") + 1])
+import http.server, os, signal, socketserver, sys, threading, time
+host = sys.argv[sys.argv.index("--host") + 1]
 mode = {mode!r}
 print("fake llama-server", mode, flush=True)
 if mode == "hang":
@@ -169,7 +169,10 @@ class Health(http.server.BaseHTTPRequestHandler):
         self.wfile.write(b'{{"status": "ok"}}')
     def log_message(self, *args):
         pass
-server = http.server.HTTPServer(("127.0.0.1", port), Health)
+if host.endswith(".sock"):  # as llama-server: a host ending in .sock is a Unix socket
+    server = socketserver.UnixStreamServer(host, Health)
+else:
+    server = http.server.HTTPServer((host, int(sys.argv[sys.argv.index("--port") + 1])), Health)
 if mode == "crash":
     def crash():
         print("boom: simulated crash", flush=True)
@@ -256,17 +259,21 @@ async def test_request_sent_while_loading_waits_and_succeeds(
 async def test_a_private_port_taken_meanwhile_is_replaced(
     llama_server: Path, demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The race of picking a free port: llama-server says it cannot bind, so another is tried."""
-    import procman.server
+    """The race of picking a free port (a TCP server, as the library runs): llama-server says
+    it cannot bind, so another is tried."""
+    import dataclasses
+
+    import procman._endpoint
     from procman._ports import pick_free_port as real_pick
 
     with bind_listener("127.0.0.1", 0) as thief:
         taken = thief.getsockname()[1]
         picks = iter([taken])
         monkeypatch.setattr(
-            procman.server, "pick_free_port", lambda h: next(picks, 0) or real_pick(h)
+            procman._endpoint, "pick_free_port", lambda h: next(picks, 0) or real_pick(h)
         )
-        server = ManagedServer(demo_spec(llama_server, demo_model, tmp_path), validate=False)
+        spec = dataclasses.replace(demo_spec(llama_server, demo_model, tmp_path), listen="tcp")
+        server = ManagedServer(spec, validate=False)
         async with asyncio.timeout(90):
             await server.start()
         try:
@@ -376,7 +383,7 @@ async def test_crash_loop_ends_in_failed_with_the_log_tail(tmp_path: Path) -> No
         await server.stop()
     failures = [e for e in server.bus.history if e.state is State.FAILED]
     assert failures, [e.state for e in server.bus.history]
-    assert "giving up" in failures[0].reason
+    assert "crashes within" in failures[0].reason
     assert "boom: simulated crash" in failures[0].log_tail
     assert [e.state for e in server.bus.history].count(State.RESTARTING) == 2
     assert "fake llama-server" in spec.log_path.read_text()

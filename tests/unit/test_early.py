@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from buildtools.paths import home
-from procman import _early, _info_cache
+from procman import _early, _info_cache, _sockets
 from procman._early import Record
 
 
@@ -36,11 +36,10 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def record_for(model: Path, binary: Path, **changes: object) -> Record:
-    argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", "4321"]
+    argv = [str(binary), "-m", str(model), "--host", "/run/x/m-1234.sock"]
     fields: dict[str, object] = {
         "argv": argv,
-        "port_index": 6,
-        "host": "127.0.0.1",
+        "socket_index": 4,
         "model": str(model),
         "model_identity": _early.identity(model.stat()),
         "binary": str(binary),
@@ -62,8 +61,8 @@ def store(args: list[str], record: Record) -> None:
 # -- the record -----------------------------------------------------------------------------------
 def test_a_record_survives_encoding_with_odd_arguments(tmp_path: Path) -> None:
     model, binary = files(tmp_path)
-    argv = ["/x/llama-server", "-m", "ü.gguf", "--p", "a b\tc", "", "--port", "1"]
-    record = record_for(model, binary, argv=argv, port_index=7)
+    argv = ["/x/llama-server", "-m", "ü.gguf", "--p", "a b\tc", "", "--host", "/r/1.sock"]
+    record = record_for(model, binary, argv=argv, socket_index=7)
     assert vars(Record.decode(record.encode())) == vars(record)
 
 
@@ -76,10 +75,10 @@ def test_anything_but_a_record_is_refused(data: bytes) -> None:
         Record.decode(data)
 
 
-def test_a_port_index_outside_argv_is_refused(tmp_path: Path) -> None:
+def test_a_socket_index_outside_argv_is_refused(tmp_path: Path) -> None:
     model, binary = files(tmp_path)
-    with pytest.raises(ValueError, match="port index"):
-        Record.decode(record_for(model, binary, port_index=99).encode())
+    with pytest.raises(ValueError, match="socket index"):
+        Record.decode(record_for(model, binary, socket_index=99).encode())
 
 
 # -- its key --------------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ def test_the_home_twin_agrees_with_buildtools(
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert Path(_early._home()) == home()
+    assert Path(_sockets.home()) == home()
 
 
 def test_the_key_is_the_arguments_directory_and_llamactl_settings(
@@ -126,7 +125,7 @@ def test_an_unchanged_record_is_used(launch_home: Path, tmp_path: Path) -> None:
     store(["x"], record_for(model, binary))
     loaded = _early._load(["x"])
     assert loaded is not None
-    assert loaded.argv[6] == "4321"
+    assert loaded.argv[4] == "/run/x/m-1234.sock"
     assert _early._load(["y"]) is None  # another command has no record
 
 
@@ -196,11 +195,10 @@ def test_start_is_off_with_the_setting_and_never_raises(
 
 
 # -- what is recorded -----------------------------------------------------------------------------
-def remember(model: Path, binary: Path, port: int = 4321) -> None:
+def remember(model: Path, binary: Path, socket: str = "/run/x/m-1.sock") -> None:
     _early.remember(
-        argv=[str(binary), "-m", str(model), "--port", str(port)],
-        port=port,
-        host="127.0.0.1",
+        argv=[str(binary), "-m", str(model), "--host", socket],
+        socket=socket,
         model=str(model),
         binary=str(binary),
         public=("127.0.0.1", 8080),
@@ -223,7 +221,7 @@ def test_only_a_model_gguf_validation_recorded_is_remembered(
     assert path == Path(_early.record_path(["m.gguf"]))
     assert path.stat().st_mode & 0o077 == 0  # the command line may hold a key
     record = Record.decode(path.read_bytes())
-    assert record.argv[record.port_index] == "4321"
+    assert record.argv[record.socket_index] == "/run/x/m-1.sock"
     assert record.model_identity == _early.identity(model.stat())
     assert record.public == ("127.0.0.1", 8080)
     assert record.min_available == 123

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from procman._endpoint import Endpoint
 from procman.errors import ConfigError, ModelError
 from procman.spec import (
     LogSettings,
@@ -25,27 +26,46 @@ def spec(**fields: object) -> ServerSpec:
     return ServerSpec(**(base | fields))  # type: ignore[arg-type]
 
 
-def test_minimal_argv() -> None:
-    assert spec().argv(4321) == [
-        "/bin/llama-server", "-m", "/m/model.gguf", "--host", "127.0.0.1", "--port", "4321",
+SOCKET = Endpoint(socket="/run/demo-1234.sock")
+
+
+def test_minimal_argv_listens_on_a_private_socket() -> None:
+    assert spec().listen == "unix"
+    assert spec().argv(SOCKET) == [
+        "/bin/llama-server", "-m", "/m/model.gguf", "--host", "/run/demo-1234.sock",
         "--alias", "demo", "--cache-ram", "0", "--threads-http", "16", "--log-colors", "off",
     ]  # fmt: skip
+
+
+def test_a_tcp_server_reads_its_key_from_a_file_never_argv() -> None:
+    endpoint = Endpoint(port=4321, api_key="s3cret", key_file="/run/demo-1.key")
+    argv = spec(listen="tcp").argv(endpoint)
+    assert argv[3:9] == [
+        "--host", "127.0.0.1", "--port", "4321", "--api-key-file", "/run/demo-1.key",
+    ]  # fmt: skip
+    assert "s3cret" not in " ".join(argv) and "s3cret" not in repr(endpoint)
+    assert endpoint.auth() == [("Authorization", "Bearer s3cret")]
+
+
+def test_listen_is_unix_or_tcp() -> None:
+    with pytest.raises(ConfigError, match="listen"):
+        spec(listen="udp")
 
 
 def test_cache_ram_is_explicit_and_extra_args_win() -> None:
     assert spec().cache_ram_bytes == 0
     assert spec(cache_ram=64).cache_ram_bytes == 64 * 2**20
     none = spec(cache_ram=None)
-    assert "--cache-ram" not in none.argv(1) and none.cache_ram_bytes == 8192 * 2**20
+    assert "--cache-ram" not in none.argv(SOCKET) and none.cache_ram_bytes == 8192 * 2**20
     given = spec(extra_args=("--cache-ram", "128"))
-    assert given.argv(1).count("--cache-ram") == 1 and given.cache_ram_bytes == 128 * 2**20
+    assert given.argv(SOCKET).count("--cache-ram") == 1 and given.cache_ram_bytes == 128 * 2**20
     assert spec(extra_args=("-cram=-1",)).cache_ram_bytes == 8192 * 2**20
 
 
 def test_full_argv_keeps_extra_args_last() -> None:
     argv = spec(
         aliases=("small",), ctx=2048, parallel=2, gpu_layers="all", extra_args=("-fa", "on")
-    ).argv(1)
+    ).argv(SOCKET)
     assert argv[argv.index("--alias") + 1] == "demo,small"
     assert argv[argv.index("-c") + 1] == "2048"
     assert argv[argv.index("-np") + 1] == "2"
@@ -168,7 +188,7 @@ def test_the_router_never_keeps_more_connections_than_llama_server_has_threads(
     )  # fmt: skip
     assert spec.http_threads == threads
     assert spec.pipeline == pipeline
-    argv = spec.argv(9000)
+    argv = spec.argv(SOCKET)
     assert argv.count("--threads-http") + sum(a.startswith("--threads-http=") for a in argv) == 1
     if passed:
         i = argv.index("--threads-http")
