@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from procman.errors import ConfigError
-from procman.policy import Action, RestartPolicy
+from procman.policy import Action, RestartPolicy, is_crash
 from procman.spec import RestartSettings
 
 
@@ -25,7 +27,8 @@ def test_gives_up_after_too_many_crashes_in_the_window() -> None:
     assert [d.action for d in decisions] == [Action.RESTART] * 3 + [Action.GIVE_UP]
     assert decisions[-1].attempt == 4
     assert "exit status 1" in decisions[-1].reason
-    assert "giving up" in decisions[-1].reason
+    assert "failed" in decisions[-1].reason
+    assert decisions[-1].delay == 60.0  # the cooldown before a request may start it again
 
 
 def test_crashes_older_than_the_window_are_forgotten() -> None:
@@ -46,6 +49,30 @@ def test_a_long_healthy_run_resets_the_backoff() -> None:
     p.on_ready(100.0)
     assert p.recent_crashes == 0
     assert p.on_crash(101.0, "x").delay == 1.0
+
+
+def test_an_end_that_is_no_crash_is_restarted_but_never_counted() -> None:
+    p = policy(max_restarts=2, window=60, backoff_initial=1, backoff_max=8)
+    ends = [p.on_crash(float(t), "SIGTERM", crash=False) for t in range(10)]
+    assert {d.action for d in ends} == {Action.RESTART}
+    assert [d.delay for d in ends[:5]] == [1, 2, 4, 8, 8], "never faster than the backoff"
+    assert p.recent_crashes == 0
+    assert p.on_crash(10.0, "SIGSEGV").action is Action.RESTART  # one real crash of two
+
+
+@pytest.mark.parametrize(
+    ("code", "crash"),
+    [(0, False), (1, True), (-signal.SIGTERM, False), (-signal.SIGINT, False),
+     (-signal.SIGHUP, False), (-signal.SIGKILL, True), (-signal.SIGSEGV, True),
+     (-signal.SIGABRT, True)],
+)  # fmt: skip
+def test_what_counts_as_a_crash(code: int, crash: bool) -> None:
+    assert is_crash(code) is crash
+
+
+def test_a_cooldown_of_zero_and_of_an_hour() -> None:
+    assert policy(max_restarts=0, cooldown=0).on_crash(0.0, "x").delay == 0
+    assert policy(max_restarts=0, cooldown=3600).on_crash(0.0, "x").delay == 3600
 
 
 def test_zero_restarts_means_fail_at_the_first_crash() -> None:
