@@ -172,8 +172,17 @@ def _validate_cached(path: Path, key: _info_cache.FileKey) -> ModelInfo:
     head = _read_head(path)
     _check_head(path, head, size)
     version = struct.unpack_from("<I", head, 4)[0]
-    reader = _open_reader(path, size)
-    info = _describe(path, size, version, reader)
+    try:
+        info = _describe(path, size, version, _open_reader(path))
+    except ModelError:
+        raise
+    except Exception as exc:  # any reader failure is a bad file, never a traceback
+        # the reader reports a short file as a reshape/index failure deep in numpy;
+        # a well-formed header that runs past the end is the common cause
+        raise ModelError(
+            f"{path} is truncated or corrupt ({size} bytes; GGUF reader: {exc!r:.200})",
+            hint="download it again and compare its sha256 with the publisher's",
+        ) from exc
     _info_cache.remember(key, info)
     return info
 
@@ -245,29 +254,18 @@ def _identify(head: bytes) -> tuple[str, str]:
     return f"unknown format (starts with {head[:8].hex(' ')})", _CONVERT
 
 
-def _open_reader(path: Path, size: int) -> gguf.GGUFReader:
+def _open_reader(path: Path) -> gguf.GGUFReader:
     try:
         return _header_reader_class()(path)
     except PermissionError as exc:
         raise ModelError(f"cannot read model file {path}: permission denied") from exc
-    except (
-        ValueError,
-        IndexError,
-        KeyError,
-        OverflowError,
-        UnicodeDecodeError,
-        TypeError,
-        struct.error,
-    ) as exc:
-        # the reader reports a short file as a reshape/index failure deep in numpy;
-        # a well-formed header that runs past the end is the common cause
-        raise ModelError(
-            f"{path} is truncated or corrupt ({size} bytes; GGUF reader: {exc})",
-            hint="download it again and compare its sha256 with the publisher's",
-        ) from exc
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
 
 
 _Parts = tuple[int, list["npt.NDArray[Any]"], list[int], list["gguf.GGUFValueType"]]
+#: arrays of arrays in metadata (real models nest none); deeper is a corrupt or crafted file
+_MAX_ARRAY_DEPTH = 8
 
 
 @functools.cache
@@ -288,6 +286,8 @@ def _header_reader_class() -> type[gguf.GGUFReader]:
         keep only their length, numeric arrays become a single view.
         """
 
+        depth = 0
+
         def _get_field_parts(self, orig_offs: int, raw_type: int) -> _Parts:
             if raw_type != array_t:
                 return super()._get_field_parts(orig_offs, raw_type)
@@ -295,6 +295,14 @@ def _header_reader_class() -> type[gguf.GGUFReader]:
             alen = self._get(orig_offs + 4, np.uint64)
             n = int(alen[0])
             itype = gguf.GGUFValueType(int(raw_itype[0]))
+            if itype == array_t:  # the stock reader recurses: a crafted file could exhaust it
+                if self.depth >= _MAX_ARRAY_DEPTH:
+                    raise ValueError(f"metadata arrays nested deeper than {_MAX_ARRAY_DEPTH}")
+                self.depth += 1
+                try:
+                    return super()._get_field_parts(orig_offs, raw_type)
+                finally:
+                    self.depth -= 1
             types = [array_t, itype]
             offs = orig_offs + 12
             if itype == string_t and n >= _LAZY_ARRAY_MIN:
