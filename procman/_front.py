@@ -52,14 +52,15 @@ _LINGER = 2.0
 _SWEEP = 0.5
 _CAP_LOG_EVERY = 10.0
 
-_TOKEN_CHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_TOKEN = re.compile(_TOKEN_CHARS)
+#: RFC 9110 token characters: a method or a header name
+_TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_TOKEN = re.compile(_TCHARS)
 #: control characters allowed nowhere in a head (CR and LF only as line ends, counted apart)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 #: header lines, each "name:value" and CRLF: a name is a token, nothing before its colon
-_BLOCK = re.compile(rf"(?:{_TOKEN_CHARS}:[^\r\n]*\r\n)*")
+_BLOCK = re.compile(rf"(?:{_TCHARS}:[^\r\n]*\r\n)*")
 #: one header line: its name and its value (the whitespace around it is stripped after)
-_FIELD = re.compile(rf"({_TOKEN_CHARS}):([^\r\n]*)\r\n")
+_FIELD = re.compile(rf"({_TCHARS}):([^\r\n]*)\r\n")
 _VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
 _REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
