@@ -43,8 +43,8 @@ from _common import (  # first: it puts the repository on sys.path
     wait_until,
 )
 
-from procman._ports import pick_free_port
 from procman.bench import BenchCase, percentile, stream_case
+from procman.process._sockets import pick_free_port
 
 T = TypeVar("T")
 

@@ -38,7 +38,7 @@ from _common import (  # first: it puts the repository on sys.path
 from buildtools import BuildCache, build_default
 from buildtools.paths import home
 from buildtools.wheel import bundled_server
-from procman._ports import pick_free_port
+from procman.process._sockets import pick_free_port
 
 
 # -- 1. inference speed ---------------------------------------------------------------------------
@@ -179,7 +179,7 @@ async def _startup(binary: Path, model: Path, work: Path, quick: bool) -> Sectio
             "requests until ready).",
             "Early start: `serve` starts the llama-server the same command ran last time before "
             "its CLI loads, then adopts it only if its checks choose the same command line "
-            "(see procman/_early.py); `LLAMACTL_EARLY_START=0` turns it off, as on a first "
+            "(see procman/process/_early.py); `LLAMACTL_EARLY_START=0` turns it off, as on a first "
             "launch.",
             f"Target: added <= 100 ms: {verdict} (median added {added['median']:.0f} ms)."
             if added
@@ -194,13 +194,13 @@ async def _startup(binary: Path, model: Path, work: Path, quick: bool) -> Sectio
 _HARNESS = """
 import asyncio, sys
 from pathlib import Path
-from procman._ports import bind_listener
+from procman.router.listen import bind_listener
 from procman.router import Router, RouterSettings
 from procman.spec import ServerSpec
-from procman.supervisor import Supervisor
+from procman.supervisor import AsyncSupervisor
 n, binary, model, port = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 async def main():
-    async with Supervisor() as sup:
+    async with AsyncSupervisor() as sup:
         for i in range(n):
             await sup.serve(ServerSpec(name=f"m{i}", model=model, binary=binary, ctx=2048))
         router = Router(sup, RouterSettings())
@@ -269,7 +269,7 @@ async def _footprint(binary: Path, model: Path, work: Path, quick: bool) -> Sect
         "notes": [
             f"Sampled once a second for {seconds} s after the first answer, via psutil, "
             "for the Python process only (its llama-server children excluded). The library "
-            "harness runs procman.Supervisor + procman.router.Router with N demo servers "
+            "harness runs procman.Supervisor + procman.Router with N demo servers "
             "(ctx 2048): the multi-server shape `llamactl serve` does not expose yet.",
         ],
     }
@@ -277,8 +277,8 @@ async def _footprint(binary: Path, model: Path, work: Path, quick: bool) -> Sect
 
 # -- 4. memory estimate accuracy ------------------------------------------------------------------
 async def _memory(binary: Path, model: Path, work: Path, quick: bool) -> Section:
-    from procman.estimate import estimate
-    from procman.model_file import validate_model
+    from procman.memory.estimate import estimate
+    from procman.models.gguf import validate_model
 
     info = validate_model(model)
     configs = [(c, p) for c in ((512, 2048) if quick else (512, 2048, 8192)) for p in (1, 4)]

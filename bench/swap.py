@@ -30,7 +30,7 @@ from _common import (  # first: it puts the repository on sys.path
     wait_until,
 )
 
-from procman._ports import pick_free_port
+from procman.process._sockets import pick_free_port
 
 __all__ = ["swap"]
 

@@ -27,18 +27,20 @@ client, load on first use.
 
 from __future__ import annotations
 
-import importlib
+from procman._lazy import exports
 
 #: typing costs ~8 ms to import, paid by every `llamactl` run (the entry point is in this
 #: package); mypy treats this name as typing.TYPE_CHECKING
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
-
-    from procman._ports import bind_listener, check_exposure, pick_free_port
-    from procman._request import ServeRequest, ServerInfo
-    from procman._sync import Supervisor
-    from procman.client import DaemonClient, DaemonStatus, connect
+    from procman.daemon import (
+        DaemonClient,
+        DaemonStatus,
+        ServeRequest,
+        ServerInfo,
+        Supervisor,
+        connect,
+    )
     from procman.errors import (
         AdmissionError,
         ConfigError,
@@ -50,21 +52,26 @@ if TYPE_CHECKING:
         StartupTimeout,
     )
     from procman.events import Event, EventBus, State, Subscription
-    from procman.logs import follow, log_path, read_tail
-    from procman.model_file import ModelInfo, validate_model
-    from procman.policy import Action, Decision, RestartPolicy
-    from procman.router import Router, RouterSettings
-    from procman.server import ManagedServer
+    from procman.models import ModelInfo, default_name, resolve_model, validate_model
+    from procman.process import (
+        Action,
+        Decision,
+        ManagedServer,
+        RestartPolicy,
+        follow,
+        log_path,
+        read_tail,
+    )
+    from procman.process._sockets import pick_free_port
+    from procman.router import Router, RouterSettings, bind_listener, check_exposure
     from procman.spec import (
         HealthSettings,
         LogSettings,
         RestartSettings,
         ServerSpec,
-        default_name,
         parse_gpu_layers,
-        resolve_model,
     )
-    from procman.supervisor import Supervisor as AsyncSupervisor
+    from procman.supervisor import AsyncSupervisor
 
 __all__ = [
     "Action",
@@ -109,57 +116,41 @@ __all__ = [
     "validate_model",
 ]
 
-#: every public name -> (module, attribute), imported on first use: ``import procman``
+#: every public name -> the module that defines it, imported on first use: ``import procman``
 #: (and so the ``llamactl`` entry point, which lives in this package) costs nothing
-_LAZY = {
-    **dict.fromkeys(("bind_listener", "check_exposure", "pick_free_port"), "procman._ports"),
-    **dict.fromkeys(
-        (
-            "AdmissionError",
-            "ConfigError",
-            "DaemonError",
-            "LlamactlError",
-            "ModelError",
-            "PortInUseError",
-            "ServerError",
-            "StartupTimeout",
+__getattr__, __dir__ = exports(
+    __name__,
+    {
+        **dict.fromkeys(
+            (
+                "AdmissionError",
+                "ConfigError",
+                "DaemonError",
+                "LlamactlError",
+                "ModelError",
+                "PortInUseError",
+                "ServerError",
+                "StartupTimeout",
+            ),
+            "procman.errors",
         ),
-        "procman.errors",
-    ),
-    **dict.fromkeys(("Event", "EventBus", "State", "Subscription"), "procman.events"),
-    **dict.fromkeys(("follow", "log_path", "read_tail"), "procman.logs"),
-    **dict.fromkeys(("Action", "Decision", "RestartPolicy"), "procman.policy"),
-    **dict.fromkeys(
-        (
-            "HealthSettings",
-            "LogSettings",
-            "RestartSettings",
-            "ServerSpec",
-            "default_name",
-            "parse_gpu_layers",
-            "resolve_model",
+        **dict.fromkeys(("Event", "EventBus", "State", "Subscription"), "procman.events"),
+        **dict.fromkeys(("follow", "log_path", "read_tail"), "procman.process.logs"),
+        **dict.fromkeys(("Action", "Decision", "RestartPolicy"), "procman.process.policy"),
+        "ManagedServer": "procman.process.server",
+        "pick_free_port": "procman.process._sockets",
+        **dict.fromkeys(
+            ("HealthSettings", "LogSettings", "RestartSettings", "ServerSpec", "parse_gpu_layers"),
+            "procman.spec",
         ),
-        "procman.spec",
-    ),
-    **dict.fromkeys(("ServeRequest", "ServerInfo"), "procman._request"),
-    **dict.fromkeys(("DaemonClient", "DaemonStatus", "connect"), "procman.client"),
-    **dict.fromkeys(("ModelInfo", "validate_model"), "procman.model_file"),
-    **dict.fromkeys(("Router", "RouterSettings"), "procman.router"),
-    "ManagedServer": "procman.server",
-    "Supervisor": "procman._sync",
-}
-#: public names that differ from the attribute they stand for
-_RENAMED = {"AsyncSupervisor": ("procman.supervisor", "Supervisor")}
-
-
-def __getattr__(name: str) -> Any:
-    module, attribute = _RENAMED.get(name) or (_LAZY.get(name, ""), name)
-    if not module:
-        raise AttributeError(f"module 'procman' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+        **dict.fromkeys(("default_name", "resolve_model"), "procman.models.refs"),
+        "ModelInfo": "procman.models.info",
+        "validate_model": "procman.models.gguf",
+        **dict.fromkeys(("ServeRequest", "ServerInfo"), "procman.daemon._request"),
+        **dict.fromkeys(("DaemonClient", "DaemonStatus", "connect"), "procman.daemon.client"),
+        "Supervisor": "procman.daemon._sync",
+        **dict.fromkeys(("Router", "RouterSettings"), "procman.router._router"),
+        **dict.fromkeys(("bind_listener", "check_exposure"), "procman.router.listen"),
+        "AsyncSupervisor": "procman.supervisor",
+    },
+)

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
+from procman.errors import ConfigError
+
+__all__ = [
+    "duration_option", "format_bytes", "format_duration", "format_size", "parse_duration",
+    "parse_size",
+]  # fmt: skip
+
+_MIB = 1 << 20
+_GIB = 1 << 30
 
 _SIZE_UNITS = {
     "": 1, "b": 1,
@@ -65,6 +73,32 @@ def parse_duration(value: str | int | float) -> float:
     if not text or position != len(text):
         raise ValueError(f"expected a duration such as '30s', '10m' or '1h30m', got {value!r}")
     return total
+
+
+def duration_option(text: str, option: str) -> float:
+    """:func:`parse_duration` for a command-line option: a ``ConfigError`` naming it."""
+    try:
+        return parse_duration(text)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{option}: {exc}", hint="e.g. 30s, 5m, 1h, or seconds") from exc
+
+
+def format_bytes(n: int | None, *, digits: int | None = None) -> str:
+    """Bytes for people reading a message or a table: ``212 MiB``, ``7.5 GiB``; ``-``
+    when unknown. With ``digits``, that many decimals in the largest unit that fits
+    (``1.23 GiB``, as llama.cpp's own logs print sizes)."""
+    if n is None:
+        return "-"
+    if digits is not None:
+        for unit, scale in (("GiB", _GIB), ("MiB", _MIB), ("KiB", 1024)):
+            if abs(n) >= scale:
+                return f"{n / scale:.{digits}f} {unit}"
+        return f"{n} B"
+    if abs(n) >= 10 * _GIB:
+        return f"{n / _GIB:.0f} GiB"
+    if abs(n) >= _GIB:
+        return f"{n / _GIB:.1f} GiB"
+    return f"{n / _MIB:.0f} MiB"
 
 
 def format_size(size: int) -> str:

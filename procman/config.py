@@ -29,15 +29,9 @@ from typing import Any, Literal
 
 from procman._units import format_duration, parse_duration, parse_size
 from procman.errors import ConfigError
-from procman.scheduler import Order
-from procman.spec import (
-    DEMO_MODEL,
-    GpuLayers,
-    LogSettings,
-    ServerSpec,
-    check_extra_args,
-    resolve_model,
-)
+from procman.models.refs import DEMO_MODEL, resolve_model
+from procman.router.scheduler import Order
+from procman.spec import GpuLayers, LogSettings, ServerSpec, check_extra_args
 
 __all__ = [
     "Budget",

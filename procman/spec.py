@@ -14,23 +14,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from procman._endpoint import Endpoint, Listen
-from procman.errors import ConfigError, ModelError
+from procman.errors import ConfigError
+from procman.process.endpoint import Endpoint, Listen
 
 __all__ = [
-    "DEMO_MODEL",
     "GpuLayers",
     "HealthSettings",
     "LogSettings",
     "RestartSettings",
     "ServerSpec",
-    "default_name",
     "parse_gpu_layers",
-    "resolve_model",
 ]
-
-#: the model reference that means "the built-in demo model"
-DEMO_MODEL = "demo"
 
 GpuLayers = int | Literal["auto", "all"]
 
@@ -69,7 +63,7 @@ def check_extra_args(args: Sequence[str]) -> None:
 @dataclass(frozen=True, kw_only=True)
 class RestartSettings:
     """When a crashed server is started again, and when llamactl gives up for a while
-    (see :mod:`procman.policy`)."""
+    (see :mod:`procman.process.policy`)."""
 
     max_restarts: int = 5
     """Crashes tolerated within ``window`` seconds; one more marks the server failed."""
@@ -125,7 +119,7 @@ class LogSettings:
     def path_for(self, name: str) -> Path:
         if self.directory is not None:
             return self.directory / f"{name}.log"
-        from procman.logs import log_path
+        from procman.process.logs import log_path
 
         return log_path(name)
 
@@ -280,45 +274,3 @@ def parse_gpu_layers(text: str | None) -> GpuLayers | None:
             return int(digits)
         case _:
             raise ConfigError(f"--gpu-layers must be a number, 'auto' or 'all', got {text!r}")
-
-
-def resolve_model(ref: str | Path | None, *, models_dir: Path | None = None) -> Path:
-    """Turn what the user typed into a model path.
-
-    ``None`` or ``demo`` is the built-in demo model (fetched on first use); an
-    existing path is used as is; otherwise a name in the model cache
-    (``<home>/models/NAME`` or ``NAME.gguf``). A reference that matches
-    nothing is a :class:`ModelError` that lists what the cache holds.
-    """
-    if ref is None or str(ref) == DEMO_MODEL:
-        from buildtools.demo import demo_model_path
-
-        return demo_model_path()
-    path = Path(ref).expanduser()
-    if path.exists():
-        return path
-    if models_dir is None:
-        from buildtools.paths import home
-
-        models_dir = home() / "models"
-    if path.name == str(ref):
-        for candidate in (models_dir / path.name, models_dir / f"{path.name}.gguf"):
-            if candidate.is_file():
-                return candidate
-    cached = sorted(p.name for p in models_dir.glob("*.gguf")) if models_dir.is_dir() else []
-    raise ModelError(
-        f"model not found: {ref}",
-        hint=(
-            f"pass a path to a .gguf file, '{DEMO_MODEL}'"
-            + (f", or one of: {', '.join(cached)}" if cached else "")
-        ),
-    )
-
-
-def default_name(model: Path, ref: str | Path | None) -> str:
-    """A server name for ``model``: ``demo`` for the demo, else the file's stem, cleaned."""
-    if ref is None or str(ref) == DEMO_MODEL:
-        return DEMO_MODEL
-    stem = model.name.removesuffix(".gguf")
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._")
-    return cleaned[:128] or "model"

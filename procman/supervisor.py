@@ -11,10 +11,10 @@ use" is counted by :meth:`Supervisor.using`, which the router holds for a
 request's whole life, waiting in its queue included, so that an idle timer
 never stops a model that has requests waiting for it.
 
-Memory (see :mod:`procman._limits`): before each start the model's needs
+Memory (see :mod:`procman.memory._limits`): before each start the model's needs
 are estimated and reserved against ``memory_budget``/``vram_budget``; a
 server that does not fit evicts the least recently used idle ones, or is
-refused with :class:`~procman.budget.OverBudget` (an ``AdmissionError``).
+refused with :class:`~procman.memory.budget.OverBudget` (an ``AdmissionError``).
 A sampling task reads every server's memory every ``sample_interval``
 seconds; a server over its ``memory_limit`` for long enough is restarted
 (through its restart policy, so repeated breaches end in ``failed``) or
@@ -31,20 +31,20 @@ from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from procman.budget import MachineMemory, Size
-from procman.enforce import LimitAction, LimitDecision, LimitSettings
 from procman.errors import ConfigError
 from procman.events import Event, EventBus, State
-from procman.metrics import Snapshot
-from procman.policy import RestartPolicy
-from procman.server import ManagedServer
+from procman.memory.budget import MachineMemory, Size
+from procman.memory.enforce import LimitAction, LimitDecision, LimitSettings
+from procman.process.policy import RestartPolicy
+from procman.process.server import ManagedServer
+from procman.router.metrics import Snapshot
 from procman.spec import ServerSpec
 
 if TYPE_CHECKING:
-    from procman._limits import Limits
-    from procman.budget import Reservation
+    from procman.memory._limits import Limits
+    from procman.memory.budget import Reservation
 
-__all__ = ["Supervisor"]
+__all__ = ["AsyncSupervisor"]
 
 
 @dataclass(eq=False)
@@ -68,7 +68,7 @@ class _Entry:
         return not self.server.state.is_final
 
 
-class Supervisor:
+class AsyncSupervisor:
     """Owns :class:`ManagedServer` objects; leaving ``async with Supervisor()`` stops them all."""
 
     def __init__(
@@ -177,7 +177,7 @@ class Supervisor:
 
         Makes room under ``max_loaded`` first, waiting for a server to become
         idle if all are busy, then within the memory budget (evicting idle
-        servers, or raising :class:`~procman.budget.OverBudget`). Raises as
+        servers, or raising :class:`~procman.memory.budget.OverBudget`). Raises as
         :meth:`ManagedServer.start` does.
         """
         entry = self._entry(name)
@@ -291,7 +291,7 @@ class Supervisor:
     def limits(self) -> Limits:
         """The budget, ledger and meter; built at first use (probes memory, opens NVML)."""
         if self._limits is None:
-            from procman._limits import Limits
+            from procman.memory._limits import Limits
 
             memory, vram, machine = self._budget_settings
             self._limits = Limits(
@@ -400,7 +400,7 @@ class Supervisor:
         return rows
 
     def metrics_snapshot(self, queue_depth: Mapping[str, int] | None = None) -> Snapshot:
-        """The figures ``GET /metrics`` exports (see :mod:`procman.metrics`)."""
+        """The figures ``GET /metrics`` exports (see :mod:`procman.router.metrics`)."""
         servers = [(e.server, e.requests) for e in self._entries.values()]
         return self.limits.snapshot(servers, queue_depth or {})
 
@@ -432,7 +432,7 @@ class Supervisor:
             self._limits.close()
             self._limits = None
 
-    async def __aenter__(self) -> Supervisor:
+    async def __aenter__(self) -> AsyncSupervisor:
         return self
 
     async def __aexit__(

@@ -22,7 +22,7 @@ from typing import Any
 from procman.bench._cases import BenchCase, checkpoint_label
 from procman.bench._client import stream_case
 from procman.bench._stats import Sample, Stats, summarize
-from procman.server import ManagedServer
+from procman.process.server import ManagedServer
 from procman.spec import ServerSpec
 
 __all__ = ["BenchReport", "CaseResult", "Target", "machine_info", "run_bench", "run_bench_sync"]

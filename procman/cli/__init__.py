@@ -17,8 +17,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if argv is None and sys.argv[1:2] == ["serve"]:
-            # before typer, rich and asyncio load: see procman._early
-            from procman import _early
+            # before typer, rich and asyncio load: see procman.process._early
+            from procman.process import _early
 
             _early.start(sys.argv[2:])
         from procman.cli._main import run

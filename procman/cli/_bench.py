@@ -50,8 +50,8 @@ def _targets(models: list[str], builds: list[str]) -> list[Target]:
     import buildtools
     from buildtools.paths import home
     from procman.bench import Target
-    from procman.model_file import validate_model
-    from procman.spec import default_name, resolve_model
+    from procman.models.gguf import validate_model
+    from procman.models.refs import default_name, resolve_model
 
     chosen: list[tuple[str | None, Path]]
     if builds:

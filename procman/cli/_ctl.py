@@ -19,6 +19,7 @@ import typer
 from rich.markup import escape
 
 from buildtools.errors import LlamactlError
+from procman._units import format_bytes
 from procman.cli._app import app, console, out
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def _call(url: str | None, method: str, path: str, timeout: float = 10.0) -> Any
 
 
 def _size(value: int | None) -> str:
-    return "-" if value is None else f"{value / 2**20:.0f} MiB"
+    return format_bytes(value)
 
 
 def _number(value: float | None, unit: str = "") -> str:

@@ -1,6 +1,6 @@
 """``llamactl daemon``: run the shared daemon in the foreground (clients start it on demand).
 
-The daemon itself, its files and its protocol are in :mod:`procman.daemon`;
+The daemon itself, its files and its protocol are in :mod:`procman.daemon.service`;
 this module only parses options and reports.
 """
 
@@ -39,10 +39,11 @@ def daemon(
     `procman.connect()` starts it (detached) when none runs; run it by hand to
     watch its log or to choose its socket and idle timeout.
     """
-    from procman.daemon import DaemonPaths, parse_duration, run_daemon
+    from procman._units import duration_option
+    from procman.daemon.service import DaemonPaths, run_daemon
 
     if status or stop:
-        from procman.client import connect
+        from procman.daemon.client import connect
 
         with connect(socket_path=socket, start=False) as client:
             if stop:
@@ -54,7 +55,7 @@ def daemon(
         for server in info.servers:
             console.print(f"  {server.name}: {server.state} pid {server.pid} {server.base_url}")
         return
-    seconds = parse_duration(idle_timeout)
+    seconds = duration_option(idle_timeout, "--idle-timeout")
     paths = DaemonPaths.default(socket)
     console.print(f"daemon on {paths.socket} (exits after {seconds:.0f} s idle; Ctrl-C stops)")
     if not run_daemon(socket_path=socket, idle_timeout=seconds):

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from procman._units import format_bytes
 from procman.cli._app import app, out
 
 if TYPE_CHECKING:
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def _gib(n: int | None) -> str:
-    return "?" if n is None else f"{n / (1 << 30):.1f} GiB"
+    return "?" if n is None else format_bytes(n, digits=1)
 
 
 def _print_cpu(profile: HardwareProfile) -> None:
@@ -77,8 +78,8 @@ def _print_backends(profile: HardwareProfile) -> None:
 
 def _limits() -> dict[str, Any]:
     """The memory side: what ``auto`` budgets resolve to, and whether cgroups can enforce."""
-    from procman.budget import probe_machine, resolve_budget
-    from procman.enforce import detect_cgroup_v2
+    from procman.memory.budget import probe_machine, resolve_budget
+    from procman.memory.enforce import detect_cgroup_v2
 
     cgroup = detect_cgroup_v2()
     budget = resolve_budget("auto", "auto", probe_machine())
@@ -94,7 +95,6 @@ def _limits() -> dict[str, Any]:
 
 
 def _print_limits(limits: dict[str, Any]) -> None:
-    from procman.budget import format_bytes
 
     out.print("[bold]Limits[/]")
     budget = limits["budget"]

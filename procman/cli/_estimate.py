@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from procman._units import format_bytes
 from procman.cli._app import app, out
 
 
@@ -21,13 +22,8 @@ class FlashAttn(StrEnum):
 
 
 def _size(n: int) -> str:
-    """Binary units, as llama.cpp's own logs print them."""
-    if n == 0:
-        return "-"
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
+    """Binary units with two decimals, as llama.cpp's own logs print them."""
+    return "-" if n == 0 else format_bytes(n, digits=2)
 
 
 @app.command()
@@ -53,9 +49,9 @@ def estimate(
     ] = False,
 ) -> None:
     """Predict the host RAM and GPU memory llama-server will need for MODEL."""
-    from procman.estimate import COMPONENTS
-    from procman.estimate import estimate as run_estimate
-    from procman.model_file import validate_model
+    from procman.memory.estimate import COMPONENTS
+    from procman.memory.estimate import estimate as run_estimate
+    from procman.models.gguf import validate_model
 
     if model == "demo":
         from buildtools.demo import demo_model_path

@@ -30,11 +30,11 @@ import typer
 from rich.markup import escape
 
 from buildtools.errors import LlamactlError
-from procman import _early
 from procman._loop import run as run_loop
 from procman.cli._app import app, console, out
 from procman.cli._progress import BuildProgressView
 from procman.errors import AdmissionError, ServerError
+from procman.process import _early
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from procman.events import Event
     from procman.router import Router
     from procman.spec import ServerSpec
-    from procman.supervisor import Supervisor
+    from procman.supervisor import AsyncSupervisor
 
 __all__ = ["logs", "serve"]
 
@@ -133,9 +133,10 @@ def serve(
     Extra llama-server arguments go after '--': `llamactl serve m.gguf -- --flash-attn on`.
     """
     import buildtools
-    from procman._ports import bind_listener, check_exposure
-    from procman.model_file import validate_model
-    from procman.spec import ServerSpec, default_name, parse_gpu_layers, resolve_model
+    from procman.models.gguf import validate_model
+    from procman.models.refs import default_name, resolve_model
+    from procman.router.listen import bind_listener, check_exposure
+    from procman.spec import ServerSpec, parse_gpu_layers
 
     if config is not None or daemon:
         _early.discard()  # nothing to adopt it
@@ -243,9 +244,9 @@ def _serve_config(
 ) -> None:
     """``serve --config``: validate everything, bind, then serve until Ctrl-C."""
     import buildtools
-    from procman._ports import bind_listener, check_exposure
     from procman.config import load_config
-    from procman.model_file import validate_model
+    from procman.models.gguf import validate_model
+    from procman.router.listen import bind_listener, check_exposure
 
     loaded = load_config(path)
     section = _override(loaded.server, given)
@@ -281,13 +282,13 @@ def _access(section: ServerSection) -> dict[str, Any]:
 async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
     """Run the router over on-demand servers until Ctrl-C/SIGTERM; a failed model only reports."""
     from procman.router import Router, RouterSettings
-    from procman.scheduler import QueueSettings, Scheduler
-    from procman.supervisor import Supervisor
+    from procman.router.scheduler import QueueSettings, Scheduler
+    from procman.supervisor import AsyncSupervisor
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     _catch_signals(loop, stop.set)
-    supervisor = Supervisor(
+    supervisor = AsyncSupervisor(
         max_loaded=plan.server.max_loaded,
         memory_budget=plan.server.memory_budget,
         vram_budget=plan.server.vram_budget,
@@ -325,8 +326,8 @@ def _url(router: Router) -> str:
     return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
 
 
-def _print_budget(supervisor: Supervisor) -> None:
-    from procman.budget import format_bytes
+def _print_budget(supervisor: AsyncSupervisor) -> None:
+    from procman._units import format_bytes
 
     budget = supervisor.limits.budget
     parts = []
@@ -386,16 +387,16 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
 
     Once the model has been ready, serve stays up whatever happens to it: an
     unloaded model (admin API) starts again on the next request, and one
-    failed by its crashes after its cooldown (see :mod:`procman.policy`).
+    failed by its crashes after its cooldown (see :mod:`procman.process.policy`).
     """
-    from procman.supervisor import Supervisor
+    from procman.supervisor import AsyncSupervisor
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     _catch_signals(loop, stop.set)
     watch = _FirstStart(loop)
     failed, spawned = watch.failed, watch.spawned
-    supervisor = Supervisor()
+    supervisor = AsyncSupervisor()
     supervisor.bus.subscribe(watch)
     # since `llamactl serve` was launched: the early start began before this function
     started = _early.launched_at() or time.monotonic()
@@ -476,13 +477,14 @@ def _forget_signals(loop: asyncio.AbstractEventLoop) -> None:
 
 
 class _LaunchRecord:
-    """What was spawned, recorded for the next identical `serve` to start early (procman._early).
+    """What was spawned, recorded for the next identical `serve` to start early
+    (procman.process._early).
 
     Written a second after the server is ready, off the way of the first
     requests (it is file I/O in the event loop), or when stopping if sooner.
     """
 
-    def __init__(self, supervisor: Supervisor, name: str, listener: socket.socket) -> None:
+    def __init__(self, supervisor: AsyncSupervisor, name: str, listener: socket.socket) -> None:
         self._supervisor = supervisor
         self._name = name
         self._listener = listener
@@ -499,8 +501,8 @@ class _LaunchRecord:
         self._write()
 
     def _write(self) -> None:
-        from procman._limits import is_cuda_build
-        from procman.budget import host_margin
+        from procman.memory._limits import is_cuda_build
+        from procman.memory.budget import host_margin
 
         supervisor = self._supervisor
         server = supervisor.servers[self._name]
@@ -535,8 +537,8 @@ def logs(
     ] = 50,
 ) -> None:
     """Print a served model's llama-server log (stdout and stderr)."""
-    from procman.logs import follow as follow_log
-    from procman.logs import log_path, read_tail
+    from procman.process.logs import follow as follow_log
+    from procman.process.logs import log_path, read_tail
 
     path = log_path(name)
     if not path.is_file():

@@ -1,4 +1,4 @@
-"""The crash policy with real processes (procman.policy): what counts, and that a model
+"""The crash policy with real processes (procman.process.policy): what counts, and that a model
 failed by its crashes is not locked out for good.
 
 Stand-in servers (``fake_server`` from test_serve) crash or are signalled on cue;
@@ -19,9 +19,9 @@ import pytest
 
 from procman import RestartSettings, Router, RouterSettings, bind_listener
 from procman.events import Event, State
-from procman.server import ManagedServer
+from procman.process.server import ManagedServer
 from procman.spec import LogSettings, ServerSpec
-from procman.supervisor import Supervisor
+from procman.supervisor import AsyncSupervisor
 from tests.integration.test_serve import fake_server
 
 
@@ -46,8 +46,8 @@ async def until(condition: object, what: str, seconds: float = 30) -> None:
 
 
 @pytest.fixture
-async def routed(tmp_path: Path) -> AsyncIterator[tuple[Supervisor, str, list[Event]]]:
-    async with Supervisor() as supervisor:
+async def routed(tmp_path: Path) -> AsyncIterator[tuple[AsyncSupervisor, str, list[Event]]]:
+    async with AsyncSupervisor() as supervisor:
         events: list[Event] = []
         supervisor.bus.subscribe(events.append)
         router = Router(supervisor, RouterSettings(ready_timeout=20))
@@ -72,7 +72,7 @@ async def post(base: str) -> tuple[int, dict[str, str], str]:
 
 
 async def test_a_model_failed_by_its_crashes_starts_again_after_the_cooldown(
-    routed: tuple[Supervisor, str, list[Event]], tmp_path: Path, demo_model: Path
+    routed: tuple[AsyncSupervisor, str, list[Event]], tmp_path: Path, demo_model: Path
 ) -> None:
     supervisor, base, events = routed
     spec = stand_in(tmp_path, "crash", demo_model, max_restarts=1, cooldown=2.0)

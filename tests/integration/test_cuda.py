@@ -29,8 +29,8 @@ import buildtools
 from buildtools import BuildOptions, BuildResult, make_plan
 from buildtools.hardware import Backend, HardwareProfile, detect
 from buildtools.verify import gpu_offload
-from procman.estimate import estimate
-from procman.model_file import validate_model
+from procman.memory.estimate import estimate
+from procman.models.gguf import validate_model
 
 CLI = [sys.executable, "-m", "procman.cli"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from procman.daemon import DaemonPaths, daemon_alive
+from procman.daemon.service import DaemonPaths, daemon_alive
 
 CLIENT_SERVE = """
 import json, sys, procman

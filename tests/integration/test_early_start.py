@@ -1,4 +1,4 @@
-"""The early start (procman._early) for real: records, adoption, and hygiene.
+"""The early start (procman.process._early) for real: records, adoption, and hygiene.
 
 A repeated ``llamactl serve`` starts the llama-server its record names
 before the CLI loads, and the supervisor adopts it; a model that changed
@@ -24,12 +24,12 @@ import openai
 import psutil
 import pytest
 
-from procman import _early
-from procman._endpoint import Endpoint
-from procman._pdeathsig import child_setup
-from procman._ports import pick_free_port
 from procman.events import Event, State
-from procman.server import ManagedServer
+from procman.process import _early
+from procman.process._pdeathsig import child_setup
+from procman.process._sockets import pick_free_port
+from procman.process.endpoint import Endpoint
+from procman.process.server import ManagedServer
 from procman.spec import LogSettings, ServerSpec
 from tests.integration.test_serve import CLI, REPO, fake_server, http_status, llama_children
 
@@ -178,7 +178,7 @@ def early_server(argv: list[str], endpoint: Endpoint) -> _early.EarlyServer:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=child_setup(),  # noqa: PLW1509 - as procman._early does
+        preexec_fn=child_setup(),  # noqa: PLW1509 - as procman.process._early does
     )
     return _early.EarlyServer(process, argv, endpoint.socket, os.pidfd_open(process.pid))
 
@@ -251,10 +251,10 @@ async def test_an_offer_never_taken_is_killed_by_stop(tmp_path: Path) -> None:
 
 
 def test_the_early_start_runs_before_anything_heavy_is_imported() -> None:
-    # what procman._early's premise rests on: the entry point's package and the early
+    # what procman.process._early's premise rests on: the entry point's package and the early
     # start itself import neither asyncio, typer, rich, aiohttp nor typing
     probe = (
-        "import sys; import procman.cli; from procman import _early; "
+        "import sys; import procman.cli; from procman.process import _early; "
         "print(' '.join(m for m in ('asyncio', 'typer', 'rich', 'aiohttp', 'typing', 'json', "
         "'dataclasses', 'pathlib') if m in sys.modules))"
     )

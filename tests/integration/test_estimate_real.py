@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from procman.estimate import estimate
-from procman.model_file import validate_model
+from procman.memory.estimate import estimate
+from procman.models.gguf import validate_model
 
 
 def test_demo_model_metadata(demo_model: Path) -> None:

@@ -28,7 +28,7 @@ import pytest
 
 from procman import RouterSettings, bind_listener
 from procman.router import Router
-from procman.supervisor import Supervisor
+from procman.supervisor import AsyncSupervisor
 from tests.integration.test_serve import CLI, REPO, demo_spec, http_status, llama_children
 
 KEY = "hostile-suite-key-0123456789"
@@ -284,7 +284,7 @@ def test_deeply_nested_json_is_a_400_not_a_traceback(open_serve: Serve) -> None:
 @pytest.fixture
 async def tight_router(llama_server: Path, demo_model: Path, tmp_path: Path) -> AsyncIterator[int]:
     settings = RouterSettings(head_timeout=1.0, min_body_rate=1000, max_connections=8)
-    async with Supervisor() as supervisor:
+    async with AsyncSupervisor() as supervisor:
         spec = demo_spec(llama_server, demo_model, tmp_path)
         await asyncio.wait_for(supervisor.serve(spec), 90)
         router = Router(supervisor, settings)

@@ -18,11 +18,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from procman import LogSettings, ManagedServer, RestartSettings, ServerSpec
-from procman.enforce import LimitAction, LimitSettings, MemoryLimit
-from procman.estimate import MiB, estimate
-from procman.meter import Meter, scrape_llama_metrics
-from procman.metrics import MetricsExporter, ServerStats, Snapshot
-from procman.model_file import validate_model
+from procman.memory.enforce import LimitAction, LimitSettings, MemoryLimit
+from procman.memory.estimate import MiB, estimate
+from procman.memory.meter import Meter, scrape_llama_metrics
+from procman.models.gguf import validate_model
+from procman.router.metrics import MetricsExporter, ServerStats, Snapshot
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 

@@ -24,14 +24,14 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from procman._ports import bind_listener
 from procman.config import parse_config
-from procman.enforce import LimitAction, LimitSettings
 from procman.events import Event, State
+from procman.memory.enforce import LimitAction, LimitSettings
 from procman.router import Router, RouterSettings
-from procman.scheduler import QueueSettings, Scheduler
+from procman.router.listen import bind_listener
+from procman.router.scheduler import QueueSettings, Scheduler
 from procman.spec import LogSettings, RestartSettings
-from procman.supervisor import Supervisor
+from procman.supervisor import AsyncSupervisor
 
 KEY = "test-key"
 MiB = 1024 * 1024
@@ -52,7 +52,7 @@ BODY = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
 @dataclass
 class Fleet:
-    supervisor: Supervisor
+    supervisor: AsyncSupervisor
     base: str
     events: list[Event]
     http: aiohttp.ClientSession
@@ -82,7 +82,7 @@ async def fleet(
 ) -> AsyncIterator[Fleet]:
     config = parse_config(tomllib.loads(TOML.replace("DEMO", json.dumps(str(model)))))
     plan = config.plan(binary, log=LogSettings(directory=logs))
-    supervisor = Supervisor(**supervisor_args)  # type: ignore[arg-type]
+    supervisor = AsyncSupervisor(**supervisor_args)  # type: ignore[arg-type]
     events: list[Event] = []
     supervisor.bus.subscribe(events.append)
     scheduler = Scheduler()

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from procman._process import describe_exit, spawn, terminate
-from procman.logs import LineTail, RotatingLog
+from procman.process._child import describe_exit, spawn, terminate
+from procman.process.logs import LineTail, RotatingLog
 
 pytestmark = pytest.mark.server
 

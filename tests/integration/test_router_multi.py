@@ -26,13 +26,13 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from procman._ports import bind_listener
 from procman.config import parse_config
 from procman.events import Event, State
 from procman.router import Router, RouterSettings
-from procman.scheduler import QueueSettings, Scheduler
+from procman.router.listen import bind_listener
+from procman.router.scheduler import QueueSettings, Scheduler
 from procman.spec import LogSettings
-from procman.supervisor import Supervisor
+from procman.supervisor import AsyncSupervisor
 
 KEY = "test-key"
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count to three."}]
@@ -45,7 +45,7 @@ CTL = [
 
 @dataclass
 class Fleet:
-    supervisor: Supervisor
+    supervisor: AsyncSupervisor
     scheduler: Scheduler
     base: str
     events: list[Event]
@@ -65,7 +65,7 @@ async def fleet(
 ) -> AsyncIterator[Fleet]:
     config = parse_config(tomllib.loads(toml.replace("DEMO", json.dumps(str(model)))))
     plan = config.plan(binary, log=LogSettings(directory=logs))
-    supervisor = Supervisor(max_loaded=max_loaded)
+    supervisor = AsyncSupervisor(max_loaded=max_loaded)
     events: list[Event] = []
     supervisor.bus.subscribe(events.append)
     scheduler = Scheduler()

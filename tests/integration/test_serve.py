@@ -41,7 +41,7 @@ from procman import (
 )
 from procman.events import Event
 from procman.spec import HealthSettings
-from procman.supervisor import Supervisor  # the async core; procman.Supervisor is the sync facade
+from procman.supervisor import AsyncSupervisor
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "procman.cli"]
@@ -53,7 +53,7 @@ PROMPT: list[ChatCompletionMessageParam] = [
 # -- helpers ------------------------------------------------------------------------------------
 @dataclass
 class Served:
-    supervisor: Supervisor
+    supervisor: AsyncSupervisor
     server: ManagedServer
     base: str
     events: list[Event]
@@ -81,7 +81,7 @@ def demo_spec(binary: Path, model: Path, logs: Path, **changes: Any) -> ServerSp
 
 
 @contextlib.asynccontextmanager
-async def running_router(supervisor: Supervisor) -> AsyncIterator[str]:
+async def running_router(supervisor: AsyncSupervisor) -> AsyncIterator[str]:
     router = Router(supervisor, RouterSettings(ready_timeout=60))
     await router.start(bind_listener("127.0.0.1", 0))
     assert router.address is not None
@@ -93,7 +93,7 @@ async def running_router(supervisor: Supervisor) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def served(llama_server: Path, demo_model: Path, tmp_path: Path) -> AsyncIterator[Served]:
-    async with Supervisor() as supervisor, running_router(supervisor) as base:
+    async with AsyncSupervisor() as supervisor, running_router(supervisor) as base:
         events: list[Event] = []
         supervisor.bus.subscribe(events.append)
         started = time.monotonic()
@@ -245,7 +245,7 @@ async def test_kill_9_of_llama_server_restarts_it(served: Served) -> None:
 async def test_request_sent_while_loading_waits_and_succeeds(
     llama_server: Path, demo_model: Path, tmp_path: Path
 ) -> None:
-    async with Supervisor() as supervisor, running_router(supervisor) as base:
+    async with AsyncSupervisor() as supervisor, running_router(supervisor) as base:
         server = supervisor.add(demo_spec(llama_server, demo_model, tmp_path))
         starting = asyncio.create_task(server.start())
         client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
@@ -263,14 +263,14 @@ async def test_a_private_port_taken_meanwhile_is_replaced(
     it cannot bind, so another is tried."""
     import dataclasses
 
-    import procman._endpoint
-    from procman._ports import pick_free_port as real_pick
+    import procman.process.endpoint
+    from procman.process._sockets import pick_free_port as real_pick
 
     with bind_listener("127.0.0.1", 0) as thief:
         taken = thief.getsockname()[1]
         picks = iter([taken])
         monkeypatch.setattr(
-            procman._endpoint, "pick_free_port", lambda h: next(picks, 0) or real_pick(h)
+            procman.process.endpoint, "pick_free_port", lambda h: next(picks, 0) or real_pick(h)
         )
         spec = dataclasses.replace(demo_spec(llama_server, demo_model, tmp_path), listen="tcp")
         server = ManagedServer(spec, validate=False)

@@ -28,7 +28,7 @@ def _private_model_info(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Validations a unit test records go to a scratch file, not the user's cache."""
-    from procman import _info_cache
+    from procman.models import _info_cache
 
     store = tmp_path_factory.mktemp("info") / "model-info.json"
     monkeypatch.setattr(_info_cache, "store_path", lambda: store)

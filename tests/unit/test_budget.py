@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from procman.budget import (
+from procman._units import format_bytes
+from procman.errors import AdmissionError, ConfigError
+from procman.memory.budget import (
     HOST_MARGIN_MIN,
     Budget,
     Decision,
@@ -15,11 +17,9 @@ from procman.budget import (
     Resident,
     Verdict,
     decide,
-    format_bytes,
     resolve_budget,
 )
-from procman.errors import AdmissionError, ConfigError
-from procman.estimate import MiB, estimate
+from procman.memory.estimate import MiB, estimate
 from tests.unit.test_estimate import SMOLLM2
 
 GiB = 1024 * MiB

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from procman._endpoint import Endpoint
 from procman._units import format_duration, format_size, parse_duration, parse_size
 from procman.config import Order, load_config, parse_config, reference, starter
 from procman.errors import ConfigError
+from procman.process.endpoint import Endpoint
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 import procman
-from procman._request import ServeRequest, ServerInfo
-from procman.client import DaemonClient
-from procman.daemon import Daemon, DaemonPaths, daemon_alive, open_lock, parse_duration, try_lock
+from procman._units import duration_option
+from procman.daemon._request import ServeRequest, ServerInfo
+from procman.daemon.client import DaemonClient
+from procman.daemon.service import Daemon, DaemonPaths, daemon_alive, open_lock, try_lock
 from procman.events import State
 
 
@@ -22,12 +23,12 @@ from procman.events import State
     [("300", 300.0), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("500ms", 0.5), ("1.5 m", 90)],
 )
 def test_durations(text: str, seconds: float) -> None:
-    assert parse_duration(text) == seconds
+    assert duration_option(text, "--idle-timeout") == seconds
 
 
 def test_bad_duration() -> None:
-    with pytest.raises(procman.ConfigError, match="not a duration"):
-        parse_duration("soon")
+    with pytest.raises(procman.ConfigError, match="--idle-timeout: expected a duration"):
+        duration_option("soon", "--idle-timeout")
 
 
 def test_serve_request_round_trips_and_rejects_unknown_options() -> None:

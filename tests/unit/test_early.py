@@ -1,4 +1,4 @@
-"""procman._early without processes: the record, its key, and when it is (not) trusted."""
+"""procman.process._early without processes: the record, its key, and when it is (not) trusted."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from buildtools.paths import home
-from procman import _early, _info_cache, _sockets
-from procman._early import Record
+from procman.models import _info_cache
+from procman.process import _early, _sockets
+from procman.process._early import Record
 
 
 @pytest.fixture
@@ -254,7 +255,7 @@ def test_old_records_are_pruned(
 
 def test_the_identity_is_the_one_model_validation_keys_on(tmp_path: Path) -> None:
     # the early start trusts a model whose identity equals the one recorded when gguf
-    # validation passed: the two definitions (procman._info_cache imports too much for
+    # validation passed: the two definitions (procman.models._info_cache imports too much for
     # the launch path to share it) must name the same fields
     model, _ = files(tmp_path)
     st = model.stat()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from procman.enforce import (
+from procman.errors import ConfigError
+from procman.memory.enforce import (
     CgroupSupport,
     LimitAction,
     LimitSettings,
@@ -15,8 +16,7 @@ from procman.enforce import (
     detect_cgroup_v2,
     limit_in_cgroup,
 )
-from procman.errors import ConfigError
-from procman.estimate import MiB
+from procman.memory.estimate import MiB
 
 
 def policy(**changes: object) -> MemoryLimit:

@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from procman.errors import ConfigError, ModelError
-from procman.estimate import COMPONENTS, Estimate, MiB, estimate
-from procman.model_file import ModelInfo, validate_model
+from procman.memory.estimate import COMPONENTS, Estimate, MiB, estimate
+from procman.models.gguf import ModelInfo, validate_model
 from tests.unit.test_model_file import write_model
 
 SMOLLM2 = ModelInfo(

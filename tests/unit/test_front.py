@@ -1,4 +1,4 @@
-"""The router's front (procman._front) over raw sockets: what it serves itself, what it
+"""The router's front (procman.router._front) over raw sockets: what it serves itself, what it
 refuses, what it hands to aiohttp, and that a connection survives what it should.
 
 Answers from the fast path carry no ``Server`` header (llama-server's is not passed

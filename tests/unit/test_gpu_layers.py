@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from procman.errors import ConfigError
-from procman.estimate import MiB, estimate
-from procman.gpu_layers import DEFAULT_MARGIN, choose_gpu_layers
+from procman.memory.estimate import MiB, estimate
+from procman.memory.gpu_layers import DEFAULT_MARGIN, choose_gpu_layers
 from tests.unit.test_estimate import SMOLLM2
 
 GiB = 1024 * MiB

@@ -1,10 +1,10 @@
-"""The access rules (procman._guard): Host, Origin and API key, decided with plain strings."""
+"""The access rules (procman.router._guard): Host, Origin and API key, as plain strings."""
 
 from __future__ import annotations
 
 import pytest
 
-from procman._guard import Guard, Refusal
+from procman.router._guard import Guard, Refusal
 
 
 def check(guard: Guard, **request: object) -> int:

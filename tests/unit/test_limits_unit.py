@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from procman._limits import Limits, is_cuda_build
-from procman.budget import MachineMemory, OverBudget
-from procman.enforce import LimitAction, LimitSettings
 from procman.events import Event, State
-from procman.meter import Sample
-from procman.metrics import MetricsExporter
+from procman.memory._limits import Limits, is_cuda_build
+from procman.memory.budget import MachineMemory, OverBudget
+from procman.memory.enforce import LimitAction, LimitSettings
+from procman.memory.meter import Sample
+from procman.router.metrics import MetricsExporter
 from procman.spec import ServerSpec
-from procman.supervisor import Supervisor
+from procman.supervisor import AsyncSupervisor
 from tests.unit.test_model_file import write_model
 
 MiB = 1024 * 1024
@@ -46,7 +46,7 @@ async def test_a_server_over_the_budget_is_refused_before_anything_is_spawned(
     tmp_path: Path,
 ) -> None:
     events: list[Event] = []
-    async with Supervisor(memory_budget=1 * MiB, machine=MACHINE) as supervisor:
+    async with AsyncSupervisor(memory_budget=1 * MiB, machine=MACHINE) as supervisor:
         supervisor.bus.subscribe(events.append)
         server = supervisor.add(spec(tmp_path), on_demand=True)
         with pytest.raises(OverBudget, match=r"needs \d+ MiB of memory, 1 MiB is free") as info:
@@ -57,7 +57,7 @@ async def test_a_server_over_the_budget_is_refused_before_anything_is_spawned(
 
 
 async def test_a_memory_limit_below_the_estimate_is_refused(tmp_path: Path) -> None:
-    async with Supervisor(machine=MACHINE) as supervisor:
+    async with AsyncSupervisor(machine=MACHINE) as supervisor:
         supervisor.add(spec(tmp_path), memory_limit=1024)
         with pytest.raises(OverBudget, match="above its memory_limit"):
             await supervisor.load("m")
@@ -100,7 +100,7 @@ def test_sampling_measures_and_decides_once_the_excess_is_sustained(tmp_path: Pa
 
 
 async def test_snapshot_and_status_carry_the_samples(tmp_path: Path) -> None:
-    async with Supervisor(machine=MACHINE) as supervisor:
+    async with AsyncSupervisor(machine=MACHINE) as supervisor:
         supervisor.add(spec(tmp_path))
         snap = supervisor.metrics_snapshot({"m": 2})
         assert [s.name for s in snap.servers] == ["m"] and snap.servers[0].rss_bytes is None
@@ -116,7 +116,7 @@ async def test_sampling_reads_processes_off_the_event_loop_thread(
 ) -> None:
     # PSS makes the kernel walk the page tables (~10 ms): never on the loop's thread
     threads: list[threading.Thread] = []
-    async with Supervisor(machine=MACHINE) as supervisor:
+    async with AsyncSupervisor(machine=MACHINE) as supervisor:
         meter = supervisor.limits.meter
         real = meter.sample
 

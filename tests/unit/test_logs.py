@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from procman.logs import LineTail, RotatingLog, follow, log_path, read_tail
+from procman.process.logs import LineTail, RotatingLog, follow, log_path, read_tail
 
 
 def test_log_path_is_under_the_home(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import psutil
 import pytest
 
-from procman.meter import (
+from procman.memory.meter import (
     LlamaMetrics,
     Meter,
     parse_llama_metrics,

@@ -6,7 +6,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from procman.events import State
-from procman.metrics import MetricsExporter, ServerStats, Snapshot
+from procman.router.metrics import MetricsExporter, ServerStats, Snapshot
 
 
 class Source:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from procman.errors import ModelError
-from procman.model_file import ModelInfo, validate_model
+from procman.models.gguf import ModelInfo, validate_model
 
 F16_BYTES = 2
 
@@ -195,7 +195,7 @@ def test_window_key_is_ignored_where_llama_cpp_ignores_it(tmp_path: Path) -> Non
 
 def test_fast_reader_agrees_with_the_stock_reader(tmp_path: Path) -> None:
     """Pins the ``_get_field_parts`` override to gguf-py's own parsing."""
-    from procman.model_file import _header_reader_class
+    from procman.models.gguf import _header_reader_class
 
     path = write_model(tmp_path / "m.gguf", n_head_kv=[4, 2])
     fast, stock = _header_reader_class()(path), gguf.GGUFReader(path)
@@ -350,18 +350,18 @@ def test_multimodal_projector(tmp_path: Path) -> None:
 
 
 def test_a_later_process_reuses_the_recorded_description(tmp_path: Path) -> None:
-    from procman.model_file import _validate_cached
+    from procman.models.gguf import _validate_cached
 
     path = write_model(tmp_path / "m.gguf", n_layers=3)
     first = validate_model(path)
     _validate_cached.cache_clear()  # what a new process starts with
-    with mock.patch("procman.model_file._open_reader", side_effect=AssertionError("read")):
+    with mock.patch("procman.models.gguf._open_reader", side_effect=AssertionError("read")):
         again = validate_model(path)
     assert again == first and again is not first
 
 
 def test_a_rewritten_file_is_read_again_even_with_its_old_mtime(tmp_path: Path) -> None:
-    from procman.model_file import _validate_cached
+    from procman.models.gguf import _validate_cached
 
     path = write_model(tmp_path / "m.gguf", ctx_train=2048)
     assert validate_model(path).n_ctx_train == 2048
@@ -384,8 +384,8 @@ def test_a_rewritten_file_is_read_again_even_with_its_old_mtime(tmp_path: Path) 
 
 
 def test_a_corrupt_record_store_is_ignored(tmp_path: Path) -> None:
-    from procman import _info_cache
-    from procman.model_file import _validate_cached
+    from procman.models import _info_cache
+    from procman.models.gguf import _validate_cached
 
     path = write_model(tmp_path / "m.gguf", n_layers=3)
     validate_model(path)
@@ -396,7 +396,7 @@ def test_a_corrupt_record_store_is_ignored(tmp_path: Path) -> None:
 
 
 def test_a_bad_file_is_never_recorded(tmp_path: Path) -> None:
-    from procman import _info_cache
+    from procman.models import _info_cache
 
     path = tmp_path / "bad.gguf"
     path.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)

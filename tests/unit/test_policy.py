@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from procman.errors import ConfigError
-from procman.policy import Action, RestartPolicy, is_crash
+from procman.process.policy import Action, RestartPolicy, is_crash
 from procman.spec import RestartSettings
 
 

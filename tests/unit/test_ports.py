@@ -6,8 +6,10 @@ import socket
 
 import pytest
 
-from procman._ports import bind_listener, is_bind_failure, is_loopback, pick_free_port
 from procman.errors import ConfigError, PortInUseError
+from procman.process._sockets import pick_free_port
+from procman.process.endpoint import is_bind_failure
+from procman.router.listen import bind_listener, is_loopback
 
 
 def test_picked_port_can_be_bound() -> None:

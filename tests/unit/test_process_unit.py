@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from procman import _process
-from procman._process import Child
-from procman.logs import LineTail, RotatingLog
+from procman.process import _child as _process
+from procman.process._child import Child
+from procman.process.logs import LineTail, RotatingLog
 
 
 def make_child(tmp_path: Path) -> Child:

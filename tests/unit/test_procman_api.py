@@ -15,15 +15,15 @@ def test_exports_are_sorted_and_unique() -> None:
 
 
 def test_lazy_names_are_the_real_objects() -> None:
-    from procman._sync import Supervisor as SyncSupervisor
-    from procman.client import DaemonClient, connect
+    from procman.daemon._sync import Supervisor as SyncSupervisor
+    from procman.daemon.client import DaemonClient, connect
+    from procman.process.server import ManagedServer
     from procman.router import Router
-    from procman.server import ManagedServer
-    from procman.supervisor import Supervisor
+    from procman.supervisor import AsyncSupervisor
 
     assert procman.Router is Router
     assert procman.ManagedServer is ManagedServer
-    assert procman.AsyncSupervisor is Supervisor
+    assert procman.AsyncSupervisor is AsyncSupervisor
     assert procman.Supervisor is SyncSupervisor
     assert procman.connect is connect
     assert procman.DaemonClient is DaemonClient

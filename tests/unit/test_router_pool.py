@@ -1,4 +1,4 @@
-"""The router's kept-alive upstream connections (``procman._relay.Pool``), against an
+"""The router's kept-alive upstream connections (``procman.router._upstream.Pool``), against an
 in-process aiohttp app that records which connection each request came on."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from procman import _relay
+from procman.router import _upstream
 from tests.unit.test_router_unit import FakeFleet, ready, serve
 
 BIG = bytes(range(256)) * 4096  # 1 MiB: more than is kept whole
@@ -78,10 +78,10 @@ async def test_answers_reuse_one_kept_alive_connection_streams_do_not(
             status, _, body = await post(base, {"mode": "stream", "stream": True})
             assert status == 200 and body.endswith(b"data: [DONE]\n\n")
         assert len(set(seen.ports)) == 3  # each stream on its own connection
-        assert len(router._pool) == 1
+        assert len(router.forwarder.pool) == 1
     finally:
         await router.stop()
-    assert len(router._pool) == 0  # closed with the router
+    assert len(router.forwarder.pool) == 0  # closed with the router
 
 
 async def test_a_connection_the_server_closes_is_not_reused(upstream: tuple[Seen, str]) -> None:
@@ -101,7 +101,7 @@ async def test_an_idle_connection_is_replaced_before_llama_server_would_close_it
     upstream: tuple[Seen, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen, url = upstream
-    monkeypatch.setattr(_relay, "IDLE_REUSE", 0.05)
+    monkeypatch.setattr(_upstream, "IDLE_REUSE", 0.05)
     router, base = await serve(FakeFleet(ready("demo", url)))
     try:
         assert (await post(base, {}))[0] == 200

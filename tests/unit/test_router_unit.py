@@ -18,13 +18,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from procman._endpoint import Endpoint
-from procman._ports import bind_listener
 from procman.errors import ConfigError
 from procman.events import State
+from procman.process.endpoint import Endpoint
 from procman.router import Router, RouterSettings, check_exposure
+from procman.router.listen import bind_listener
 from procman.spec import ServerSpec
-from procman.supervisor import Supervisor
+from procman.supervisor import AsyncSupervisor
 
 
 @dataclass
@@ -294,7 +294,7 @@ async def test_failed_server_is_503_with_its_reason(client: aiohttp.ClientSessio
 async def test_connection_refused_is_retried_until_restarted(
     upstream: tuple[Upstream, str], client: aiohttp.ClientSession, stream: dict[str, bool]
 ) -> None:
-    from procman._ports import pick_free_port
+    from procman.process._sockets import pick_free_port
 
     _, url = upstream
     crashed = ready("demo", f"http://127.0.0.1:{pick_free_port()}")  # nobody listens there
@@ -436,7 +436,7 @@ def test_supervisor_finds_servers_by_name_and_alias(tmp_path: Path) -> None:
             name=name, aliases=aliases, model=tmp_path / "m.gguf", binary=tmp_path / "llama-server"
         )
 
-    supervisor = Supervisor()
+    supervisor = AsyncSupervisor()
     only = supervisor.add(spec("a", "alpha"))
     assert supervisor.find(None) is only
     assert supervisor.find("anything") is only  # one model: any name reaches it

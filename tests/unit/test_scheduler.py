@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from procman.config import Order
-from procman.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
+from procman.router.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
 
 
 async def settle() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from procman.errors import ModelError, ServerError
 from procman.events import State
-from procman.server import ManagedServer
+from procman.process.server import ManagedServer
 from procman.spec import LogSettings, ServerSpec
 
 
@@ -50,7 +50,7 @@ async def test_a_never_started_server_is_not_waited_for(tmp_path: Path) -> None:
 async def test_start_while_starting_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import procman.model_file
+    import procman.models.gguf
 
     release = threading.Event()
 
@@ -58,7 +58,7 @@ async def test_start_while_starting_is_refused(
         release.wait(5)
         raise ModelError("checked too late")
 
-    monkeypatch.setattr(procman.model_file, "validate_model", slow_validate)
+    monkeypatch.setattr(procman.models.gguf, "validate_model", slow_validate)
     managed = server(tmp_path, tmp_path / "m.gguf")
     first = asyncio.create_task(managed.start())
     await asyncio.sleep(0.01)  # the first start is validating in its thread

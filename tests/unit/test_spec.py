@@ -6,15 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from procman._endpoint import Endpoint
 from procman.errors import ConfigError, ModelError
-from procman.spec import (
-    LogSettings,
-    ServerSpec,
-    default_name,
-    parse_gpu_layers,
-    resolve_model,
-)
+from procman.models.refs import default_name, resolve_model
+from procman.process.endpoint import Endpoint
+from procman.spec import LogSettings, ServerSpec, parse_gpu_layers
 
 
 def spec(**fields: object) -> ServerSpec:

@@ -1,16 +1,9 @@
-"""Ports: the public one is bound before anything starts; private ones are picked free.
+"""The public listener: bound before anything starts, and never opened up without a key.
 
 The public port (the one users point clients at) is bound by llamactl itself
 and the bound socket is handed to the router, so there is no window between
 "checked free" and "listening" in which another program could take it, and a
 busy port is reported before any llama-server is spawned.
-
-A private port must be chosen by us and then bound by llama-server, so a race
-is unavoidable: the kernel's choice for port 0 is free at that instant, and
-if another program grabs it before llama-server binds, llama-server exits
-early saying so (:func:`is_bind_failure`) and the supervisor retries with a
-fresh port. Ephemeral ports are handed out round-robin, so a collision twice
-in a row is very unlikely.
 """
 
 from __future__ import annotations
@@ -19,25 +12,9 @@ import errno
 import ipaddress
 import socket
 
-from procman._sockets import pick_free_port
 from procman.errors import ConfigError, PortInUseError
 
-__all__ = [
-    "BIND_FAILURE_MARKERS",
-    "bind_listener",
-    "check_exposure",
-    "is_bind_failure",
-    "is_loopback",
-    "pick_free_port",
-]
-
-#: what llama-server logs when it cannot listen (b11312: "couldn't bind HTTP server socket")
-BIND_FAILURE_MARKERS = ("couldn't bind HTTP server socket", "Address already in use")
-
-
-def is_bind_failure(log_text: str) -> bool:
-    """Whether llama-server's output says it could not bind its port."""
-    return any(marker in log_text for marker in BIND_FAILURE_MARKERS)
+__all__ = ["bind_listener", "check_exposure", "is_loopback"]
 
 
 def bind_listener(host: str, port: int, *, backlog: int = 128) -> socket.socket:

@@ -23,12 +23,10 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from buildtools.paths import home, write_json_atomic
-
-if TYPE_CHECKING:
-    from procman.model_file import ModelInfo
+from procman.models.info import ModelInfo
 
 __all__ = ["FileKey", "file_key", "lookup", "remember"]
 
@@ -49,8 +47,6 @@ def store_path() -> Path:
 
 
 def _schema() -> list[Any]:
-    from procman.model_file import ModelInfo
-
     return [FORMAT, *(f.name for f in dataclasses.fields(ModelInfo))]
 
 
@@ -67,8 +63,6 @@ def _load() -> dict[str, Any]:
 
 def lookup(key: FileKey) -> ModelInfo | None:
     """The recorded description of the file with this identity, if any."""
-    from procman.model_file import ModelInfo
-
     entry = _load().get(json.dumps(key))
     if not isinstance(entry, dict):
         return None

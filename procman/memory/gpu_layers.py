@@ -3,7 +3,7 @@
 llama-server's own default offloads everything it can name and then fails
 with a CUDA out-of-memory error half way through loading when the card is
 too small; a fixed number is wrong for the next model. ``auto`` therefore
-asks :func:`procman.estimate.estimate` what each ``-ngl`` would put on the
+asks :func:`procman.memory.estimate.estimate` what each ``-ngl`` would put on the
 device (weights of the offloaded layers, their KV cache, the compute buffer,
 the CUDA context) and takes the largest that leaves ``margin`` free. The
 device bytes only grow with ``-ngl``, so a binary search over
@@ -18,15 +18,16 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
-from procman.budget import VRAM_MARGIN_MIN, format_bytes
+from procman._units import format_bytes
 from procman.errors import ConfigError
-from procman.estimate import estimate
-from procman.model_file import ModelInfo
+from procman.memory.budget import VRAM_MARGIN_MIN
+from procman.memory.estimate import estimate
+from procman.models.gguf import ModelInfo
 
 __all__ = ["DEFAULT_MARGIN", "LayerChoice", "LayerSetting", "choose_gpu_layers"]
 
 #: VRAM left free by ``auto``: the CUDA context figure in the estimate is typical,
-#: not measured, and the allocator needs slack (see procman.budget)
+#: not measured, and the allocator needs slack (see procman.memory.budget)
 DEFAULT_MARGIN = VRAM_MARGIN_MIN
 
 LayerSetting = int | Literal["auto", "max", "all"]
@@ -54,7 +55,7 @@ def choose_gpu_layers(
     ``free_vram_bytes`` is what NVML reports free now (None: no GPU, or a
     CPU-only build: nothing is offloaded). ``cap`` bounds ``auto`` (a
     configured maximum). ``ctx``, ``parallel`` and ``estimate_args`` are the
-    server's other flags, as :func:`~procman.estimate.estimate` takes them:
+    server's other flags, as :func:`~procman.memory.estimate.estimate` takes them:
     the KV cache of an offloaded layer lives on the device too.
     """
     full = info.n_layers + 1  # the repeating layers plus the output layer

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
 
+from procman._units import format_bytes, parse_size
 from procman.errors import AdmissionError, ConfigError
-from procman.estimate import Estimate, MiB
+from procman.memory.estimate import Estimate, MiB
 
 if TYPE_CHECKING:
     from buildtools.hardware import GpuInfo
@@ -49,7 +50,6 @@ __all__ = [
     "Size",
     "Verdict",
     "decide",
-    "format_bytes",
     "host_margin",
     "probe_machine",
     "resolve_budget",
@@ -75,21 +75,10 @@ Other strings (``"8GiB"``) are read with :func:`procman._units.parse_size`."""
 
 
 def _size(value: int | str, what: str) -> int:
-    from procman._units import parse_size
-
     try:
         return parse_size(value)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{what}: {exc}", hint='write a size such as "24GiB", or "auto"') from exc
-
-
-def format_bytes(n: int) -> str:
-    """Human size for messages: ``212 MiB``, ``7.5 GiB``."""
-    if abs(n) >= 10 * GiB:
-        return f"{n / GiB:.0f} GiB"
-    if abs(n) >= GiB:
-        return f"{n / GiB:.1f} GiB"
-    return f"{n / MiB:.0f} MiB"
 
 
 @dataclass(frozen=True, kw_only=True)

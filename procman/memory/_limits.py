@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from procman.budget import (
+from procman.memory.budget import (
     Activity,
     Budget,
     Ledger,
@@ -31,13 +31,13 @@ from procman.budget import (
     probe_machine,
     resolve_budget,
 )
-from procman.enforce import CgroupSupport, LimitDecision, LimitSettings, MemoryLimit
-from procman.meter import LlamaMetrics, Meter, Sample
-from procman.metrics import ServerStats, Snapshot
+from procman.memory.enforce import CgroupSupport, LimitDecision, LimitSettings, MemoryLimit
+from procman.memory.meter import LlamaMetrics, Meter, Sample
+from procman.router.metrics import ServerStats, Snapshot
 from procman.spec import ServerSpec
 
 if TYPE_CHECKING:
-    from procman.server import ManagedServer
+    from procman.process.server import ManagedServer
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Limits:
         self.ledger = Ledger(self.budget, activity)
         self.meter = Meter(use_nvml=use_nvml)
         self.settings = settings
-        from procman.enforce import detect_cgroup_v2
+        from procman.memory.enforce import detect_cgroup_v2
 
         self.cgroup: CgroupSupport = detect_cgroup_v2()
         self._limits: dict[str, MemoryLimit] = {}
@@ -108,9 +108,9 @@ class Limits:
         Raises ``ModelError`` for a bad file and ``OverBudget`` when the
         estimate alone exceeds ``memory_limit``.
         """
-        from procman.estimate import estimate
-        from procman.gpu_layers import choose_gpu_layers
-        from procman.model_file import validate_model
+        from procman.memory.estimate import estimate
+        from procman.memory.gpu_layers import choose_gpu_layers
+        from procman.models.gguf import validate_model
 
         info = validate_model(spec.model)
         reason = ""
@@ -187,7 +187,7 @@ class Limits:
         import asyncio
         import time
 
-        from procman.meter import scrape_llama_metrics
+        from procman.memory.meter import scrape_llama_metrics
 
         asked = [
             (s, endpoint)
@@ -216,8 +216,8 @@ class Limits:
         """Right after spawn: put a limited server in its own ``memory.max`` group, if possible."""
         if memory_limit is None or not self.cgroup.available:
             return
-        from procman.enforce import limit_in_cgroup
         from procman.errors import ConfigError
+        from procman.memory.enforce import limit_in_cgroup
 
         try:
             self._groups[name] = limit_in_cgroup(self.cgroup, name, pid, memory_limit)
@@ -225,7 +225,7 @@ class Limits:
             log.warning("%s", exc.message)
 
     def on_reaped(self, name: str) -> None:
-        from procman.enforce import remove_cgroup
+        from procman.memory.enforce import remove_cgroup
 
         if (group := self._groups.pop(name, None)) is not None:
             remove_cgroup(group)

@@ -1,7 +1,7 @@
 """What ``serve("model.gguf", ctx=2048)`` asks for, and what it answers, in one place.
 
-The sync facade (:mod:`procman._sync`) and the shared daemon
-(:mod:`procman.daemon`) both turn a :class:`ServeRequest` into a running
+The sync facade (:mod:`procman.daemon._sync`) and the shared daemon
+(:mod:`procman.daemon.service`) both turn a :class:`ServeRequest` into a running
 server with :func:`ensure_served`: there is one copy of that logic. Both
 kinds of answer are a :class:`ServerInfo` snapshot, which is also what the
 daemon sends over its socket (``to_json``/``from_json``).
@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from procman.errors import ConfigError, ServerError
 from procman.events import State
-from procman.spec import GpuLayers, LogSettings, ServerSpec, default_name, resolve_model
+from procman.models.refs import default_name, resolve_model
+from procman.spec import GpuLayers, LogSettings, ServerSpec
 
 if TYPE_CHECKING:
-    from procman.server import ManagedServer
-    from procman.supervisor import Supervisor as AsyncSupervisor
+    from procman.process.server import ManagedServer
+    from procman.supervisor import AsyncSupervisor
 
 __all__ = ["ServeRequest", "ServerInfo", "ensure_served", "server_info"]
 

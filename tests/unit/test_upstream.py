@@ -1,4 +1,4 @@
-"""procman._relay's parts: chunk framing, the answer's head, backpressure (no sockets)."""
+"""procman.router._upstream's parts: chunk framing, the answer's head, backpressure (no sockets)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from procman import _relay
-from procman._relay import ChunkScanner, Head, Pool, _Answer
+from procman.router import _upstream
+from procman.router._upstream import Answer, ChunkScanner, Head, Pool
 
 EVENTS = [b'data: {"n": 1}\n\n', b'data: {"n": 22}\n\n' * 20, b"data: [DONE]\n\n"]
 
@@ -112,8 +112,8 @@ class FakeTransport:
         self.closing = True
 
 
-def answer_with_head() -> tuple[_Answer, FakeTransport]:
-    answer = _Answer(asyncio.get_running_loop())
+def answer_with_head() -> tuple[Answer, FakeTransport]:
+    answer = Answer(asyncio.get_running_loop())
     upstream = FakeTransport()
     answer.connection_made(upstream)  # type: ignore[arg-type]
     answer.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
@@ -152,15 +152,15 @@ async def test_a_client_gone_aborts_the_upstream_connection() -> None:
 
 
 def counting_general_path(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """The reads that take the general path (:meth:`_Answer._body`), recorded."""
+    """The reads that take the general path (:meth:`Answer._body`), recorded."""
     seen: list[bytes] = []
-    general = _Answer._body
+    general = Answer._body
 
-    def body(self: _Answer, data: bytes) -> None:
+    def body(self: Answer, data: bytes) -> None:
         seen.append(data)
         general(self, data)
 
-    monkeypatch.setattr(_Answer, "_body", body)
+    monkeypatch.setattr(Answer, "_body", body)
     return seen
 
 
@@ -234,8 +234,8 @@ async def test_llama_server_breaking_off_is_an_error_not_an_end() -> None:
         await answer.done
 
 
-def pooled(pool: Pool, key: tuple[str, int] = ("127.0.0.1", 1)) -> tuple[_Answer, FakeTransport]:
-    answer = _Answer(asyncio.get_running_loop(), pool=pool, key=key)
+def pooled(pool: Pool, key: tuple[str, int] = ("127.0.0.1", 1)) -> tuple[Answer, FakeTransport]:
+    answer = Answer(asyncio.get_running_loop(), pool=pool, key=key)
     upstream = FakeTransport()
     answer.connection_made(upstream)  # type: ignore[arg-type]
     return answer, upstream
@@ -306,7 +306,7 @@ async def test_the_pool_hands_out_the_latest_live_connection_first(
     assert pool.take(old.key, loop.time()) is None
     old.data_received(JSON_ANSWER)
     old.release()
-    monkeypatch.setattr(_relay, "IDLE_REUSE", 0.0)
+    monkeypatch.setattr(_upstream, "IDLE_REUSE", 0.0)
     await asyncio.sleep(0.01)
     assert pool.take(old.key, loop.time()) is None  # idle too long: closed, not reused
     assert old.transport is not None and old.transport.is_closing()

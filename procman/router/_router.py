@@ -7,10 +7,10 @@ with ``Retry-After``. Responses are relayed chunk by chunk as they arrive
 (server-sent events included, nothing is buffered whole), and when a client
 goes away its upstream request is closed, which makes llama-server stop
 generating for it. Upstream requests go out on raw connections
-(``procman._relay``): kept alive in one pool for answers with a length,
+(``procman.router._upstream``): kept alive in one pool for answers with a length,
 fresh for streams; aiohttp's client is left only streams asked for by
 HTTP/1.0 clients (no chunked encoding there). Requests arrive through
-``procman._front``: the proxied POSTs are parsed and answered there, the rest
+``procman.router._front``: the proxied POSTs are parsed and answered there, the rest
 by this module's aiohttp application.
 """
 
@@ -19,55 +19,43 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
-import aiohttp
 from aiohttp import web
 
-from procman import _relay
-from procman._front import FrontDoor, FrontSettings, Incoming
-from procman._guard import Guard, Refusal
-from procman._ports import check_exposure
 from procman.errors import AdmissionError, LlamactlError
 from procman.events import State
-from procman.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
+from procman.router._forward import (
+    HOP_BY_HOP,
+    AiohttpReply,
+    Forwarder,
+    Reply,
+    TransportReply,
+    error_response,
+    refusal_response,
+)
+from procman.router._front import FrontDoor, FrontSettings, Incoming
+from procman.router._guard import Guard
+from procman.router._upstream import kept
+from procman.router.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
 
 if TYPE_CHECKING:
-    from procman._endpoint import Endpoint
-    from procman.metrics import Snapshot
+    from procman.process.endpoint import Endpoint
+    from procman.router.metrics import Snapshot
 
-__all__ = ["Loader", "Router", "RouterSettings", "Upstream", "Upstreams", "check_exposure"]
+__all__ = ["Loader", "Metered", "Router", "RouterSettings", "Upstream", "Upstreams"]
 
 log = logging.getLogger(__name__)
 
 #: the OpenAI endpoints forwarded by the body's "model"
 PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
-# never forwarded either way: per-connection headers, and ours to set
-_HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-        "trailers", "transfer-encoding", "upgrade", "content-length", "host", "authorization",
-        "accept-encoding", "server", "date",
-        # the front has answered 100-continue; the body goes on with the request, and
-        # llama-server's own interim 100 would be taken for its answer
-        "expect",
-        # the client's key is ours (llama-server gets its own, or none on its private
-        # socket), and so is CORS: llama-server's reflects any Origin it is sent
-        "x-api-key", "origin", "access-control-allow-origin",
-        "access-control-allow-credentials", "access-control-allow-methods",
-        "access-control-allow-headers", "access-control-expose-headers",
-        "access-control-max-age",
-    }
-)  # fmt: skip
-_RETRY_CONNECT_DELAY = 0.05
 #: requests that may wait for a model whose queue is not configured (then: 429)
 DEFAULT_QUEUE = 1024
 
@@ -147,76 +135,7 @@ class RouterSettings:
     """Seconds in-flight requests get to finish when the router stops."""
 
 
-def _forwarded(request: web.Request) -> list[tuple[str, str]]:
-    """The client's headers that go on to llama-server."""
-    return [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
-
-
-def _error(
-    status: int, message: str, kind: str, code: str | None = None, **headers: str
-) -> web.Response:
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return web.json_response(body, status=status, headers=headers or None)
-
-
-def _refused(refusal: Refusal) -> web.Response:
-    return _error(
-        refusal.status, refusal.message, refusal.kind, refusal.code, **dict(refusal.headers)
-    )
-
-
 R = TypeVar("R")
-
-
-class _Reply(Generic[R]):
-    """How an answer reaches the client: through aiohttp, or the lean front's transport."""
-
-    request: web.Request | None = None
-    """The aiohttp request, where there is one (HTTP/1.0 streams need its client)."""
-
-    def error(self, response: web.Response) -> R:
-        raise NotImplementedError
-
-    async def relay(self, answer: _relay._Answer) -> R:
-        raise NotImplementedError
-
-
-class _AiohttpReply(_Reply[web.StreamResponse]):
-    def __init__(self, request: web.Request) -> None:
-        self.request = self._request = request
-
-    def error(self, response: web.Response) -> web.StreamResponse:
-        return response
-
-    async def relay(self, answer: _relay._Answer) -> web.StreamResponse:
-        return await _relay.relay(self._request, answer, _HOP_BY_HOP)
-
-
-class _RawReply(_Reply[None]):
-    def __init__(
-        self, transport: asyncio.Transport, close: bool, extra: Sequence[tuple[str, str]]
-    ) -> None:
-        self.transport = transport
-        self.close = close
-        self.extra = extra
-        """Headers every answer gets (CORS, for a browser origin that may read it)."""
-        self.keep = False
-        """The connection may carry another request."""
-
-    def error(self, response: web.Response) -> None:
-        headers = [(k, v) for k, v in response.headers.items() if k.lower() != "content-length"]
-        body = response.body if isinstance(response.body, bytes) else b""
-        headers += [*self.extra, ("Content-Length", str(len(body)))]
-        if self.close:
-            headers.append(("Connection", "close"))
-        head = _relay.encode_head(response.status, response.reason, headers)
-        self.transport.write(head + body)
-        self.keep = not self.close
-
-    async def relay(self, answer: _relay._Answer) -> None:
-        self.keep = await _relay.relay_raw(
-            self.transport, answer, _HOP_BY_HOP, close=self.close, extra=self.extra
-        )
 
 
 class Router:
@@ -239,12 +158,12 @@ class Router:
             allowed_hosts=settings.allowed_hosts,
             cors_origins=settings.cors_origins,
         )
-        self._pool = _relay.Pool()
+        self.forwarder = Forwarder(self.settings)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.door: FrontDoor | None = None
-        """Every open client connection (see :mod:`procman._front`), once started."""
+        """Every open client connection (see :mod:`procman.router._front`), once started."""
         self.address: tuple[str, int] | None = None
         # the front applies the guard to every connection it reads; the middleware is for
         # this application used on its own (tests, an embedding app's own server)
@@ -258,20 +177,21 @@ class Router:
         for path in PROXIED:
             self.app.router.add_post(path, self._proxy)
         if self.loader is not None:
-            from procman._admin import add_admin_routes
+            from procman.router._admin import add_admin_routes
 
             add_admin_routes(self.app, self.loader, self.scheduler)
         if isinstance(upstreams, Metered):
-            from procman._admin import add_metrics_route
+            from procman.router._admin import add_metrics_route
 
             add_metrics_route(self.app, upstreams, self.scheduler)
 
     async def _close_pool(self, app: web.Application) -> None:
-        self._pool.close()
+        self.forwarder.pool.close()
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self, sock: socket.socket) -> None:
-        """Serve on an already bound, listening socket (see ``procman._ports.bind_listener``)."""
+        """Serve on an already bound, listening socket (see
+        :func:`procman.router.listen.bind_listener`)."""
         # handler_cancellation: a client that disconnects cancels its handler, which
         # closes the upstream request even while nothing is being written to it
         self._runner = web.AppRunner(
@@ -290,7 +210,7 @@ class Router:
         settings = self.settings
         front = FrontSettings(
             fast_paths=frozenset(PROXIED),
-            skip=_HOP_BY_HOP,
+            skip=HOP_BY_HOP,
             max_body=settings.max_body_bytes,
             max_connections=settings.max_connections,
             head_timeout=settings.head_timeout,
@@ -355,7 +275,7 @@ class Router:
             )
             return web.Response(status=status, headers=extra)
         if refused is not None:
-            return _refused(refused)
+            return refusal_response(refused)
         return await handler(request)
 
     async def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -400,43 +320,45 @@ class Router:
         try:
             payload: Any = json.loads(body) if body else {}
         except ValueError:
-            return _error(400, "the request body is not valid JSON", "invalid_request_error")
+            return error_response(
+                400, "the request body is not valid JSON", "invalid_request_error"
+            )
         except RecursionError:  # Python's parser recurses: ~1000 levels, far past any API's
             message = "the request body's JSON is nested too deeply"
-            return _error(400, message, "invalid_request_error", "json_too_deep")
+            return error_response(400, message, "invalid_request_error", "json_too_deep")
         model = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(payload, dict) or not isinstance(model, str | None):
             message = "the request body must be a JSON object with a string 'model'"
-            return _error(400, message, "invalid_request_error")
+            return error_response(400, message, "invalid_request_error")
         upstream = self.upstreams.find(model)
         if upstream is None:
             names = ", ".join(s.name for s in self.upstreams.upstreams()) or "none"
             what = f"model {model!r} is not served" if model else "several models are served"
             message = f"{what} (available: {names})"
-            return _error(404, message, "invalid_request_error", "model_not_found")
+            return error_response(404, message, "invalid_request_error", "model_not_found")
         return upstream, payload.get("stream") is True
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
-        """The proxied POSTs that reach aiohttp (see :mod:`procman._front` for the rest)."""
+        """The proxied POSTs that reach aiohttp (see :mod:`procman.router._front` for the rest)."""
         body = await request.read()
         incoming = Incoming(
             target=str(request.rel_url),
-            headers=_forwarded(request),
+            headers=kept(request.headers.items(), HOP_BY_HOP),
             body=body,
             http11=request.version >= (1, 1),
         )
-        return await self._answer(incoming, _AiohttpReply(request))
+        return await self._answer(incoming, AiohttpReply(request))
 
     async def answer_raw(
         self, incoming: Incoming, transport: asyncio.Transport, close: bool
     ) -> bool:
         """Answer a request of the lean front on its transport; True if the connection
         may carry another."""
-        reply = _RawReply(transport, close, incoming.cors)
+        reply = TransportReply(transport, close, incoming.cors)
         await self._answer(incoming, reply)
         return reply.keep
 
-    async def _answer(self, incoming: Incoming, reply: _Reply[R]) -> R:
+    async def _answer(self, incoming: Incoming, reply: Reply[R]) -> R:
         picked = self._pick(incoming.body)
         if isinstance(picked, web.Response):
             return reply.error(picked)
@@ -447,7 +369,7 @@ class Router:
             return await self._queued(incoming, reply, upstream, streamed)
 
     async def _queued(
-        self, incoming: Incoming, reply: _Reply[R], upstream: Upstream, streamed: bool
+        self, incoming: Incoming, reply: Reply[R], upstream: Upstream, streamed: bool
     ) -> R:
         """The request's turn in its model's queue, then its answer."""
         queue = self.scheduler.queue(upstream.name) or self._default_queue(upstream)
@@ -456,23 +378,25 @@ class Router:
         except QueueFullError as exc:
             retry = str(self.settings.retry_after)
             return reply.error(
-                _error(429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry})
+                error_response(
+                    429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry}
+                )
             )
         try:
             if self.loader is not None and self.loader.on_demand(upstream.name):
                 if upstream.retry_in() > 0:  # failed by its crashes: not retried before this
-                    return reply.error(self._unavailable(upstream))
+                    return reply.error(self.forwarder.unavailable(upstream))
                 try:
                     await self.loader.load(upstream.name)
                 except AdmissionError as exc:
                     message = f"model {upstream.name!r} does not fit: {exc.message}"
                     if exc.hint:
                         message += f" ({exc.hint})"
-                    return reply.error(_error(503, message, "server_error", "over_budget"))
+                    return reply.error(error_response(503, message, "server_error", "over_budget"))
                 except LlamactlError as exc:
                     message = f"model {upstream.name!r} could not be loaded: {exc.message}"
-                    return reply.error(_error(503, message, "server_error", "model_failed"))
-            return await self._forward(incoming, reply, upstream, streamed=streamed)
+                    return reply.error(error_response(503, message, "server_error", "model_failed"))
+            return await self.forwarder.forward(incoming, reply, upstream, streamed=streamed)
         finally:
             queue.release()
 
@@ -481,121 +405,3 @@ class Router:
         in flight (see ``ServerSpec.pipeline``), up to ``DEFAULT_QUEUE`` waiting."""
         settings = QueueSettings(slots=upstream.pipeline, maxsize=DEFAULT_QUEUE)
         return self.scheduler.add(upstream.name, settings)
-
-    async def _forward(
-        self,
-        incoming: Incoming,
-        reply: _Reply[R],
-        upstream: Upstream,
-        *,
-        streamed: bool,
-    ) -> R:
-        # answers go through as the bytes llama-server writes, on a kept-alive connection
-        # unless streamed; a stream is chunked, which an HTTP/1.0 client cannot take:
-        # aiohttp's client and server re-frame it for those
-        raw = not streamed or incoming.http11
-        pool = None if streamed else self._pool
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.ready_timeout
-        resent = False
-        while True:
-            ready = await upstream.wait_ready(max(0.0, deadline - loop.time()))
-            endpoint = upstream.endpoint
-            if not ready or endpoint is None:
-                return reply.error(self._unavailable(upstream))
-            try:
-                if raw:
-                    answer = await _relay.open_stream(
-                        endpoint, incoming.target, incoming.headers, incoming.body,
-                        connect_timeout=self.settings.connect_timeout,
-                        pool=pool,
-                    )  # fmt: skip
-                    return await reply.relay(answer)
-                request = reply.request
-                if request is None:  # pragma: no cover - the lean front takes HTTP/1.1 only
-                    raise RuntimeError("an HTTP/1.0 stream needs aiohttp's request")
-                return cast(R, await self._stream_http10(request, endpoint, incoming.body))
-            except (aiohttp.ClientConnectorError, ConnectionRefusedError, FileNotFoundError,
-                    TimeoutError):  # fmt: skip
-                # nothing reached the server (it died after we saw it ready):
-                # safe to send again once the supervisor has restarted it
-                if loop.time() >= deadline:
-                    return reply.error(self._unavailable(upstream))
-                await asyncio.sleep(_RETRY_CONNECT_DELAY)
-                continue
-            except (aiohttp.ClientConnectionError, _relay.UpstreamHungUp) as exc:
-                # the connection broke before any answer: usually a pooled
-                # keep-alive connection to a server that has just died. Sent
-                # once more, never twice: a request that itself crashes the
-                # server must not take down every restart too.
-                if resent:
-                    message = f"model {upstream.name!r} failed: {exc}"
-                    return reply.error(_error(502, message, "server_error", "upstream_error"))
-                resent = True
-                await asyncio.sleep(_RETRY_CONNECT_DELAY)
-                continue
-            except (aiohttp.ClientError, OSError, ValueError) as exc:
-                message = f"model {upstream.name!r} failed: {exc}"
-                return reply.error(_error(502, message, "server_error", "upstream_error"))
-
-    def _unavailable(self, upstream: Upstream) -> web.Response:
-        if upstream.state is State.FAILED:
-            wait = upstream.retry_in()
-            retry = {"Retry-After": str(math.ceil(wait))} if wait > 0 else {}
-            message = f"model {upstream.name!r} failed: {upstream.last_reason}"
-            return _error(503, message, "server_error", "model_failed", **retry)
-        return _error(
-            503, f"model {upstream.name!r} is not ready ({upstream.state}); retry later",
-            "server_error", "model_not_ready", **{"Retry-After": str(self.settings.retry_after)},
-        )  # fmt: skip
-
-    async def _stream_http10(
-        self, request: web.Request, endpoint: Endpoint, body: bytes
-    ) -> web.StreamResponse:
-        """A stream for an HTTP/1.0 client, re-framed by aiohttp's client and server (rare:
-        a session of its own)."""
-        headers = dict(_forwarded(request))
-        headers["Accept-Encoding"] = "identity"
-        headers.update(endpoint.auth())
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.settings.connect_timeout)
-        connector = endpoint.connector()
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False
-        ) as session:
-            url = f"{endpoint.url}{request.rel_url}"
-            response = await session.post(url, data=body, headers=headers)
-            return await self._relay(request, response)
-
-    async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
-        """Copy status, headers and body, each chunk as soon as it arrives."""
-        completed = False
-        try:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in upstream.headers.items():
-                if key.lower() not in _HOP_BY_HOP:
-                    response.headers.add(key, value)
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
-            await response.prepare(request)
-            try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except aiohttp.ClientPayloadError as exc:
-                # the server died mid-answer: the headers are out, so cut the
-                # connection rather than end the body cleanly as if complete
-                log.warning("upstream %s broke off: %s", request.path, exc)
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            await response.write_eof()
-            completed = True
-            return response
-        finally:
-            # closing an unfinished response drops its connection, which is how
-            # llama-server learns that the client is gone and stops generating
-            if completed:
-                upstream.release()
-            else:
-                upstream.close()

@@ -8,7 +8,7 @@ is polled at a short interval while loading and a long one afterwards), and
 the startup timeout. Every change of state is an :class:`~procman.events.Event`.
 
 Process hygiene (own process group, death with the parent, what each OS
-gets) lives in :mod:`procman._process`.
+gets) lives in :mod:`procman.process._child`.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from procman._endpoint import Endpoint
-from procman._ports import is_bind_failure
-from procman._process import Child, adopt, describe_exit, spawn, terminate
 from procman.errors import ServerError, StartupTimeout
 from procman.events import Event, EventBus, State
-from procman.logs import LineTail, RotatingLog
-from procman.policy import Action, RestartPolicy, is_crash
+from procman.process._child import Child, adopt, describe_exit, spawn, terminate
+from procman.process.endpoint import Endpoint, is_bind_failure
+from procman.process.logs import LineTail, RotatingLog
+from procman.process.policy import Action, RestartPolicy, is_crash
 from procman.spec import ServerSpec
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ if TYPE_CHECKING:
 
     import aiohttp
 
-    from procman._early import EarlyServer
+    from procman.process._early import EarlyServer
 
 __all__ = ["ManagedServer"]
 
@@ -51,7 +50,7 @@ class _End(Enum):
     """Why one life of the process ended: it exited, or we killed it for hanging."""
 
     EXITED = "exited"
-    ENDED = "ended"  # after being ready, not by a crash (see procman.policy.is_crash)
+    ENDED = "ended"  # after being ready, not by a crash (see procman.process.policy.is_crash)
     TIMEOUT = "timeout"
     UNHEALTHY = "unhealthy"
     RECYCLED = "recycled"
@@ -113,7 +112,7 @@ class ManagedServer:
     @property
     def endpoint(self) -> Endpoint | None:
         """Where the private server listens while a process is running (see
-        :mod:`procman._endpoint`)."""
+        :mod:`procman.process.endpoint`)."""
         return self._endpoint
 
     @property
@@ -201,7 +200,7 @@ class ManagedServer:
         self._settled.clear()  # from here on, requests wait for this start
         try:
             if self._validate:
-                from procman.model_file import validate_model
+                from procman.models.gguf import validate_model
 
                 await asyncio.to_thread(validate_model, self.spec.model)
             if before_spawn is not None:  # the supervisor's admission; it may replace the spec
@@ -223,7 +222,7 @@ class ManagedServer:
             raise
 
     def offer(self, early: EarlyServer | None) -> None:
-        """A process started at launch (:mod:`procman._early`) for the next spawn to take.
+        """A process started at launch (:mod:`procman.process._early`) for the next spawn to take.
 
         The spawn adopts it only if its command line is exactly the one it
         would run (after admission has set ``-ngl``) and it is still alive;

@@ -11,7 +11,7 @@ It holds no logic of its own: each method submits the matching coroutine of
 loop and waits for it. That loop runs in one dedicated thread that lives as
 long as the facade, because servers are forked from the loop's thread and
 Linux's ``PR_SET_PDEATHSIG`` kills a child when the *thread* that forked it
-ends (see :mod:`procman._process`): a short-lived worker thread would take
+ends (see :mod:`procman.process._child`): a short-lived worker thread would take
 the servers with it, and a host process that dies takes them all.
 
 Callbacks (:meth:`Supervisor.on_event`, :meth:`Supervisor.on_log`) are called
@@ -30,13 +30,13 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from procman._request import ServeRequest, ServerInfo, ensure_served, server_info
+from procman.daemon._request import ServeRequest, ServerInfo, ensure_served, server_info
 from procman.errors import ServerError
 from procman.events import Event, EventBus
 
 if TYPE_CHECKING:
     from procman.spec import GpuLayers
-    from procman.supervisor import Supervisor as AsyncSupervisor
+    from procman.supervisor import AsyncSupervisor
 
 __all__ = ["Supervisor"]
 
@@ -64,7 +64,7 @@ class Supervisor:
 
     @staticmethod
     async def _create(bus: EventBus | None) -> AsyncSupervisor:
-        from procman.supervisor import Supervisor as AsyncSupervisor
+        from procman.supervisor import AsyncSupervisor
 
         return AsyncSupervisor(bus=bus)
 
@@ -152,13 +152,13 @@ class Supervisor:
 
         Returns a function that stops following.
         """
-        from procman.logs import log_path
+        from procman.process.logs import log_path
 
         server = self._core.servers.get(name)
         path = server.log_path if server is not None else log_path(name)
 
         async def follow() -> None:
-            from procman.logs import follow
+            from procman.process.logs import follow
 
             async for text in follow(path):
                 callback(text)

@@ -30,11 +30,19 @@ from typing import TYPE_CHECKING, cast
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from procman._endpoint import Endpoint
+    from procman.process.endpoint import Endpoint
 
 __all__ = [
-    "ChunkScanner", "Head", "Pool", "UpstreamHungUp", "encode_head", "open_stream", "relay",
-    "relay_raw",
+    "Answer",
+    "ChunkScanner",
+    "Head",
+    "Pool",
+    "UpstreamHungUp",
+    "encode_head",
+    "kept",
+    "open_stream",
+    "to_response",
+    "to_transport",
 ]  # fmt: skip
 
 #: a chunk-size line or a response head longer than this is not llama-server's
@@ -49,6 +57,11 @@ _WHOLE = 256 * 1024
 #: a kept-alive connection idle for longer is closed rather than reused: llama-server
 #: (cpp-httplib) closes its end after 5 s idle, and a request must never race that
 IDLE_REUSE = 2.0
+
+
+def kept(headers: Iterable[tuple[str, str]], skip: frozenset[str]) -> list[tuple[str, str]]:
+    """The headers whose (lowercase) names are not in ``skip``: what is passed on."""
+    return [(k, v) for k, v in headers if k.lower() not in skip]
 
 
 class UpstreamHungUp(ConnectionError):
@@ -165,7 +178,7 @@ class Head:
 
 
 @dataclass(eq=False)
-class _Answer(asyncio.Protocol):
+class Answer(asyncio.Protocol):
     """A connection to llama-server and the answer it is reading (one at a time)."""
 
     loop: asyncio.AbstractEventLoop
@@ -400,9 +413,9 @@ class Pool:
     """
 
     def __init__(self) -> None:
-        self._idle: dict[tuple[str, int], list[_Answer]] = {}
+        self._idle: dict[tuple[str, int], list[Answer]] = {}
 
-    def take(self, key: tuple[str, int], now: float) -> _Answer | None:
+    def take(self, key: tuple[str, int], now: float) -> Answer | None:
         idle = self._idle.get(key)
         while idle:
             answer = idle.pop()
@@ -412,11 +425,11 @@ class Pool:
             answer.close()
         return None
 
-    def put(self, answer: _Answer) -> None:
+    def put(self, answer: Answer) -> None:
         answer.idle_since = answer.loop.time()
         self._idle.setdefault(answer.key, []).append(answer)
 
-    def discard(self, answer: _Answer) -> None:
+    def discard(self, answer: Answer) -> None:
         idle = self._idle.get(answer.key)
         if idle and answer in idle:
             idle.remove(answer)
@@ -441,7 +454,7 @@ async def open_stream(
     *,
     connect_timeout: float,
     pool: Pool | None = None,
-) -> _Answer:
+) -> Answer:
     """Send the request to the llama-server at ``endpoint``; returns once the head of its
     answer is in. With a ``pool``, on a kept-alive connection from it (a new one if none is
     idle); without, on a new one closed after the answer. Raises OSError
@@ -452,7 +465,7 @@ async def open_stream(
     loop = asyncio.get_running_loop()
     answer = pool.take(key, loop.time()) if pool is not None else None
     if answer is None:
-        answer = _Answer(loop, pool=pool, key=key)
+        answer = Answer(loop, pool=pool, key=key)
         await asyncio.wait_for(endpoint.connect(lambda: answer), connect_timeout)
     host = "localhost" if endpoint.socket is not None else f"{key[0]}:{key[1]}"
     lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
@@ -472,10 +485,12 @@ async def open_stream(
     return answer
 
 
-async def relay(request: web.Request, answer: _Answer, skip: frozenset[str]) -> web.StreamResponse:
+async def to_response(
+    request: web.Request, answer: Answer, skip: frozenset[str]
+) -> web.StreamResponse:
     """Answer ``request`` with what llama-server answers; headers named in ``skip`` stay back."""
     head = answer.head.result()
-    headers = [(k, v) for k, v in head.headers if k.lower() not in skip]
+    headers = kept(head.headers, skip)
     try:
         if answer.whole:
             await answer.done
@@ -516,19 +531,19 @@ def encode_head(status: int, reason: str, headers: Iterable[tuple[str, str]]) ->
     return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
 
-async def relay_raw(
+async def to_transport(
     sink: asyncio.Transport,
-    answer: _Answer,
+    answer: Answer,
     skip: frozenset[str],
     *,
     close: bool,
     extra: Iterable[tuple[str, str]] = (),
 ) -> bool:
-    """:func:`relay` for the router's lean front (``procman._front``): the answer is
+    """:func:`to_response` for the router's front (``procman.router._front``): the answer is
     written to the client's transport itself, with the ``extra`` headers. Returns whether
     the connection may carry another request."""
     head = answer.head.result()
-    headers = [(k, v) for k, v in head.headers if k.lower() not in skip]
+    headers = kept(head.headers, skip)
     headers += extra
     if close:
         headers.append(("Connection", "close"))

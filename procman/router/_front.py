@@ -7,7 +7,7 @@ connection closed, never handed on. The head must arrive within
 ``head_timeout`` of its first byte and a body keep ``min_body_rate`` after a
 grace period (else 408), idle connections close after ``keepalive``, and at
 most ``max_connections`` are open (idle ones are closed to make room, then
-new ones refused with 503). The access rules (:class:`procman._guard.Guard`:
+new ones refused with 503). The access rules (:class:`procman.router._guard.Guard`:
 Host, Origin, API key) are applied to every request here, and ``OPTIONS`` is
 answered here.
 
@@ -35,7 +35,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
-from procman._guard import Guard, Refusal
+from procman.router._guard import Guard, Refusal
+from procman.router._upstream import kept
 
 __all__ = ["Front", "FrontDoor", "FrontSettings", "Head", "Incoming", "parse_head"]
 
@@ -507,7 +508,7 @@ class Front(asyncio.Protocol):
         skip = door.settings.skip
         incoming = Incoming(
             target=head.target,
-            headers=[(k, v) for k, v in head.headers if k.lower() not in skip],
+            headers=kept(head.headers, skip),
             body=body,
             cors=tuple(door.guard.cors_headers(head.origin, head.host)),
         )

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from buildtools._runner import describe_exit
-from procman._pdeathsig import child_setup
-from procman.logs import LineTail, RotatingLog
+from procman.process._pdeathsig import child_setup
+from procman.process.logs import LineTail, RotatingLog
 
 if TYPE_CHECKING:
-    from procman._early import EarlyServer
+    from procman.process._early import EarlyServer
 
 __all__ = ["Child", "adopt", "describe_exit", "spawn", "terminate", "within"]
 
@@ -212,7 +212,8 @@ class _AdoptedTransport:
 async def adopt(
     early: EarlyServer, sink: RotatingLog, tail: LineTail
 ) -> tuple[asyncio.SubprocessTransport, Child]:
-    """Take over a process :mod:`procman._early` started: as :func:`spawn` returns, from then on.
+    """Take over a process :mod:`procman.process._early` started: as :func:`spawn`
+    returns, from then on.
 
     Its output so far waited in its pipe and reaches ``sink`` first.
     """

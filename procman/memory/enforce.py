@@ -1,6 +1,6 @@
 """Memory limits: a policy fed by samples, and cgroup v2 where the kernel can enforce them.
 
-:class:`MemoryLimit` is pure, like :class:`~procman.policy.RestartPolicy`:
+:class:`MemoryLimit` is pure, like :class:`~procman.process.policy.RestartPolicy`:
 the caller passes each sample's time and bytes, it returns a decision or
 None. One sample over the limit is not enough, because llama-server's RSS
 spikes briefly while a long prompt's compute buffers are first touched and
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from procman.budget import format_bytes
+from procman._units import format_bytes
 from procman.errors import ConfigError
 
 __all__ = [

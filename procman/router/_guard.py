@@ -18,7 +18,7 @@ is reachable by every web page its user opens. Three rules keep pages out:
 * **API key**: with a key, everything but ``/health`` needs it, as
   ``Authorization: Bearer KEY`` or (Anthropic's clients) ``x-api-key: KEY``.
 
-Both fronts (:mod:`procman._front` and the aiohttp application) ask the same
+Both fronts (:mod:`procman.router._front` and the aiohttp application) ask the same
 :class:`Guard`; each only turns its :class:`Refusal` into bytes.
 """
 

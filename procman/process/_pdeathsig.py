@@ -1,8 +1,8 @@
 """The pre-exec hook that ties a child's life to ours (Linux), importable at launch.
 
-Kept apart from :mod:`procman._process` (asyncio, logging) because
-:mod:`procman._early` spawns llama-server before anything heavy is imported.
-See :mod:`procman._process` for what each OS gets.
+Kept apart from :mod:`procman.process._child` (asyncio, logging) because
+:mod:`procman.process._early` spawns llama-server before anything heavy is imported.
+See :mod:`procman.process._child` for what each OS gets.
 """
 
 from __future__ import annotations

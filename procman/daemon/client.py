@@ -1,4 +1,4 @@
-"""Talk to the shared daemon (:mod:`procman.daemon`), starting it if none runs.
+"""Talk to the shared daemon (:mod:`procman.daemon.service`), starting it if none runs.
 
 ::
 
@@ -28,8 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from procman._request import ServeRequest, ServerInfo
-from procman.daemon import DEFAULT_IDLE_TIMEOUT, DaemonPaths, daemon_alive, open_lock
+from procman.daemon._request import ServeRequest, ServerInfo
+from procman.daemon.service import DEFAULT_IDLE_TIMEOUT, DaemonPaths, daemon_alive, open_lock
 from procman.errors import (
     AdmissionError,
     ConfigError,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from procman.errors import ConfigError
-from procman.model_file import ModelInfo
+from procman.models.gguf import ModelInfo
 
 __all__ = [
     "CACHE_TYPES",

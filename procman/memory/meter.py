@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 if TYPE_CHECKING:
-    from procman._endpoint import Endpoint
+    from procman.process.endpoint import Endpoint
 
 __all__ = [
     "LlamaMetrics",

@@ -6,7 +6,7 @@ one and answers once it is ready; ``POST /admin/unload/{name}`` (or
 ``/admin/unload`` with no name: all of them) stops it. They sit behind the
 same API key as ``/v1``, because unloading is as disruptive as using.
 
-``GET /metrics`` is the Prometheus exposition (:mod:`procman.metrics`),
+``GET /metrics`` is the Prometheus exposition (:mod:`procman.router.metrics`),
 behind the key too: model names and load are not for anyone on the network.
 """
 
@@ -19,9 +19,9 @@ from aiohttp import web
 from procman.errors import AdmissionError, ConfigError, LlamactlError
 
 if TYPE_CHECKING:
-    from procman.metrics import MetricsExporter
-    from procman.router import Loader, Metered
-    from procman.scheduler import Scheduler
+    from procman.router._router import Loader, Metered
+    from procman.router.metrics import MetricsExporter
+    from procman.router.scheduler import Scheduler
 
 __all__ = ["add_admin_routes", "add_metrics_route"]
 
@@ -68,7 +68,7 @@ def add_admin_routes(app: web.Application, loader: Loader, scheduler: Scheduler)
 
 
 def add_metrics_route(app: web.Application, source: Metered, scheduler: Scheduler) -> None:
-    from procman.metrics import Snapshot
+    from procman.router.metrics import Snapshot
 
     class _WithQueues:  # the supervisor knows the servers, the scheduler the queues
         def metrics_snapshot(self) -> Snapshot:
@@ -80,7 +80,7 @@ def add_metrics_route(app: web.Application, source: Metered, scheduler: Schedule
 
     async def metrics(request: web.Request) -> web.Response:
         if not exporters:
-            from procman.metrics import MetricsExporter
+            from procman.router.metrics import MetricsExporter
 
             exporters.append(MetricsExporter(_WithQueues()))
         exporter = exporters[0]

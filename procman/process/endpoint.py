@@ -3,13 +3,21 @@
 llama-server has no notion of who may call it beyond one API key. So a
 managed server listens either
 
-* on a **Unix socket** in :func:`procman._sockets.private_dir` (mode 0700):
+* on a **Unix socket** in :func:`procman.process._sockets.private_dir` (mode 0700):
   only this user can connect, and only the router (or the library that owns
   the server) knows the path; this is what ``serve`` uses, or
 * on a **loopback TCP port**, where any local user could connect, with a
   random **per-server key** that llama-server reads from a 0600 key file
   (``--api-key-file``, never argv) and that only its owner is told: for the
   library and the daemon, whose clients talk to the server themselves.
+
+A private port must be chosen by us and then bound by llama-server, so a race
+is unavoidable: the kernel's choice for port 0 is free at that instant, and
+if another program grabs it before llama-server binds, llama-server exits
+early saying so (:func:`is_bind_failure`) and the supervisor retries with a
+fresh port. Ephemeral ports are handed out round-robin, so a collision twice
+in a row is very unlikely. A socket's name is random, and one left by a dead
+server is removed before the spawn.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from procman._sockets import new_socket_path, pick_free_port, private_dir
+from procman.process._sockets import new_socket_path, pick_free_port, private_dir
 
 if TYPE_CHECKING:
     import asyncio
@@ -27,10 +35,17 @@ if TYPE_CHECKING:
 
     import aiohttp
 
-__all__ = ["Endpoint", "Listen"]
+__all__ = ["BIND_FAILURE_MARKERS", "Endpoint", "Listen", "is_bind_failure"]
 
 #: how a private server listens: a socket file only this user can reach, or a keyed TCP port
 Listen = Literal["unix", "tcp"]
+#: what llama-server logs when it cannot listen (b11312: "couldn't bind HTTP server socket")
+BIND_FAILURE_MARKERS = ("couldn't bind HTTP server socket", "Address already in use")
+
+
+def is_bind_failure(log_text: str) -> bool:
+    """Whether llama-server's output says it could not bind its port."""
+    return any(marker in log_text for marker in BIND_FAILURE_MARKERS)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -47,7 +47,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import time
@@ -55,9 +54,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from procman._units import duration_option
 from procman.errors import ConfigError, DaemonError, LlamactlError
 
-__all__ = ["Daemon", "DaemonPaths", "parse_duration", "run_daemon"]
+__all__ = ["Daemon", "DaemonPaths", "run_daemon"]
 
 log = logging.getLogger(__name__)
 
@@ -133,18 +133,6 @@ def daemon_alive(paths: DaemonPaths) -> bool:
         os.close(fd)  # releases the probe's lock, if it got it
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """``"300"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"500ms"`` -> seconds."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ConfigError(f"not a duration: {text!r}", hint="e.g. 30s, 5m, 1h, or seconds")
-    scale = {"ms": 0.001, "s": 1.0, None: 1.0, "m": 60.0, "h": 3600.0}[match.group(2)]
-    return float(match.group(1)) * scale
-
-
 class _ShuttingDown(DaemonError):
     """Sent with ``retry: true``: the client reconnects to a new daemon and asks again."""
 
@@ -167,11 +155,11 @@ class Daemon:
     """The daemon's state: its supervisor, its listener, its clients, its idle clock."""
 
     def __init__(self, paths: DaemonPaths, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
-        from procman.supervisor import Supervisor
+        from procman.supervisor import AsyncSupervisor
 
         self.paths = paths
         self.idle_timeout = idle_timeout
-        self.supervisor = Supervisor()
+        self.supervisor = AsyncSupervisor()
         self._clients = 0
         self._busy = 0
         self._last_activity = time.monotonic()
@@ -293,7 +281,7 @@ class Daemon:
             return _error_reply(exc)
 
     async def _answer(self, op: object, request: dict[str, Any]) -> Any:
-        from procman._request import ServeRequest, ensure_served, server_info
+        from procman.daemon._request import ServeRequest, ensure_served, server_info
 
         match op:
             case "serve":
@@ -350,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started = run_daemon(
             socket_path=options.socket,
-            idle_timeout=parse_duration(options.idle_timeout),
+            idle_timeout=duration_option(options.idle_timeout, "--idle-timeout"),
             ready=ready,
         )
     except LlamactlError as exc:
@@ -363,7 +351,3 @@ def main(argv: list[str] | None = None) -> int:
     if not started:
         log.warning("another daemon is running: exiting")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

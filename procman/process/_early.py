@@ -10,7 +10,7 @@ So the entry point, before importing anything heavy (this module uses the
 standard library only), looks up what the same command spawned the last time
 it got a server ready, and starts that again at once on a fresh private
 socket. The CLI then runs exactly as without it (validation, binary,
-admission, command line) and :class:`~procman.server.ManagedServer` adopts
+admission, command line) and :class:`~procman.process.server.ManagedServer` adopts
 the early process only if the command line it would run is the one already
 running; otherwise, or if the CLI stops for any reason first, the early
 process is killed (:func:`discard`, also at exit; SIGKILL of llamactl kills
@@ -46,8 +46,8 @@ import subprocess
 import sys
 import time
 
-from procman._pdeathsig import child_setup
-from procman._sockets import can_bind, home, new_socket_path
+from procman.process._pdeathsig import child_setup
+from procman.process._sockets import can_bind, home, new_socket_path
 
 __all__ = ["EarlyServer", "Record", "discard", "launched_at", "remember", "start", "take"]
 
@@ -70,7 +70,7 @@ class EarlyServer:
     ) -> None:
         self.process = process
         self.argv = argv
-        #: the private Unix socket it listens on (see procman._endpoint)
+        #: the private Unix socket it listens on (see procman.process.endpoint)
         self.socket = socket
         #: a pidfd for the process (readable once it exits): no pid-reuse race, no thread
         self.pidfd = pidfd
@@ -142,7 +142,7 @@ def record_path(args: list[str]) -> str:
 
 
 def identity(st: os.stat_result) -> list[int]:
-    """What identifies a file's bytes without reading them (see procman._info_cache)."""
+    """What identifies a file's bytes without reading them (see procman.models._info_cache)."""
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
@@ -302,7 +302,7 @@ def remember(
     from pathlib import Path
 
     from buildtools.paths import write_atomic
-    from procman import _info_cache
+    from procman.models import _info_cache
 
     try:
         st = os.stat(model)

@@ -1,0 +1,28 @@
+"""Models: what the user names, the GGUF file it resolves to, and what its header says.
+
+:mod:`~procman.models.refs` turns ``demo``, a path or a cached name into a
+file; :mod:`~procman.models.gguf` validates it and reads its shape into a
+:class:`~procman.models.info.ModelInfo`, remembered by file identity in
+``_info_cache`` so that a file seen before is not parsed again.
+"""
+
+from __future__ import annotations
+
+from procman._lazy import exports
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from procman.models.gguf import validate_model
+    from procman.models.info import ModelInfo
+    from procman.models.refs import DEMO_MODEL, default_name, resolve_model
+
+__all__ = ["DEMO_MODEL", "ModelInfo", "default_name", "resolve_model", "validate_model"]
+
+__getattr__, __dir__ = exports(
+    __name__,
+    {
+        "ModelInfo": "procman.models.info",
+        "validate_model": "procman.models.gguf",
+        **dict.fromkeys(("DEMO_MODEL", "default_name", "resolve_model"), "procman.models.refs"),
+    },
+)
