@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from buildtools._ports import pick_free_port
 from buildtools._runner import capture, describe_exit
 from buildtools.errors import VerificationError
 
@@ -64,12 +64,6 @@ def gpu_offload(log: str) -> tuple[int, int] | None:
     """The layers llama-server says it offloaded to the GPU, and of how many."""
     found = _OFFLOADED.findall(log)
     return (int(found[-1][0]), int(found[-1][1])) if found else None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def log_tail(path: Path, lines: int = _TAIL_LINES) -> str:
@@ -123,7 +117,7 @@ def verify_server(
     Raises :class:`VerificationError` with the exit status (a signal name for
     SIGILL and friends) and the tail of the server log when anything fails.
     """
-    port = _free_port()
+    port = pick_free_port()
     argv = [
         str(binary),
         "-m",

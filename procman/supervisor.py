@@ -368,6 +368,8 @@ class AsyncSupervisor:
         ``rss_bytes`` is read now; ``cpu_percent``, ``vram_bytes`` and
         ``tokens_per_second`` come from the last sample (None until there is one).
         """
+        from procman.memory.meter import rss_bytes  # speed: psutil, for status only
+
         now = time.monotonic()
         rows = []
         samples = self._limits.samples if self._limits is not None else {}
@@ -385,7 +387,7 @@ class AsyncSupervisor:
                     "port": server.port,
                     "socket": server.endpoint.socket if server.endpoint is not None else None,
                     "model": str(server.spec.model),
-                    "rss_bytes": _rss(server.pid),
+                    "rss_bytes": rss_bytes(server.pid),
                     "restarts": server.restarts,
                     "in_use": entry.users,
                     "idle_seconds": None if entry.users else round(now - entry.last_used, 3),
@@ -442,15 +444,3 @@ class AsyncSupervisor:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
-
-
-def _rss(pid: int | None) -> int | None:
-    """Resident memory of the server process, or None when it is not running (or just exited)."""
-    if pid is None:
-        return None
-    import psutil
-
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except (psutil.Error, OSError):
-        return None

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from procman.process.server import ManagedServer
     from procman.supervisor import AsyncSupervisor
 
-__all__ = ["ServeRequest", "ServerInfo", "ensure_served", "server_info"]
+__all__ = ["ServeRequest", "ServerInfo", "Serving", "ensure_served", "server_info"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,18 +129,46 @@ class ServerInfo:
         )
 
 
-def _rss(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    import psutil
+class Serving:
+    """``serve(model, ...)`` as the blocking facade and the daemon client both offer it:
+    the options become one :class:`ServeRequest`, which each answers its own way."""
 
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return None
+    def serve(
+        self,
+        model: str,
+        *,
+        name: str | None = None,
+        ctx: int | None = None,
+        parallel: int | None = None,
+        gpu_layers: GpuLayers | None = None,
+        args: tuple[str, ...] | list[str] = (),
+        binary: str | None = None,
+        startup_timeout: float = 120.0,
+        log_dir: str | None = None,
+    ) -> ServerInfo:
+        """Start ``model`` (or reuse the running server of that name); returns when it is
+        ready. Raises :class:`~procman.ModelError`, :class:`~procman.ServerError` or
+        :class:`~procman.StartupTimeout`."""
+        request = ServeRequest(
+            model=model,
+            name=name,
+            ctx=ctx,
+            parallel=parallel,
+            gpu_layers=gpu_layers,
+            args=tuple(args),
+            binary=binary,
+            startup_timeout=startup_timeout,
+            log_dir=log_dir,
+        )
+        return self.serve_request(request)
+
+    def serve_request(self, request: ServeRequest) -> ServerInfo:
+        raise NotImplementedError
 
 
 def server_info(server: ManagedServer) -> ServerInfo:
+    from procman.memory.meter import rss_bytes  # speed: psutil, for a snapshot only
+
     return ServerInfo(
         name=server.name,
         state=server.state,
@@ -151,7 +179,7 @@ def server_info(server: ManagedServer) -> ServerInfo:
         model=str(server.spec.model),
         aliases=server.aliases,
         reason=server.last_reason,
-        rss=_rss(server.pid),
+        rss=rss_bytes(server.pid),
     )
 
 

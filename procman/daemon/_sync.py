@@ -30,12 +30,17 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from procman.daemon._request import ServeRequest, ServerInfo, ensure_served, server_info
+from procman.daemon._request import (
+    ServeRequest,
+    ServerInfo,
+    Serving,
+    ensure_served,
+    server_info,
+)
 from procman.errors import ServerError
 from procman.events import Event, EventBus
 
 if TYPE_CHECKING:
-    from procman.spec import GpuLayers
     from procman.supervisor import AsyncSupervisor
 
 __all__ = ["Supervisor"]
@@ -43,7 +48,7 @@ __all__ = ["Supervisor"]
 T = TypeVar("T")
 
 
-class Supervisor:
+class Supervisor(Serving):
     """Blocking supervisor: ``serve()`` returns once the model answers; ``close()`` stops all.
 
     Thread-safe: any thread may call any method. Leaving ``with`` (or
@@ -95,35 +100,8 @@ class Supervisor:
         """Run a coroutine on the supervisor's loop and return its result."""
         return self._call(coro, timeout)
 
-    def serve(
-        self,
-        model: str,
-        *,
-        name: str | None = None,
-        ctx: int | None = None,
-        parallel: int | None = None,
-        gpu_layers: GpuLayers | None = None,
-        args: tuple[str, ...] | list[str] = (),
-        binary: str | None = None,
-        startup_timeout: float = 120.0,
-        log_dir: str | None = None,
-    ) -> ServerInfo:
-        """Start ``model`` (or reuse the running server of that name); returns when it is ready.
-
-        Raises :class:`~procman.ModelError`, :class:`~procman.ServerError` or
-        :class:`~procman.StartupTimeout` as the async core does.
-        """
-        request = ServeRequest(
-            model=model,
-            name=name,
-            ctx=ctx,
-            parallel=parallel,
-            gpu_layers=gpu_layers,
-            args=tuple(args),
-            binary=binary,
-            startup_timeout=startup_timeout,
-            log_dir=log_dir,
-        )
+    def serve_request(self, request: ServeRequest) -> ServerInfo:
+        """:meth:`serve`'s work: ``ensure_served`` on the core's loop."""
         return self._call(self._serve(request))
 
     async def _serve(self, request: ServeRequest) -> ServerInfo:

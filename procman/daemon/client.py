@@ -14,6 +14,7 @@ thread-safe (one request at a time per connection).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from procman.daemon._request import ServeRequest, ServerInfo
+from procman.daemon._request import ServeRequest, ServerInfo, Serving
 from procman.daemon.service import DEFAULT_IDLE_TIMEOUT, DaemonPaths, daemon_alive, open_lock
 from procman.errors import (
     AdmissionError,
@@ -41,7 +42,7 @@ from procman.errors import (
 )
 
 if TYPE_CHECKING:
-    from procman.spec import GpuLayers
+    pass
 
 __all__ = ["DaemonClient", "DaemonStatus", "connect"]
 
@@ -64,7 +65,7 @@ class _Retry(Exception):
     """The daemon answered "shutting down": reconnect (starting a new one) and ask again."""
 
 
-class DaemonClient:
+class DaemonClient(Serving):
     """One connection to the daemon; use :func:`connect` to make one."""
 
     def __init__(
@@ -80,35 +81,12 @@ class DaemonClient:
         self.daemon_pid: int | None = None
 
     # -- requests ---------------------------------------------------------------------------
-    def serve(
-        self,
-        model: str,
-        *,
-        name: str | None = None,
-        ctx: int | None = None,
-        parallel: int | None = None,
-        gpu_layers: GpuLayers | None = None,
-        args: tuple[str, ...] | list[str] = (),
-        binary: str | None = None,
-        startup_timeout: float = 120.0,
-        log_dir: str | None = None,
-    ) -> ServerInfo:
-        """Ask the daemon for ``model``; returns when it is ready (shared with other clients)."""
-        path = Path(model).expanduser()
+    def serve_request(self, request: ServeRequest) -> ServerInfo:
+        """:meth:`serve`'s work: ask the daemon (shared with other clients)."""
+        path = Path(request.model).expanduser()
         if path.exists():  # the daemon's working directory is not ours
-            model = str(path.resolve())
-        request = ServeRequest(
-            model=model,
-            name=name,
-            ctx=ctx,
-            parallel=parallel,
-            gpu_layers=gpu_layers,
-            args=tuple(args),
-            binary=binary,
-            startup_timeout=startup_timeout,
-            log_dir=log_dir,
-        )
-        data = self.request("serve", request.to_json(), timeout=startup_timeout + 30)
+            request = dataclasses.replace(request, model=str(path.resolve()))
+        data = self.request("serve", request.to_json(), timeout=request.startup_timeout + 30)
         return ServerInfo.from_json(data)
 
     def status(self) -> DaemonStatus:

@@ -42,6 +42,7 @@ __all__ = [
     "Meter",
     "Sample",
     "parse_llama_metrics",
+    "rss_bytes",
     "scrape_llama_metrics",
     "timings_tokens_per_second",
 ]
@@ -194,6 +195,17 @@ class LlamaMetrics:
         if seconds <= 0:
             return 0.0
         return max(self.tokens_predicted_total - earlier.tokens_predicted_total, 0.0) / seconds
+
+
+def rss_bytes(pid: int | None) -> int | None:
+    """Resident memory of ``pid`` now, or None when there is no such process (or it just
+    exited): what ``status()`` and ``ServerInfo.rss`` report between samples."""
+    if pid is None:
+        return None
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except (psutil.Error, OSError):
+        return None
 
 
 def parse_llama_metrics(text: str) -> LlamaMetrics:

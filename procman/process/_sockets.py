@@ -1,17 +1,19 @@
 """Socket helpers that import nothing heavy: the early start uses them at launch.
 
-Free TCP ports, and the private folder where managed llama-servers listen on
-Unix sockets (and keep their key files): a folder only this user can enter,
-so no other local user can reach a server behind the router's back.
+Free TCP ports (from :mod:`buildtools._ports`), and the private folder where
+managed llama-servers listen on Unix sockets (and keep their key files): a
+folder only this user can enter, so no other local user can reach a server
+behind the router's back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import stat
 import sys
+
+from buildtools._ports import can_bind, pick_free_port
 
 __all__ = ["can_bind", "home", "new_socket_path", "pick_free_port", "private_dir"]
 
@@ -19,28 +21,6 @@ __all__ = ["can_bind", "home", "new_socket_path", "pick_free_port", "private_dir
 SOCKET_PATH_MAX = 107
 #: what a socket's file name adds to its folder: "/", 24 of the name, "-", 8 hex, ".sock"
 _NAME_ROOM = 39
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def pick_free_port(host: str = "127.0.0.1") -> int:
-    """A port on ``host`` that was free a moment ago (the kernel's pick for port 0)."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def can_bind(host: str, port: int) -> bool:
-    """Whether ``host:port`` could be bound now, as a listener would (SO_REUSEADDR)."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def home() -> str:

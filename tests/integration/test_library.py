@@ -70,6 +70,20 @@ def test_import_is_light_and_quiet() -> None:
     print(f"\nimport procman: {report['ms']:.1f} ms")
 
 
+def test_a_package_of_procman_imports_none_of_its_modules() -> None:
+    # the early start imports procman.process._sockets at launch, and `import procman`
+    # must stay cheap: no package's __init__ may bring a module (or aiohttp) with it
+    code = (
+        "import sys; import procman.process, procman.router, procman.memory, procman.models,"
+        " procman.daemon; print(sorted(m for m in sys.modules if m.startswith('procman.')"
+        " and m.count('.') > 1 or m in ('aiohttp', 'asyncio', 'typing')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_blocking_supervisor_serves_chats_reports_and_cleans_up(
     llama_server: Path, demo_model: Path, tmp_path: Path
