@@ -35,6 +35,12 @@ _TOKEN = uuid.uuid4().hex
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ[MARK] = _TOKEN
+    # Tests press Ctrl-C (SIGINT) on the CLIs they start. A shell starts a background
+    # job with SIGINT ignored, every child inherits that, and Python then never raises
+    # KeyboardInterrupt: a test run launched with '&' would see CLIs ignore the key.
+    # Python's handler here makes each child start with the default disposition.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _carries_mark(pid: int) -> bool:

@@ -214,7 +214,10 @@ def test_interrupted_build_leaves_the_cache_consistent(processes: Processes) -> 
     children = psutil.Process(proc.pid).children(recursive=True)
     assert "ninja" in {c.name() for c in children}, "interrupted outside the compile"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("llamactl build did not exit within 120 s of SIGINT")
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     _, alive = psutil.wait_procs(children, timeout=30)
