@@ -2,7 +2,7 @@
 
 The ``llama_server`` fixture is the default verified build for this machine,
 exactly what ``llamactl build`` makes: compiled into the cache on first use
-(~5-10 minutes cold on 2 cores), a cache hit in seconds afterwards. Tests that
+(~7 minutes cold on 2 cores), a cache hit in seconds afterwards. Tests that
 use it are marked ``compile`` and ``server`` automatically.
 
 Processes: a test starts its long-lived processes with the ``processes``

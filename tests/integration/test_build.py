@@ -183,8 +183,8 @@ def test_interrupted_build_leaves_the_cache_consistent(processes: Processes) -> 
     in all. With the default build cached, the build interrupted is a plan of
     its own (the default's flags under another cache key). That plan's build
     tree stays in the cache between runs, a few of its objects deleted so that
-    there is a compile to interrupt: a full compile (~5 min on 2 cores without
-    ccache) the first time only. `llamactl builds --remove KEY` removes it.
+    there is a compile to interrupt: a full compile (~6 min on 2 cores without
+    ccache) the first time only; `$LLAMACTL_HOME/work/KEY` is that tree.
     """
     cache = BuildCache(home())
     default = json.loads(run_cli("build", "--dry-run", "--json").stdout)["cache_key"]
