@@ -27,8 +27,10 @@ def typecheck(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """Unit tests, then integration tests with the real llama-server and demo model.
 
-    The first run compiles llama-server into the llamactl cache (~10 min on
-    2 cores); later runs reuse the verified build.
+    Needs a C/C++ compiler and nothing else (no ccache, no tmux). The first run
+    compiles llama-server into the llamactl cache (~7 min on 2 cores) and, for
+    the interrupted-build test, one more tree the first time the default build
+    is already cached; later runs reuse both (README, "Tests", for the times).
     """
     session.install("-e", ".[test]")
     session.run("pytest", "tests/unit", "-q", *session.posargs)

@@ -138,10 +138,12 @@ def _run_logged(
 
     Output is read line by line as it comes so the progress bar follows the
     real compile; on any interruption the child is stopped before re-raising.
+    The log is line-buffered: each line is on disk before the progress bar
+    shows it, so ``tail -f`` of the log follows a compile as it goes (a
+    block-buffered log showed nothing for minutes of a cold ``-j 1`` build).
     """
-    with log_path.open("a", encoding="utf-8", errors="replace") as log:
+    with log_path.open("a", encoding="utf-8", errors="replace", buffering=1) as log:
         log.write(f"$ {' '.join(argv)}\n")
-        log.flush()
         proc = subprocess.Popen(
             list(argv),
             stdout=subprocess.PIPE,

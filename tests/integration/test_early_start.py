@@ -31,6 +31,7 @@ from procman.process._sockets import pick_free_port
 from procman.process.endpoint import Endpoint
 from procman.process.server import ManagedServer
 from procman.spec import LogSettings, ServerSpec
+from tests.integration.conftest import Processes
 from tests.integration.test_serve import CLI, REPO, fake_server, http_status, llama_children
 
 PROMPT = [{"role": "user", "content": "Say hello."}]
@@ -61,15 +62,17 @@ def serving(argv: list[str], env: dict[str, str], port: int) -> Iterator[subproc
     proc = subprocess.Popen(
         argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
+    children: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while http_status(f"http://127.0.0.1:{port}/health") != 200:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "serve did not become ready"
+            assert time.monotonic() < deadline, "serve did not answer /health with 200 in 120 s"
             time.sleep(0.05)
+        children = llama_children(proc.pid)
+        assert children, "serve is ready but runs no llama-server"
         yield proc
     finally:
-        children = llama_children(proc.pid)
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=30)
@@ -142,31 +145,23 @@ def test_a_model_changed_since_is_reported_and_never_started(
 
 
 def test_sigkill_of_serve_before_the_adoption_leaves_no_server(
-    llama_server: Path, demo_model: Path, env: dict[str, str]
+    llama_server: Path, demo_model: Path, env: dict[str, str], processes: Processes
 ) -> None:
     port = pick_free_port()
     argv = [*CLI, "serve", str(demo_model), "--server", str(llama_server), "--port", str(port)]
     with serving(argv, env, port):
         pass
-    proc = subprocess.Popen(
+    proc = processes.popen(
         argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    children: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 10
-        while not (children := llama_children(proc.pid)):  # the early one, ~50 ms in
-            assert proc.poll() is None and time.monotonic() < deadline, "no early start"
-            time.sleep(0.002)
-        proc.kill()
-        proc.wait(timeout=10)
-        _, alive = psutil.wait_procs(children, timeout=5)
-        assert not alive, f"the early llama-server outlived serve: {alive}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
+    deadline = time.monotonic() + 10
+    while not (children := llama_children(proc.pid)):  # the early one, ~50 ms in
+        assert proc.poll() is None and time.monotonic() < deadline, "no early start in 10 s"
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"the early llama-server outlived serve: {alive}"
 
 
 # -- adoption by ManagedServer, with a stand-in server ---------------------------------------------
@@ -266,23 +261,25 @@ def test_the_early_start_runs_before_anything_heavy_is_imported() -> None:
 
 @pytest.mark.parametrize("after", [0.05, 0.15, 0.3])
 def test_ctrl_c_while_serve_loads_is_clean_and_leaves_no_server(
-    llama_server: Path, demo_model: Path, env: dict[str, str], after: float
+    llama_server: Path, demo_model: Path, env: dict[str, str], after: float, processes: Processes
 ) -> None:
     port = pick_free_port()
     argv = [*CLI, "serve", str(demo_model), "--server", str(llama_server), "--port", str(port)]
     with serving(argv, env, port):
         pass  # the record: the next launch starts its server early
-    proc = subprocess.Popen(
+    launched = time.monotonic()
+    proc = processes.popen(
         argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    time.sleep(after)  # while the CLI imports, or adopts, or has the router up
-    children = llama_children(proc.pid)
+    while not (children := llama_children(proc.pid)):  # the early one, ~50 ms in
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - launched < 10, "no llama-server started at launch in 10 s"
+        time.sleep(0.002)
+    # then the moment to interrupt: while the CLI imports, or adopts, or has the router up
+    time.sleep(max(0.0, after - (time.monotonic() - launched)))
+    children = llama_children(proc.pid) or children
     proc.send_signal(signal.SIGINT)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, err = proc.communicate(timeout=30)
     # 130, or killed by the SIGINT itself: what a shell reports as 130 either way (Python
     # ends that way when a second KeyboardInterrupt comes while it exits)
     assert proc.returncode in {0, 130, -signal.SIGINT}, err

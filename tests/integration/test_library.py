@@ -23,6 +23,7 @@ import pytest
 
 import procman
 from procman.events import Event, State
+from tests.integration.conftest import Processes
 
 
 def chat(base_url: str, key: str | None, text: str = "Say hello.") -> str:
@@ -122,7 +123,12 @@ def test_blocking_supervisor_serves_chats_reports_and_cleans_up(
         pid = server.pid
     assert wait_gone(pid, 15)
     states = [e.state for e in events]
-    assert states[:3] == [State.STARTING, State.LOADING, State.READY] or State.READY in states
+    # in order: spawned, maybe seen loading (a fast load can skip it), then ready
+    assert State.READY in states, states
+    assert states[: states.index(State.READY) + 1] in (
+        [State.STARTING, State.LOADING, State.READY],
+        [State.STARTING, State.READY],
+    ), states
     assert states[-1] is State.STOPPED
     assert threads == {"procman-supervisor"}  # callbacks run on the loop thread, as documented
 
@@ -149,7 +155,7 @@ async def test_async_core_events_as_an_iterator(
 
 @pytest.mark.slow
 def test_sigkilled_host_leaves_no_server_behind(
-    llama_server: Path, demo_model: Path, tmp_path: Path
+    llama_server: Path, demo_model: Path, tmp_path: Path, processes: Processes
 ) -> None:
     code = f"""
 import sys, procman
@@ -159,17 +165,12 @@ server = sup.serve({str(demo_model)!r}, ctx=512, binary={str(llama_server)!r},
 print(server.pid, flush=True)
 sys.stdin.read()
 """
-    host = subprocess.Popen(
+    host = processes.popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
-    try:
-        assert host.stdout is not None
-        pid = int(host.stdout.readline())
-        assert psutil.Process(pid).ppid() == host.pid
-        os.kill(host.pid, signal.SIGKILL)
-        host.wait(10)
-        assert wait_gone(pid, 10), "llama-server outlived its SIGKILLed host"
-    finally:
-        if host.poll() is None:
-            host.kill()
-            host.wait(10)
+    assert host.stdout is not None
+    pid = int(host.stdout.readline())
+    assert psutil.Process(pid).ppid() == host.pid
+    os.kill(host.pid, signal.SIGKILL)
+    host.wait(10)
+    assert wait_gone(pid, 10), "llama-server outlived its SIGKILLed host"

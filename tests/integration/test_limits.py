@@ -1,7 +1,8 @@
 """Metering, limits and /metrics against real llama-server processes and the demo model.
 
 Numbers worth reporting (RSS against the estimate, the supervisor's own CPU
-cost of sampling) are printed; run with ``-s`` to see them.
+cost of sampling) are printed; run with ``-s`` to see them. Timing targets
+are the bench's (``nox -s bench``), not asserted here.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ async def test_meter_rss_cpu_and_tokens_per_second(
         f"({sample.rss_bytes / predicted - 1:+.1%}); CPU {sample.cpu_percent:.0f}%; "
         f"{metrics.predicted_tokens_seconds if metrics else 0:.1f} tok/s"
     )
-    assert sample.rss_bytes == pytest.approx(predicted, rel=0.15)
+    # the estimate's target (test_estimate_real.py checks it against peak RSS)
+    assert sample.rss_bytes == pytest.approx(predicted, rel=0.10)
     assert sample.cpu_percent is not None and sample.cpu_percent > 0
     assert metrics is not None and metrics.tokens_predicted_total >= 1
     assert metrics.predicted_tokens_seconds > 0
@@ -157,29 +159,28 @@ async def test_prometheus_text_from_a_real_sample(
 
 
 @pytest.mark.slow
-async def test_sampling_cost_per_server(
+async def test_sampling_three_servers_with_and_without_pss(
     llama_server: Path, demo_model: Path, tmp_path: Path
 ) -> None:
+    """Both meters sample live servers. What sampling costs the supervisor is the bench's
+    to measure ("Supervisor footprint while idle" in bench/REPORT.md); printed here."""
     specs = [spec(llama_server, demo_model, tmp_path, name=f"m{i}") for i in range(3)]
     async with running(*specs) as servers:
         pids = [s.pid for s in servers if s.pid is not None]
         assert len(pids) == 3
-        costs = {}
         for label, meter in (
             ("rss+pss", Meter(pss_interval=0)),
             ("rss only", Meter(pss_interval=None)),
         ):
             samples = meter.sample(pids)
-            rounds = 200
-            cpu, wall = time.process_time(), time.perf_counter()
+            rounds = 20
+            cpu = time.process_time()
             for _ in range(rounds):
                 samples = meter.sample(pids)
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            cpu = time.process_time() - cpu
             meter.close()
+            assert sorted(samples) == sorted(pids)
             assert all(s.alive and s.rss_bytes > 0 for s in samples.values())
-            costs[label] = cpu / (rounds * len(pids))
-            print(
-                f"\n{label}: {costs[label] * 1e6:.0f} us CPU per server per sample "
-                f"({wall / rounds * 1e3:.2f} ms wall for 3 servers)"
-            )
-    assert costs["rss only"] < 0.001  # the default: under 1 ms of our CPU per server per sample
+            if meter.pss_interval is not None:  # where the kernel has smaps_rollup
+                assert all(s.pss_bytes for s in samples.values())
+            print(f"\n{label}: {cpu / (rounds * 3) * 1e6:.0f} us CPU per server per sample")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from procman.process._child import describe_exit, spawn, terminate
 from procman.process.logs import LineTail, RotatingLog
@@ -22,14 +23,11 @@ pytestmark = pytest.mark.server
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
-def _loops() -> list[Any]:
-    loops: list[Any] = [pytest.param(asyncio.run, id="asyncio")]
-    uvloop = pytest.importorskip("uvloop")
-    loops.append(pytest.param(uvloop.run, id="uvloop"))
-    return loops
+# uvloop is a dependency wherever these tests run (not on Windows): never skipped
+LOOPS = [pytest.param(asyncio.run, id="asyncio"), pytest.param(uvloop.run, id="uvloop")]
 
 
-@pytest.mark.parametrize("run", _loops())
+@pytest.mark.parametrize("run", LOOPS)
 def test_a_stopped_child_is_seen_to_exit(run: Runner, tmp_path: Path) -> None:
     async def main() -> tuple[bool, str]:
         transport, child = await spawn(
@@ -46,7 +44,7 @@ def test_a_stopped_child_is_seen_to_exit(run: Runner, tmp_path: Path) -> None:
     assert "SIGTERM" in how
 
 
-@pytest.mark.parametrize("run", _loops())
+@pytest.mark.parametrize("run", LOOPS)
 def test_a_child_that_dies_by_itself_is_seen_to_exit(run: Runner, tmp_path: Path) -> None:
     async def main() -> str:
         _, child = await spawn(["sh", "-c", "exit 3"], RotatingLog(tmp_path / "c.log"), LineTail())

@@ -1,10 +1,12 @@
 """Many models behind one endpoint, for real: llama-server processes, the openai client.
 
 The demo model is served under several names (each its own llama-server),
-started on demand. Checked: the four OpenAI endpoints, LIFO order with one
-slot, a disconnect freeing the slot at once, TTL unload and reload,
-``max_loaded`` eviction, 429/404/401, and ``llamactl ps/stop/load`` against
-the running router. Every test is bounded and stops what it started.
+started on demand. Checked: the four OpenAI endpoints (a stream relayed as
+it is generated), LIFO order with one slot, a disconnect freeing the slot at
+once, TTL unload and reload, ``max_loaded`` eviction, 429/404/401, and
+``llamactl ps/stop/load`` against the running router. Every test is bounded
+and stops what it started. The router's own overhead is timed by the bench
+(``nox -s bench``, "Router overhead" in bench/REPORT.md), not here.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from procman.router.listen import bind_listener
 from procman.router.scheduler import QueueSettings, Scheduler
 from procman.spec import LogSettings
 from procman.supervisor import AsyncSupervisor
+from tests.integration.conftest import generating
 
 KEY = "test-key"
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count to three."}]
@@ -87,8 +89,16 @@ async def until(check: object, timeout: float = 30) -> None:  # noqa: ASYNC109
     """Poll a condition in a test (the code under test waits on events, not polls)."""
     deadline = time.monotonic() + timeout
     while not callable(check) or not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
+        assert time.monotonic() < deadline, f"condition not reached in {timeout:g} s"
         await asyncio.sleep(0.02)
+
+
+async def until_async(check: Callable[[], Awaitable[bool]], timeout: float = 30) -> None:  # noqa: ASYNC109
+    """``until`` for a condition that must be asked over the network."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"condition not reached in {timeout:g} s"
+        await asyncio.sleep(0.05)
 
 
 THREE = """
@@ -121,14 +131,17 @@ async def test_three_models_through_the_openai_client(
         print(f"\non-demand load + first chat answer: {time.monotonic() - started:.2f} s")
         assert answer.choices[0].message.content and answer.model
 
-        pieces = []
+        # streamed through the router as generated: the first piece arrives while the
+        # server is still generating (a buffering relay passes it on only at the end)
         stream = await client.chat.completions.create(
-            model="default", messages=PROMPT, max_tokens=16, stream=True
-        )
+            model="default", messages=PROMPT, max_tokens=3000, stream=True,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
-                pieces.append(chunk.choices[0].delta.content)
-        assert len(pieces) > 1  # arrived chunk by chunk
+                break
+        assert await generating(f.supervisor.servers["chat"].endpoint)
+        await stream.close()
 
         completion = await client.completions.create(model="code", prompt="def add(", max_tokens=8)
         assert completion.choices[0].text
@@ -197,10 +210,12 @@ async def test_lifo_order_429_and_a_disconnect_frees_the_slot(
 
         released = time.monotonic()
         await holder.close()  # the client goes away mid-answer
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
         print(f"\nslot free -> first queued answer: {finished_at[0] - released:.2f} s")
         assert finished == [2, 1, 0]  # newest first
-        assert finished_at[0] - released < 15  # not after 3000 more tokens (2 busy cores)
+        # the slot was freed by the disconnect, not by the end of 3000 tokens: llama-server
+        # cancelled the holder's task (the refused fourth request never reached it)
+        assert "cancel task" in (tmp_path / "one.log").read_text(errors="replace")
 
 
 async def test_disconnect_before_the_answer_aborts_upstream(
@@ -225,7 +240,8 @@ async def test_disconnect_before_the_answer_aborts_upstream(
         await asyncio.gather(queued, return_exceptions=True)
         await until(lambda: queue.waiting == 0, 5)
 
-        await asyncio.sleep(0.5)  # the long request is generating now
+        one = f.supervisor.servers["one"].endpoint
+        await until_async(lambda: generating(one), 30)  # the long request is generating
         long.cancel()
         await asyncio.gather(long, return_exceptions=True)
         started = time.monotonic()
@@ -284,7 +300,12 @@ async def test_ps_stop_load_against_the_running_router(
             proc = await asyncio.create_subprocess_exec(
                 *CTL, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
             )
-            out, err = await asyncio.wait_for(proc.communicate(), 90)
+            try:
+                out, err = await asyncio.wait_for(proc.communicate(), 90)
+            finally:
+                if proc.returncode is None:  # timed out: the test fails, the CLI goes
+                    proc.kill()
+                    await proc.wait()
             return proc.returncode or 0, out.decode(), err.decode()
 
         code, _, err = await ctl("load", "other")
@@ -305,32 +326,3 @@ async def test_ps_stop_load_against_the_running_router(
         env["LLAMACTL_API_KEY"] = "wrong"
         code, _, err = await ctl("ps")
         assert code != 0 and "LLAMACTL_API_KEY" in err
-
-
-async def test_router_overhead_for_a_one_token_completion(
-    llama_server: Path, demo_model: Path, tmp_path: Path
-) -> None:
-    """p50 of 50 sequential 1-token completions, through the router and direct."""
-    async with fleet(TTL, llama_server, demo_model, tmp_path) as f:
-        server = await f.supervisor.load("other")
-        body = {"model": "other", "prompt": "Hi", "max_tokens": 1}
-        headers = {"Authorization": f"Bearer {KEY}"}
-
-        async def p50(http: aiohttp.ClientSession, url: str) -> float:
-            times = []
-            for _ in range(50):
-                started = time.perf_counter()
-                async with http.post(url, json=body, headers=headers) as response:
-                    assert response.status == 200
-                    await response.read()
-                times.append(time.perf_counter() - started)
-            return statistics.median(times)
-
-        async with aiohttp.ClientSession() as http:
-            direct = await p50(http, f"{server.url}/v1/completions")
-            routed = await p50(http, f"{f.base}/v1/completions")
-            direct = min(direct, await p50(http, f"{server.url}/v1/completions"))
-        overhead = (routed - direct) * 1e3
-        print(f"\n1-token completion p50: direct {direct * 1e3:.2f} ms, ", end="")
-        print(f"routed {routed * 1e3:.2f} ms, overhead {overhead:.2f} ms")
-        assert routed - direct < 0.05

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
+import threading
 import venv
 import zipfile
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 
 from buildtools import BuildResult
 from buildtools.plan import NOT_IN_KEY
+from tests.integration.conftest import Processes
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,21 @@ def wheel_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return env_dir
 
 
+def local_label(build: BuildResult) -> str:
+    """The label the README promises for a build: ``cpu``, ``cpu.portable``, ``cu130``..."""
+    backend = str(build.plan.backend)
+    if backend == "cuda":
+        nvcc = re.search(r"nvcc@(\d+)\.(\d+)", build.build.manifest["compiler"])
+        assert nvcc, build.build.manifest["compiler"]
+        backend = f"cu{nvcc[1]}{nvcc[2]}"
+    portable = build.plan.cmake_defines.get("GGML_BACKEND_DL") == "ON"
+    return f"{backend}.portable" if portable else backend
+
+
 def test_wheel_carries_the_server_and_its_plan(wheel: Path, default_build: BuildResult) -> None:
-    assert wheel.name.endswith("+cpu-py3-none-linux_x86_64.whl"), wheel.name
+    platform_tag = sysconfig.get_platform().replace("-", "_").replace(".", "_")
+    expected = f"+{local_label(default_build)}-py3-none-{platform_tag}.whl"
+    assert wheel.name.endswith(expected), (wheel.name, expected)
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert "buildtools/bin/llama-server" in names
@@ -90,7 +107,7 @@ def test_installed_wheel_serves_with_its_bundled_server(wheel_venv: Path, tmp_pa
 
 
 def test_installed_wheel_serves_the_demo_model(
-    wheel_venv: Path, demo_model: Path, tmp_path: Path
+    wheel_venv: Path, demo_model: Path, tmp_path: Path, processes: Processes
 ) -> None:
     """`llamactl serve` from a fresh venv, no cache, no compiler: the bundled server answers."""
     from openai import OpenAI
@@ -105,8 +122,8 @@ def test_installed_wheel_serves_the_demo_model(
     env = {**os.environ, "LLAMACTL_HOME": str(home), "PATH": f"{wheel_venv}/bin:/usr/bin:/bin"}
     env.pop("LLAMACTL_SERVER", None)
     port = _free_port()
-    proc = subprocess.Popen(
-        [str(wheel_venv / "bin" / "llamactl"), "serve", "--port", str(port)],
+    proc = processes.popen(
+        [wheel_venv / "bin" / "llamactl", "serve", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -114,6 +131,8 @@ def test_installed_wheel_serves_the_demo_model(
         cwd=tmp_path,
     )
     lines: list[str] = []
+    watchdog = threading.Timer(180, proc.kill)  # ends the read below if serve never says ready
+    watchdog.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -121,13 +140,14 @@ def test_installed_wheel_serves_the_demo_model(
             if "ready" in line and "/v1" in line:
                 break
         else:
-            pytest.fail("serve exited before ready:\n" + "".join(lines))
-        assert any("bundled in the installed wheel" in line for line in lines), "".join(lines)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=30)
-        reply = client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
-        )
-        assert reply.choices[0].message.content
+            pytest.fail("serve exited (or was not ready in 180 s):\n" + "".join(lines))
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0
+        watchdog.cancel()
+    assert any("bundled in the installed wheel" in line for line in lines), "".join(lines)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=30)
+    reply = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+    )
+    assert reply.choices[0].message.content
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0

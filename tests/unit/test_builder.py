@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -191,3 +191,61 @@ def test_shared_build_ships_each_library_once_under_its_soname(tmp_path: Path) -
         "libggml-cpu-zen4.so",
         "libllama.so.0",
     ]
+
+
+class _LogWatchingChild:
+    """A stand-in compile whose output checks the log on disk before each next line.
+
+    A reader who runs ``tail -f`` on the log sees each line as soon as the
+    compile printed it; so before printing line N+1 the fake child reads the
+    log file (as that reader would) and records whether line N is there.
+    """
+
+    LINES = (
+        "[1/3] Building CXX object a.o\n",
+        "warning: x\n",
+        "[2/3] Building b.o\n",
+        "[3/3] Linking\n",
+    )
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+        self.pid = 4242
+        self.returncode: int | None = None
+        self.seen_on_disk: list[bool] = []
+        self.stdout = self._lines()
+
+    def _lines(self) -> Iterator[str]:
+        for number, line in enumerate(self.LINES):
+            if number:
+                self.seen_on_disk.append(self.LINES[number - 1] in self.log_path.read_text())
+            yield line
+        self.seen_on_disk.append(self.LINES[-1] in self.log_path.read_text())
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.returncode = 0
+        return 0
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+
+def test_the_build_log_is_on_disk_line_by_line_as_the_progress_bar_shows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+
+    from buildtools.builder import BuildProgress, _run_logged
+
+    log_path = tmp_path / "llamactl-build.log"
+    child = _LogWatchingChild(log_path)
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: child)
+    shown: list[tuple[BuildProgress, bool]] = []
+
+    def on_progress(progress: BuildProgress) -> None:  # the progress bar: is its line logged?
+        shown.append((progress, progress.line in log_path.read_text()))
+
+    _run_logged(["ninja"], log_path, stage="compile", env={}, on_progress=on_progress)
+    assert child.seen_on_disk == [True] * len(child.LINES)
+    assert [(p.done, p.total) for p, _ in shown] == [(1, 3), (0, 0), (2, 3), (3, 3)]
+    assert all(logged for _, logged in shown)

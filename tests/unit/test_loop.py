@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 
@@ -13,8 +14,8 @@ async def loop_module() -> str:
     return type(asyncio.get_running_loop()).__module__
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop is not a dependency on Windows")
 def test_uvloop_runs_the_long_lived_commands() -> None:
-    pytest.importorskip("uvloop")  # a dependency on Linux and macOS
     assert run(loop_module()).startswith("uvloop")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +87,14 @@ class Upstream:
     requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 5) -> None:  # noqa: ASYNC109
+    """Wait for a condition of the in-process router or upstream (neither has an event)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"not in {timeout:g} s: {what}"
+        await asyncio.sleep(0.005)
 
 
 def fake_llama_app(seen: Upstream) -> web.Application:
@@ -465,7 +473,11 @@ async def test_in_flight_requests_are_bounded_by_the_servers_pipeline(
 
     try:
         calls = [asyncio.create_task(one()) for _ in range(5)]
-        await asyncio.sleep(0.3)
+        # every request is in the router (three forwarded, two waiting in line) before the
+        # upstream is counted: none can be on its way there unseen
+        await until(lambda: len(seen.requests) == 3, "three requests reach the upstream")
+        queue = router.scheduler.queue("demo")
+        await until(lambda: queue is not None and queue.waiting == 2, "two wait in line")
         assert len(seen.requests) == 3  # its pipeline, not five
         seen.release.set()
         answers = await asyncio.wait_for(asyncio.gather(*calls), 5)
