@@ -25,7 +25,7 @@ T = TypeVar("T")
 def run(main: Coroutine[Any, Any, T]) -> T:
     if os.environ.get("LLAMACTL_EVENT_LOOP", "").strip().lower() != "asyncio":
         try:
-            import uvloop
+            import uvloop  # speed
         except ImportError:
             pass
         else:

@@ -338,8 +338,8 @@ def load_config(path: Path) -> Config:
 def _field_docs(cls: type) -> dict[str, str]:
     """Field name → the docstring written under it (Python keeps these only in the source)."""
     import ast  # speed: docs only; `serve` imports this module on its way to a first answer
-    import inspect
-    import itertools
+    import inspect  # speed
+    import itertools  # speed
 
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body if isinstance(tree.body[0], ast.ClassDef) else []
@@ -413,7 +413,7 @@ _STARTER: dict[str, Any] = {
 
 def starter() -> str:
     """A commented starter ``models.toml``: tomli-w writes the data, the docstrings the comments."""
-    import tomli_w
+    import tomli_w  # speed
 
     docs = {"server": _field_docs(ServerSection), "models": _field_docs(ModelSection)}
     out = [

@@ -119,7 +119,7 @@ class LogSettings:
     def path_for(self, name: str) -> Path:
         if self.directory is not None:
             return self.directory / f"{name}.log"
-        from procman.process.logs import log_path
+        from procman.process.logs import log_path  # speed
 
         return log_path(name)
 

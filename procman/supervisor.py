@@ -291,7 +291,7 @@ class AsyncSupervisor:
     def limits(self) -> Limits:
         """The budget, ledger and meter; built at first use (probes memory, opens NVML)."""
         if self._limits is None:
-            from procman.memory._limits import Limits
+            from procman.memory._limits import Limits  # speed
 
             memory, vram, machine = self._budget_settings
             self._limits = Limits(

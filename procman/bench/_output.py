@@ -59,10 +59,10 @@ def write_json(report: BenchReport, path: Path) -> None:
 def write_plot(report: BenchReport, path: Path, *, title: str = "llamactl bench") -> None:
     """One panel per case: median arrival time of each checkpoint per target, p10-p90 bars."""
     try:
-        import matplotlib as mpl
+        import matplotlib as mpl  # speed
 
         mpl.use("Agg")  # no display: write the file only
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # speed
     except ImportError as exc:
         raise ConfigError("--plot needs matplotlib", hint="pip install 'llamactl[bench]'") from exc
     cases = list(dict.fromkeys(r.case.name for r in report.results))

@@ -100,7 +100,7 @@ class BenchReport:
 
 def machine_info() -> dict[str, Any]:
     """Cores and CPU model: what a reader needs to compare figures between machines."""
-    import os
+    import os  # speed
 
     model = platform.processor() or "unknown"
     with contextlib.suppress(OSError):
@@ -127,9 +127,9 @@ async def run_bench(
     request_timeout: float = 600.0,
 ) -> BenchReport:
     """Start every target, run ``cases`` ``repeat`` times each (interleaved), stop them all."""
-    import aiohttp
+    import aiohttp  # speed
 
-    from procman.spec import LogSettings
+    from procman.spec import LogSettings  # speed
 
     if repeat < 1:
         raise ValueError("repeat must be >= 1")

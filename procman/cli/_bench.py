@@ -47,11 +47,11 @@ def _cells(st: Stats | None, digits: int) -> tuple[str, str, str, str]:
 
 
 def _targets(models: list[str], builds: list[str]) -> list[Target]:
-    import buildtools
-    from buildtools.paths import home
-    from procman.bench import Target
-    from procman.models.gguf import validate_model
-    from procman.models.refs import default_name, resolve_model
+    import buildtools  # speed
+    from buildtools.paths import home  # speed
+    from procman.bench import Target  # speed
+    from procman.models.gguf import validate_model  # speed
+    from procman.models.refs import default_name, resolve_model  # speed
 
     chosen: list[tuple[str | None, Path]]
     if builds:
@@ -73,9 +73,9 @@ def _targets(models: list[str], builds: list[str]) -> list[Target]:
 
 def _table(report: BenchReport) -> Table:
     """One row per figure: narrow enough for a terminal whatever the checkpoints."""
-    from rich.table import Table
+    from rich.table import Table  # speed
 
-    from procman.bench import checkpoint_label
+    from procman.bench import checkpoint_label  # speed
 
     table = Table(title="median and p10-p90 over repetitions; times in ms after the request")
     for col in ("target", "case", "figure", "median", "p10", "p90", "n"):
@@ -127,18 +127,18 @@ def bench(
     Every (build, model) pair is started once; repetitions alternate between
     them so that noise from other processes falls on all alike.
     """
-    from procman.bench import load_cases, parse_cases, run_bench, write_csv, write_plot
+    from procman.bench import load_cases, parse_cases, run_bench, write_csv, write_plot  # speed
 
     if plot is not None:
         try:
-            import matplotlib  # noqa: F401 - fail before minutes of measuring, not after
+            import matplotlib  # speed  # noqa: F401 - fail before minutes of measuring, not after
         except ImportError:
-            from procman.errors import ConfigError
+            from procman.errors import ConfigError  # speed
 
             raise ConfigError(
                 "--plot needs matplotlib", hint="pip install 'llamactl[bench]'"
             ) from None
-    import tomllib
+    import tomllib  # speed
 
     case_list = (
         load_cases(cases)

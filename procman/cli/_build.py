@@ -67,13 +67,13 @@ def build(
     ] = False,
 ) -> None:
     """Compile a verified llama-server for this machine into the build cache."""
-    from buildtools import BuildOptions, build, make_plan, provision
-    from buildtools.builder import compiler_identity
-    from buildtools.demo import demo_model_path
-    from buildtools.hardware import detect
+    from buildtools import BuildOptions, build, make_plan, provision  # speed
+    from buildtools.builder import compiler_identity  # speed
+    from buildtools.demo import demo_model_path  # speed
+    from buildtools.hardware import detect  # speed
 
     if wheel:
-        from buildtools.wheel import build_wheel
+        from buildtools.wheel import build_wheel  # speed
 
         made = build_wheel(
             out_dir,
@@ -83,7 +83,7 @@ def build(
             on_line=lambda line: console.print(line, markup=False),
         )
         if repair:
-            from buildtools.wheel import repair as repair_wheel
+            from buildtools.wheel import repair as repair_wheel  # speed
 
             made = repair_wheel(made, out_dir)
         out.print(str(made))
@@ -126,7 +126,7 @@ def build(
 
 
 def _print_plan(doc: dict[str, Any], *, brief: bool = False) -> None:
-    from rich.table import Table
+    from rich.table import Table  # speed
 
     table = Table(title=None if brief else f"build plan ({doc['backend']})", show_lines=False)
     table.add_column("define")
@@ -153,8 +153,8 @@ def builds(
     ] = False,
 ) -> None:
     """List cached builds, and which one `llamactl serve` would use and why."""
-    from buildtools import BuildCache, CacheError, candidates, resolve_server
-    from buildtools.paths import home
+    from buildtools import BuildCache, CacheError, candidates, resolve_server  # speed
+    from buildtools.paths import home  # speed
 
     cache = BuildCache(home())
     if remove:
@@ -192,7 +192,7 @@ def builds(
         }
         out.print_json(json.dumps(doc))
         return
-    from rich.table import Table
+    from rich.table import Table  # speed
 
     table = Table()
     for col in ("key", "version", "backend", "usable here", "why"):

@@ -24,7 +24,7 @@ def init(
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a starter config: two models on the demo model, every setting explained."""
-    from procman.config import starter
+    from procman.config import starter  # speed
 
     if path.exists() and not force:
         raise LlamactlError(f"{path} exists already", hint="pass --force to overwrite it")
@@ -35,7 +35,7 @@ def init(
 @config_app.command()
 def check(path: Annotated[Path, typer.Argument(help="The config file.")]) -> None:
     """Validate a config file (keys, values, model names) without serving it."""
-    from procman.config import load_config
+    from procman.config import load_config  # speed
 
     loaded = load_config(path)
     console.print(f"{escape(str(path))}: ok, models {escape(', '.join(loaded.models))}")

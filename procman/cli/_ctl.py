@@ -69,7 +69,7 @@ def _number(value: float | None, unit: str = "") -> str:
 
 
 def _table(models: list[dict[str, Any]]) -> Table:
-    from rich.table import Table
+    from rich.table import Table  # speed
 
     table = Table(
         "name", "state", "pid", "port", "rss", "cpu", "vram", "tok/s", "restarts", "queue", "model"
@@ -109,9 +109,9 @@ def ps(
     if watch is None:
         out.print(_table(models))
         return
-    import time
+    import time  # speed
 
-    from rich.live import Live
+    from rich.live import Live  # speed
 
     with contextlib.suppress(KeyboardInterrupt), Live(_table(models), console=out) as live:
         while True:

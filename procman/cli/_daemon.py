@@ -39,11 +39,11 @@ def daemon(
     `procman.connect()` starts it (detached) when none runs; run it by hand to
     watch its log or to choose its socket and idle timeout.
     """
-    from procman._units import duration_option
-    from procman.daemon.service import DaemonPaths, run_daemon
+    from procman._units import duration_option  # speed
+    from procman.daemon.service import DaemonPaths, run_daemon  # speed
 
     if status or stop:
-        from procman.daemon.client import connect
+        from procman.daemon.client import connect  # speed
 
         with connect(socket_path=socket, start=False) as client:
             if stop:

@@ -78,8 +78,8 @@ def _print_backends(profile: HardwareProfile) -> None:
 
 def _limits() -> dict[str, Any]:
     """The memory side: what ``auto`` budgets resolve to, and whether cgroups can enforce."""
-    from procman.memory.budget import probe_machine, resolve_budget
-    from procman.memory.enforce import detect_cgroup_v2
+    from procman.memory.budget import probe_machine, resolve_budget  # speed
+    from procman.memory.enforce import detect_cgroup_v2  # speed
 
     cgroup = detect_cgroup_v2()
     budget = resolve_budget("auto", "auto", probe_machine())
@@ -114,7 +114,7 @@ def detect(
     ] = False,
 ) -> None:
     """Show the CPU features, GPUs, toolchains, buildable backends and memory limits here."""
-    from buildtools.hardware import detect as detect_hardware
+    from buildtools.hardware import detect as detect_hardware  # speed
 
     profile = detect_hardware()
     limits = _limits()

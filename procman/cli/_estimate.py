@@ -49,12 +49,12 @@ def estimate(
     ] = False,
 ) -> None:
     """Predict the host RAM and GPU memory llama-server will need for MODEL."""
-    from procman.memory.estimate import COMPONENTS
-    from procman.memory.estimate import estimate as run_estimate
-    from procman.models.gguf import validate_model
+    from procman.memory.estimate import COMPONENTS  # speed
+    from procman.memory.estimate import estimate as run_estimate  # speed
+    from procman.models.gguf import validate_model  # speed
 
     if model == "demo":
-        from buildtools.demo import demo_model_path
+        from buildtools.demo import demo_model_path  # speed
 
         path = demo_model_path()
     else:

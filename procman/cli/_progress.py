@@ -44,7 +44,7 @@ class BuildProgressView:
                 Progress,
                 TextColumn,
                 TimeElapsedColumn,
-            )
+            )  # speed
 
             if self._announce:
                 console.print(self._announce)

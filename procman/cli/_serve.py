@@ -132,11 +132,11 @@ def serve(
 
     Extra llama-server arguments go after '--': `llamactl serve m.gguf -- --flash-attn on`.
     """
-    import buildtools
-    from procman.models.gguf import validate_model
-    from procman.models.refs import default_name, resolve_model
-    from procman.router.listen import bind_listener, check_exposure
-    from procman.spec import ServerSpec, parse_gpu_layers
+    import buildtools  # speed
+    from procman.models.gguf import validate_model  # speed
+    from procman.models.refs import default_name, resolve_model  # speed
+    from procman.router.listen import bind_listener, check_exposure  # speed
+    from procman.spec import ServerSpec, parse_gpu_layers  # speed
 
     if config is not None or daemon:
         _early.discard()  # nothing to adopt it
@@ -219,7 +219,7 @@ def _key(api_key: str | None, key_file: str | None) -> str | None:
     """The API key, given or read from ``key_file`` (both: they must agree)."""
     if key_file is None:
         return api_key
-    from procman.config import read_key_file
+    from procman.config import read_key_file  # speed
 
     key = read_key_file(key_file)
     if api_key is not None and api_key != key:
@@ -243,10 +243,10 @@ def _serve_config(
     path: Path, given: dict[str, Any], *, binary: Path | None, insecure: bool
 ) -> None:
     """``serve --config``: validate everything, bind, then serve until Ctrl-C."""
-    import buildtools
-    from procman.config import load_config
-    from procman.models.gguf import validate_model
-    from procman.router.listen import bind_listener, check_exposure
+    import buildtools  # speed
+    from procman.config import load_config  # speed
+    from procman.models.gguf import validate_model  # speed
+    from procman.router.listen import bind_listener, check_exposure  # speed
 
     loaded = load_config(path)
     section = _override(loaded.server, given)
@@ -281,9 +281,9 @@ def _access(section: ServerSection) -> dict[str, Any]:
 
 async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
     """Run the router over on-demand servers until Ctrl-C/SIGTERM; a failed model only reports."""
-    from procman.router import Router, RouterSettings
-    from procman.router.scheduler import QueueSettings, Scheduler
-    from procman.supervisor import AsyncSupervisor
+    from procman.router import Router, RouterSettings  # speed
+    from procman.router.scheduler import QueueSettings, Scheduler  # speed
+    from procman.supervisor import AsyncSupervisor  # speed
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -327,7 +327,7 @@ def _url(router: Router) -> str:
 
 
 def _print_budget(supervisor: AsyncSupervisor) -> None:
-    from procman._units import format_bytes
+    from procman._units import format_bytes  # speed
 
     budget = supervisor.limits.budget
     parts = []
@@ -352,8 +352,8 @@ def _serve_via_daemon(
     startup_timeout: float,
 ) -> None:
     """The daemon owns the server (shared with other clients until idle); we only ask."""
-    import procman
-    from procman.spec import parse_gpu_layers
+    import procman  # speed
+    from procman.spec import parse_gpu_layers  # speed
 
     with procman.connect() as client:
         info = client.serve(
@@ -389,7 +389,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
     unloaded model (admin API) starts again on the next request, and one
     failed by its crashes after its cooldown (see :mod:`procman.process.policy`).
     """
-    from procman.supervisor import AsyncSupervisor
+    from procman.supervisor import AsyncSupervisor  # speed
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -415,7 +415,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
         stopping = asyncio.ensure_future(stop.wait())
         first: set[asyncio.Future[Any]] = {starting, spawned, stopping}
         await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
-        from procman.router import Router, RouterSettings
+        from procman.router import Router, RouterSettings  # speed
 
         _print_budget(supervisor)
         router = Router(supervisor, RouterSettings(**access))
@@ -456,7 +456,7 @@ class _FirstStart:
         self.ready = False
 
     def __call__(self, event: Event) -> None:
-        from procman.events import State
+        from procman.events import State  # speed
 
         _print_event(event)
         self.ready = self.ready or event.state is State.READY
@@ -501,8 +501,8 @@ class _LaunchRecord:
         self._write()
 
     def _write(self) -> None:
-        from procman.memory._limits import is_cuda_build
-        from procman.memory.budget import host_margin
+        from procman.memory._limits import is_cuda_build  # speed
+        from procman.memory.budget import host_margin  # speed
 
         supervisor = self._supervisor
         server = supervisor.servers[self._name]
@@ -537,8 +537,8 @@ def logs(
     ] = 50,
 ) -> None:
     """Print a served model's llama-server log (stdout and stderr)."""
-    from procman.process.logs import follow as follow_log
-    from procman.process.logs import log_path, read_tail
+    from procman.process.logs import follow as follow_log  # speed
+    from procman.process.logs import log_path, read_tail  # speed
 
     path = log_path(name)
     if not path.is_file():

@@ -65,7 +65,7 @@ class ServeRequest:
 
     def to_spec(self) -> ServerSpec:
         """Resolve the model and the binary (blocking: may read the disk or fetch the demo)."""
-        import buildtools
+        import buildtools  # speed
 
         model = resolve_model(self.model)
         binary = buildtools.resolve_server(self.binary).binary

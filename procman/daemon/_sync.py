@@ -69,7 +69,7 @@ class Supervisor(Serving):
 
     @staticmethod
     async def _create(bus: EventBus | None) -> AsyncSupervisor:
-        from procman.supervisor import AsyncSupervisor
+        from procman.supervisor import AsyncSupervisor  # speed
 
         return AsyncSupervisor(bus=bus)
 
@@ -130,13 +130,13 @@ class Supervisor(Serving):
 
         Returns a function that stops following.
         """
-        from procman.process.logs import log_path
+        from procman.process.logs import log_path  # speed
 
         server = self._core.servers.get(name)
         path = server.log_path if server is not None else log_path(name)
 
         async def follow() -> None:
-            from procman.process.logs import follow
+            from procman.process.logs import follow  # speed
 
             async for text in follow(path):
                 callback(text)

@@ -77,7 +77,7 @@ class DaemonPaths:
     @classmethod
     def default(cls, socket_path: Path | None = None, home: Path | None = None) -> DaemonPaths:
         if home is None:
-            from buildtools.paths import home as llamactl_home
+            from buildtools.paths import home as llamactl_home  # speed
 
             home = llamactl_home()
         root = home / "daemon"
@@ -155,7 +155,7 @@ class Daemon:
     """The daemon's state: its supervisor, its listener, its clients, its idle clock."""
 
     def __init__(self, paths: DaemonPaths, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
-        from procman.supervisor import AsyncSupervisor
+        from procman.supervisor import AsyncSupervisor  # speed
 
         self.paths = paths
         self.idle_timeout = idle_timeout
@@ -281,7 +281,7 @@ class Daemon:
             return _error_reply(exc)
 
     async def _answer(self, op: object, request: dict[str, Any]) -> Any:
-        from procman.daemon._request import ServeRequest, ensure_served, server_info
+        from procman.daemon._request import ServeRequest, ensure_served, server_info  # speed
 
         match op:
             case "serve":
@@ -316,7 +316,7 @@ def run_daemon(
     try:
         if not try_lock(lock_fd):
             return False
-        from procman._loop import run
+        from procman._loop import run  # speed
 
         run(Daemon(paths, idle_timeout=idle_timeout).run(lock_fd, ready))
         return True
@@ -326,7 +326,7 @@ def run_daemon(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m procman.daemon``: how clients launch the daemon (no CLI dependencies)."""
-    import argparse
+    import argparse  # speed
 
     parser = argparse.ArgumentParser(prog="python -m procman.daemon")
     parser.add_argument("--socket", type=Path, default=None)

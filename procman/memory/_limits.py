@@ -54,7 +54,7 @@ def is_cuda_build(binary: Path) -> bool:
     here = binary.parent
     if any(here.glob("*ggml-cuda*")):
         return True
-    import json
+    import json  # speed
 
     try:
         manifest = json.loads((here.parent / "manifest.json").read_text())
@@ -92,7 +92,7 @@ class Limits:
         self.ledger = Ledger(self.budget, activity)
         self.meter = Meter(use_nvml=use_nvml)
         self.settings = settings
-        from procman.memory.enforce import detect_cgroup_v2
+        from procman.memory.enforce import detect_cgroup_v2  # speed
 
         self.cgroup: CgroupSupport = detect_cgroup_v2()
         self._limits: dict[str, MemoryLimit] = {}
@@ -108,9 +108,9 @@ class Limits:
         Raises ``ModelError`` for a bad file and ``OverBudget`` when the
         estimate alone exceeds ``memory_limit``.
         """
-        from procman.memory.estimate import estimate
-        from procman.memory.gpu_layers import choose_gpu_layers
-        from procman.models.gguf import validate_model
+        from procman.memory.estimate import estimate  # speed
+        from procman.memory.gpu_layers import choose_gpu_layers  # speed
+        from procman.models.gguf import validate_model  # speed
 
         info = validate_model(spec.model)
         reason = ""
@@ -184,10 +184,10 @@ class Limits:
 
     async def scrape(self, servers: Iterable[ManagedServer]) -> None:
         """Token counts of the servers run with ``--metrics`` (llama-server serves none without)."""
-        import asyncio
-        import time
+        import asyncio  # speed
+        import time  # speed
 
-        from procman.memory.meter import scrape_llama_metrics
+        from procman.memory.meter import scrape_llama_metrics  # speed
 
         asked = [
             (s, endpoint)
@@ -216,8 +216,8 @@ class Limits:
         """Right after spawn: put a limited server in its own ``memory.max`` group, if possible."""
         if memory_limit is None or not self.cgroup.available:
             return
-        from procman.errors import ConfigError
-        from procman.memory.enforce import limit_in_cgroup
+        from procman.errors import ConfigError  # speed
+        from procman.memory.enforce import limit_in_cgroup  # speed
 
         try:
             self._groups[name] = limit_in_cgroup(self.cgroup, name, pid, memory_limit)
@@ -225,7 +225,7 @@ class Limits:
             log.warning("%s", exc.message)
 
     def on_reaped(self, name: str) -> None:
-        from procman.memory.enforce import remove_cgroup
+        from procman.memory.enforce import remove_cgroup  # speed
 
         if (group := self._groups.pop(name, None)) is not None:
             remove_cgroup(group)

@@ -96,15 +96,15 @@ class MachineMemory:
 
 def probe_machine(nvml: Any = None) -> MachineMemory:
     """psutil's memory figures and NVML's free VRAM; never raises."""
-    import psutil
+    import psutil  # speed
 
-    from buildtools._nvidia import NO_DRIVER, nvidia_driver_loaded
+    from buildtools._nvidia import NO_DRIVER, nvidia_driver_loaded  # speed
 
     vm = psutil.virtual_memory()
     gpus: tuple[GpuInfo, ...] = ()
     reason = NO_DRIVER
     if nvml is not None or nvidia_driver_loaded():  # else spare the hardware layer's import
-        from buildtools.hardware.cuda import probe_nvidia_gpus
+        from buildtools.hardware.cuda import probe_nvidia_gpus  # speed
 
         found = probe_nvidia_gpus(nvml)
         gpus, reason = found.gpus, found.reason

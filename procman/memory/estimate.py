@@ -331,7 +331,7 @@ class _Split:
 def _cache_type(name: str, flag: str) -> tuple[int, int]:
     block = CACHE_TYPES.get(name.lower())
     if block is None:
-        import difflib
+        import difflib  # speed
 
         close = difflib.get_close_matches(name.lower(), CACHE_TYPES, n=1)
         hint = f"did you mean {close[0]}?" if close else f"use one of {', '.join(CACHE_TYPES)}"

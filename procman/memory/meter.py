@@ -87,13 +87,13 @@ class Meter:
             self._open_nvml(nvml)
 
     def _open_nvml(self, nvml: Any) -> None:
-        from buildtools._nvidia import nvidia_driver_loaded
+        from buildtools._nvidia import nvidia_driver_loaded  # speed
 
         if nvml is None and not nvidia_driver_loaded():
             return  # skips importing pynvml and a failing nvmlInit (~10 ms at every start)
         try:
             if nvml is None:
-                import pynvml
+                import pynvml  # speed
 
                 nvml = pynvml
             nvml.nvmlInit()
@@ -210,7 +210,7 @@ def rss_bytes(pid: int | None) -> int | None:
 
 def parse_llama_metrics(text: str) -> LlamaMetrics:
     """Read llama-server's Prometheus text; unknown or missing series are ignored."""
-    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.parser import text_string_to_metric_families  # speed
 
     wanted = set(LlamaMetrics.__dataclass_fields__)
     values: dict[str, float] = {}
@@ -228,7 +228,7 @@ async def scrape_llama_metrics(
     timeout: float = 2.0,  # noqa: ASYNC109 - one HTTP GET; callers want None on timeout
 ) -> LlamaMetrics | None:
     """GET ``/metrics``; None when the server runs without ``--metrics`` or does not answer."""
-    import aiohttp
+    import aiohttp  # speed
 
     try:
         async with (

@@ -205,8 +205,8 @@ _MAX_ARRAY_DEPTH = 8
 @functools.cache
 def _header_reader_class() -> type[gguf.GGUFReader]:
     """Build the reader subclass lazily so that ``import procman`` stays fast."""
-    import gguf
-    import numpy as np
+    import gguf  # speed
+    import numpy as np  # speed
 
     array_t = gguf.GGUFValueType.ARRAY
     string_t = gguf.GGUFValueType.STRING
@@ -387,7 +387,7 @@ def _value(fields: dict[str, Any], name: str) -> Any:
     field = fields.get(name)
     if field is None:
         return None
-    import gguf
+    import gguf  # speed
 
     if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
         if len(field.types) > 1 and field.types[-1] == gguf.GGUFValueType.STRING:
@@ -439,7 +439,7 @@ def _opt_str(value: Any) -> str | None:
 
 
 def _file_type(value: Any, types: Counter[str]) -> str | None:
-    import gguf
+    import gguf  # speed
 
     if isinstance(value, int) and not isinstance(value, bool):
         try:

@@ -25,14 +25,14 @@ def resolve_model(ref: str | Path | None, *, models_dir: Path | None = None) -> 
     nothing is a :class:`ModelError` that lists what the cache holds.
     """
     if ref is None or str(ref) == DEMO_MODEL:
-        from buildtools.demo import demo_model_path
+        from buildtools.demo import demo_model_path  # speed
 
         return demo_model_path()
     path = Path(ref).expanduser()
     if path.exists():
         return path
     if models_dir is None:
-        from buildtools.paths import home
+        from buildtools.paths import home  # speed
 
         models_dir = home() / "models"
     if path.name == str(ref):

@@ -299,10 +299,10 @@ def remember(
     """
     if _launch.args is None:
         return
-    from pathlib import Path
+    from pathlib import Path  # speed
 
-    from buildtools.paths import write_atomic
-    from procman.models import _info_cache
+    from buildtools.paths import write_atomic  # speed
+    from procman.models import _info_cache  # speed
 
     try:
         st = os.stat(model)

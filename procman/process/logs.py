@@ -35,7 +35,7 @@ _FOLLOW_INTERVAL = 0.25
 def log_path(name: str, home: Path | None = None) -> Path:
     """Where the server called ``name`` logs: ``<llamactl home>/logs/<name>.log``."""
     if home is None:
-        from buildtools.paths import home as llamactl_home
+        from buildtools.paths import home as llamactl_home  # speed
 
         home = llamactl_home()
     return home / "logs" / f"{name}.log"

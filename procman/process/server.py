@@ -200,7 +200,7 @@ class ManagedServer:
         self._settled.clear()  # from here on, requests wait for this start
         try:
             if self._validate:
-                from procman.models.gguf import validate_model
+                from procman.models.gguf import validate_model  # speed
 
                 await asyncio.to_thread(validate_model, self.spec.model)
             if before_spawn is not None:  # the supervisor's admission; it may replace the spec
@@ -381,7 +381,7 @@ class ManagedServer:
     async def _probe(
         session: aiohttp.ClientSession, url: str, limit: float
     ) -> tuple[int | None, str]:
-        import aiohttp
+        import aiohttp  # speed
 
         try:
             async with session.get(url, timeout=aiohttp.ClientTimeout(total=limit)) as resp:
@@ -393,7 +393,7 @@ class ManagedServer:
     async def _live(
         self, child: Child, first: asyncio.Future[None], started: float, endpoint: Endpoint
     ) -> tuple[_End, str, bool]:
-        import aiohttp
+        import aiohttp  # speed
 
         # a fresh connection per probe: cheap locally, and never a stale keep-alive
         connector = endpoint.connector(force_close=True)

@@ -68,7 +68,7 @@ def add_admin_routes(app: web.Application, loader: Loader, scheduler: Scheduler)
 
 
 def add_metrics_route(app: web.Application, source: Metered, scheduler: Scheduler) -> None:
-    from procman.router.metrics import Snapshot
+    from procman.router.metrics import Snapshot  # speed
 
     class _WithQueues:  # the supervisor knows the servers, the scheduler the queues
         def metrics_snapshot(self) -> Snapshot:
@@ -80,7 +80,7 @@ def add_metrics_route(app: web.Application, source: Metered, scheduler: Schedule
 
     async def metrics(request: web.Request) -> web.Response:
         if not exporters:
-            from procman.router.metrics import MetricsExporter
+            from procman.router.metrics import MetricsExporter  # speed
 
             exporters.append(MetricsExporter(_WithQueues()))
         exporter = exporters[0]

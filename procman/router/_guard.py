@@ -61,7 +61,7 @@ def local_addresses() -> set[str]:
     found = {socket.gethostname().lower()}
     found.add(next(iter(found)).split(".", 1)[0])
     try:
-        import psutil
+        import psutil  # speed
 
         for addresses in psutil.net_if_addrs().values():
             for address in addresses:

@@ -177,11 +177,11 @@ class Router:
         for path in PROXIED:
             self.app.router.add_post(path, self._proxy)
         if self.loader is not None:
-            from procman.router._admin import add_admin_routes
+            from procman.router._admin import add_admin_routes  # speed
 
             add_admin_routes(self.app, self.loader, self.scheduler)
         if isinstance(upstreams, Metered):
-            from procman.router._admin import add_metrics_route
+            from procman.router._admin import add_metrics_route  # speed
 
             add_metrics_route(self.app, upstreams, self.scheduler)
 

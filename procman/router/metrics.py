@@ -73,7 +73,7 @@ class _Collector:
         self._source = source
 
     def collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # speed
 
         snap = self._source.metrics_snapshot()
         for attr, suffix, doc in _GAUGES:
@@ -123,13 +123,13 @@ class MetricsExporter:
     """``render()`` gives the text a ``GET /metrics`` should answer with ``content_type``."""
 
     def __init__(self, source: SnapshotSource) -> None:
-        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry  # speed
 
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(source))
         self.content_type: str = CONTENT_TYPE_LATEST
 
     def render(self) -> bytes:
-        from prometheus_client import generate_latest
+        from prometheus_client import generate_latest  # speed
 
         return generate_latest(self.registry)
