@@ -9,8 +9,10 @@ orphan adopted by init), which walking the process tree does not.
 
 After each test, a process still carrying the value (zombies aside, and given
 a few seconds to finish exiting) is a leak: it is killed, by its pid, and the
-test errors with its pid and command line. The same scan runs when the session
-ends (after session-scoped fixtures are torn down) and fails the run.
+test errors with its pid and command line. A module- or session-scoped
+fixture that keeps a process across tests starts it with :func:`shared_env`,
+whose value only the final scan looks for. That scan runs when the session
+ends (after every fixture is torn down) and fails the run.
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _carries_mark(pid: int) -> bool:
+def shared_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: ours) for a process a wider-scoped fixture keeps across tests."""
+    return {**(os.environ if env is None else env), MARK: f"{_TOKEN}:shared"}
+
+
+def _carries_mark(pid: int, values: tuple[str, ...] = (_TOKEN,)) -> bool:
     if sys.platform.startswith("linux"):
         # a raw read: ~2 ms for every process on the machine, cheap enough after each test.
         # A zombie's environ reads empty, so zombies never match.
@@ -51,10 +58,11 @@ def _carries_mark(pid: int) -> bool:
             data = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:
             return False
-        return f"{MARK}={_TOKEN}".encode() in data.split(b"\0")
+        entries = data.split(b"\0")
+        return any(f"{MARK}={value}".encode() in entries for value in values)
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(MARK) == _TOKEN
+        return proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(MARK) in values
     except psutil.Error:
         return False
 
@@ -67,19 +75,23 @@ def _describe(pid: int) -> str:
         return f"pid {pid}"
 
 
-def started_here() -> dict[int, str]:
+def started_here(values: tuple[str, ...] = (_TOKEN,)) -> dict[int, str]:
     """Live processes started during this session (pytest itself aside): pid -> what it runs."""
     me = os.getpid()
-    return {pid: _describe(pid) for pid in psutil.pids() if pid != me and _carries_mark(pid)}
+    return {
+        pid: _describe(pid) for pid in psutil.pids() if pid != me and _carries_mark(pid, values)
+    }
 
 
-def leaked(grace: float = EXIT_GRACE) -> dict[int, str]:
-    """What is still running after ``grace`` seconds, then killed (SIGKILL, by pid)."""
-    found = started_here()
+def leaked(grace: float = EXIT_GRACE, *, shared: bool = False) -> dict[int, str]:
+    """What is still running after ``grace`` seconds, then killed (SIGKILL, by pid); with
+    ``shared``, what wider-scoped fixtures started too."""
+    values = (_TOKEN, f"{_TOKEN}:shared") if shared else (_TOKEN,)
+    found = started_here(values)
     deadline = time.monotonic() + grace
     while found and time.monotonic() < deadline:
         time.sleep(0.05)
-        found = {pid: what for pid, what in found.items() if _carries_mark(pid)}
+        found = {pid: what for pid, what in found.items() if _carries_mark(pid, values)}
     for pid in found:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -99,7 +111,7 @@ def _no_process_left_behind() -> Iterator[None]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if found := leaked():
+    if found := leaked(shared=True):
         message = _report(found, "at the end of the test session")
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:

@@ -83,9 +83,9 @@ def test_built_server_answers_a_chat_completion(
 ) -> None:
     from openai import OpenAI
 
-    from buildtools.verify import _free_port
+    from buildtools._ports import pick_free_port
 
-    port = _free_port()
+    port = pick_free_port()
     with (tmp_path / "server.log").open("wb") as log:
         proc = processes.popen(
             [built["binary"], "-m", demo_model, "--port", str(port), "-c", "512", "-np", "1"],

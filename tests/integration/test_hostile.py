@@ -29,6 +29,7 @@ import pytest
 from procman import RouterSettings, bind_listener
 from procman.router import Router
 from procman.supervisor import AsyncSupervisor
+from tests.conftest import shared_env
 from tests.integration.test_serve import CLI, REPO, demo_spec, http_status, llama_children
 
 KEY = "hostile-suite-key-0123456789"
@@ -116,9 +117,13 @@ class Serve:
 
 
 @contextlib.contextmanager
-def serving(llama_server: Path, tmp_path: Path, *args: str, keyed: bool = False) -> Iterator[Serve]:
+def serving(
+    llama_server: Path, tmp_path: Path, *args: str, keyed: bool = False, shared: bool = False
+) -> Iterator[Serve]:
+    """``llamactl serve`` until the block ends (``shared``: kept across a module's tests)."""
     home = tmp_path / "home"
     env = {**os.environ, "LLAMACTL_HOME": str(home), "LLAMACTL_EARLY_START": "0"}
+    env = shared_env(env) if shared else env
     port = bind_listener("127.0.0.1", 0).getsockname()[1]
     if keyed:
         key_file = tmp_path / "key"
@@ -150,7 +155,9 @@ def serving(llama_server: Path, tmp_path: Path, *args: str, keyed: bool = False)
 @pytest.fixture(scope="module")
 def open_serve(llama_server: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     """``llamactl serve`` as a desktop user leaves it: loopback, no key, one listed origin."""
-    with serving(llama_server, tmp_path_factory.mktemp("open"), "--cors-origin", ALLOWED) as served:
+    with serving(
+        llama_server, tmp_path_factory.mktemp("open"), "--cors-origin", ALLOWED, shared=True
+    ) as served:
         yield served
 
 

@@ -112,7 +112,7 @@ def test_installed_wheel_serves_the_demo_model(
     """`llamactl serve` from a fresh venv, no cache, no compiler: the bundled server answers."""
     from openai import OpenAI
 
-    from buildtools.verify import _free_port
+    from buildtools._ports import pick_free_port
 
     home = tmp_path / "home"
     (home / "models").mkdir(parents=True)
@@ -121,7 +121,7 @@ def test_installed_wheel_serves_the_demo_model(
     shutil.copy(marker, home / "models" / marker.name)
     env = {**os.environ, "LLAMACTL_HOME": str(home), "PATH": f"{wheel_venv}/bin:/usr/bin:/bin"}
     env.pop("LLAMACTL_SERVER", None)
-    port = _free_port()
+    port = pick_free_port()
     proc = processes.popen(
         [wheel_venv / "bin" / "llamactl", "serve", "--port", str(port)],
         stdout=subprocess.PIPE,
