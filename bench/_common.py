@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from procman.bench import percentile  # noqa: E402
+from procman.process.endpoint import Endpoint  # noqa: E402
 from procman.spec import ServerSpec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -104,7 +105,8 @@ def launched(
 
 def _same_server() -> tuple[str, ...]:
     # taken from ServerSpec.argv for a model served with llamactl's defaults
-    argv = ServerSpec(name="m", model=Path("m.gguf"), binary=Path("s")).argv(1)
+    spec = ServerSpec(name="m", model=Path("m.gguf"), binary=Path("s"))
+    argv = spec.argv(Endpoint(socket="m.sock"))
     flags = ("--cache-ram", "--threads-http")
     return tuple(x for i, a in enumerate(argv) if a in flags for x in argv[i : i + 2])
 

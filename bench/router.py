@@ -58,13 +58,18 @@ def _turn(calls: list[T], i: int) -> list[T]:
     return calls[k:] + calls[:k]
 
 
-def _server_port(pid: int) -> int:
-    """The port of the llama-server a front process runs (its child)."""
+def _own_server(pid: int) -> tuple[str, str | None]:
+    """Where the llama-server a front process runs (its child) listens: its base URL, and
+    its Unix socket if it listens on one (llamactl's private servers do)."""
     for child in psutil.Process(pid).children(recursive=True):
         argv = child.cmdline()
-        if "--port" in argv and "--models-dir" not in argv:
-            return int(argv[argv.index("--port") + 1])
-    raise RuntimeError(f"no llama-server with a --port under process {pid}")
+        if "--models-dir" in argv or "--host" not in argv:
+            continue
+        if "--port" in argv:
+            return f"http://{HOST}:{argv[argv.index('--port') + 1]}", None
+        if (host := argv[argv.index("--host") + 1]).endswith(".sock"):
+            return "http://localhost", host
+    raise RuntimeError(f"no llama-server under process {pid}")
 
 
 class Targets:
@@ -78,8 +83,10 @@ class Targets:
         self.models: dict[str, str] = {}
         self.commands: dict[str, str] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        #: the llama-server behind each path but "direct", called directly on its own port
+        #: the llama-server behind each path but "direct", called directly (its port or socket)
         self.own: dict[str, str] = {}
+        #: sessions for the own servers that listen on a Unix socket
+        self.own_sessions: dict[str, aiohttp.ClientSession] = {}
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         models_dir = self.work / "models"
@@ -140,8 +147,16 @@ class Targets:
             model = self.models[label]
             await wait_until(lambda u=url, m=model: answered(session, u, m), self.procs[label])
             if label != "direct":
-                port = p5 if label == RELAY else _server_port(self.procs[label].pid)
-                self.own[label] = f"http://{HOST}:{port}"
+                own, socket = (
+                    (f"http://{HOST}:{p5}", None)
+                    if label == RELAY
+                    else _own_server(self.procs[label].pid)
+                )
+                self.own[label] = own
+                if socket is not None:
+                    self.own_sessions[label] = aiohttp.ClientSession(
+                        connector=aiohttp.UnixConnector(socket, force_close=True)
+                    )
             for _ in range(3):
                 await one_token(session, url, model)
             # and each server's first concurrent batch (~2x slower than the next ones), which
@@ -150,6 +165,11 @@ class Targets:
 
     def close(self) -> None:
         self.stack.close()
+
+    async def aclose(self) -> None:
+        for session in self.own_sessions.values():
+            await session.close()
+        self.close()
 
 
 #: concurrent clients in the throughput blocks
@@ -203,7 +223,8 @@ async def _streaming(
             url = targets.own[label] if direct else targets.urls[label]
             name = targets.models[label]
             before = _cpu_seconds(front.get(label))
-            sample = await stream_case(session, url, case, model=name)
+            via = targets.own_sessions.get(label, session) if direct else session
+            sample = await stream_case(via, url, case, model=name)
             if sample.tokens_per_s:
                 (own if direct else stream)[label].append(sample.tokens_per_s)
             if label in front and not direct and sample.tokens:
@@ -260,7 +281,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
 
             stream, own, cpu = await _streaming(session, targets, labels, quick, budget)
         finally:
-            targets.close()
+            await targets.aclose()
     d = "direct"
     rows = []
     for label in labels:
