@@ -7,11 +7,13 @@ one and answers once it is ready; ``POST /admin/unload/{name}`` (or
 same API key as ``/v1``, because unloading is as disruptive as using.
 
 ``GET /metrics`` is the Prometheus exposition (:mod:`procman.router.metrics`),
-behind the key too: model names and load are not for anyone on the network.
+behind the key too: model names and load are not for anyone on the network;
+``GET /metrics?model=NAME`` is that model's llama-server's own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -67,7 +69,14 @@ def add_admin_routes(app: web.Application, loader: Loader, scheduler: Scheduler)
     app.router.add_post("/admin/unload/{name}", unload)
 
 
-def add_metrics_route(app: web.Application, source: Metered, scheduler: Scheduler) -> None:
+def add_metrics_route(
+    app: web.Application,
+    source: Metered,
+    scheduler: Scheduler,
+    *,
+    per_model: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+) -> None:
+    """``GET /metrics``: llamactl's own; with ``?model=NAME``, that server's (``per_model``)."""
     from procman.router.metrics import Snapshot  # speed
 
     class _WithQueues:  # the supervisor knows the servers, the scheduler the queues
@@ -78,7 +87,9 @@ def add_metrics_route(app: web.Application, source: Metered, scheduler: Schedule
     exporters: list[MetricsExporter] = []  # built on the first scrape: prometheus_client
     # costs ~10 ms to import, on the way from `serve` to its first answer otherwise
 
-    async def metrics(request: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        if per_model is not None and "model" in request.query:
+            return await per_model(request)
         if not exporters:
             from procman.router.metrics import MetricsExporter  # speed
 

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 import aiohttp
@@ -26,6 +27,7 @@ from aiohttp import web
 from procman.events import State
 from procman.router import _upstream
 from procman.router._upstream import kept
+from procman.router.routes import Dialect, error_body
 
 if TYPE_CHECKING:
     from procman.process.endpoint import Endpoint
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
     from procman.router._router import RouterSettings, Upstream
 
 __all__ = [
-    "HOP_BY_HOP", "AiohttpReply", "Forwarder", "Reply", "TransportReply", "error_response",
-    "refusal_response",
+    "HOP_BY_HOP", "AiohttpReply", "Failure", "Forwarder", "Reply", "TransportReply",
+    "error_response",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -60,18 +62,21 @@ HOP_BY_HOP = frozenset(
 _RETRY_CONNECT_DELAY = 0.05
 
 
-def error_response(
-    status: int, message: str, kind: str, code: str | None = None, **headers: str
-) -> web.Response:
-    """An error in OpenAI's format."""
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    return web.json_response(body, status=status, headers=headers or None)
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """An error answer, before it is written in the format of the path's API."""
+
+    status: int
+    message: str
+    kind: str
+    code: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
 
-def refusal_response(refusal: Refusal) -> web.Response:
-    return error_response(
-        refusal.status, refusal.message, refusal.kind, refusal.code, **dict(refusal.headers)
-    )
+def error_response(failure: Failure | Refusal, dialect: Dialect = Dialect.OPENAI) -> web.Response:
+    """An error in the format the API's clients expect (see ``routes.error_body``)."""
+    body = error_body(failure.status, failure.message, failure.kind, failure.code, dialect)
+    return web.json_response(body, status=failure.status, headers=dict(failure.headers) or None)
 
 
 R = TypeVar("R")
@@ -82,6 +87,12 @@ class Reply(Generic[R]):
 
     request: web.Request | None = None
     """The aiohttp request, where there is one (HTTP/1.0 streams need its client)."""
+    dialect: Dialect = Dialect.OPENAI
+    """The format errors are written in: the API of the path asked for."""
+
+    def fail(self, failure: Failure) -> R:
+        """Answer with an error."""
+        return self.error(error_response(failure, self.dialect))
 
     def error(self, response: web.Response) -> R:
         raise NotImplementedError
@@ -152,11 +163,11 @@ class Forwarder:
             ready = await upstream.wait_ready(max(0.0, deadline - loop.time()))
             endpoint = upstream.endpoint
             if not ready or endpoint is None:
-                return reply.error(self.unavailable(upstream))
+                return reply.fail(self.unavailable(upstream))
             try:
                 if raw:
                     answer = await _upstream.open_stream(
-                        endpoint, incoming.target, incoming.headers, incoming.body,
+                        endpoint, incoming.method, incoming.target, incoming.headers, incoming.body,
                         connect_timeout=self.settings.connect_timeout,
                         pool=pool,
                     )  # fmt: skip
@@ -170,7 +181,7 @@ class Forwarder:
                 # nothing reached the server (it died after we saw it ready):
                 # safe to send again once the supervisor has restarted it
                 if loop.time() >= deadline:
-                    return reply.error(self.unavailable(upstream))
+                    return reply.fail(self.unavailable(upstream))
                 await asyncio.sleep(_RETRY_CONNECT_DELAY)
                 continue
             except (aiohttp.ClientConnectionError, _upstream.UpstreamHungUp) as exc:
@@ -180,27 +191,24 @@ class Forwarder:
                 # server must not take down every restart too.
                 if resent:
                     message = f"model {upstream.name!r} failed: {exc}"
-                    return reply.error(
-                        error_response(502, message, "server_error", "upstream_error")
-                    )
+                    return reply.fail(Failure(502, message, "server_error", "upstream_error"))
                 resent = True
                 await asyncio.sleep(_RETRY_CONNECT_DELAY)
                 continue
             except (aiohttp.ClientError, OSError, ValueError) as exc:
                 message = f"model {upstream.name!r} failed: {exc}"
-                return reply.error(error_response(502, message, "server_error", "upstream_error"))
+                return reply.fail(Failure(502, message, "server_error", "upstream_error"))
 
-    def unavailable(self, upstream: Upstream) -> web.Response:
+    def unavailable(self, upstream: Upstream) -> Failure:
         """503: the model failed (with when it may start again), or is not ready."""
         if upstream.state is State.FAILED:
             wait = upstream.retry_in()
-            retry = {"Retry-After": str(math.ceil(wait))} if wait > 0 else {}
+            retry = (("Retry-After", str(math.ceil(wait))),) if wait > 0 else ()
             message = f"model {upstream.name!r} failed: {upstream.last_reason}"
-            return error_response(503, message, "server_error", "model_failed", **retry)
-        return error_response(
-            503, f"model {upstream.name!r} is not ready ({upstream.state}); retry later",
-            "server_error", "model_not_ready", **{"Retry-After": str(self.settings.retry_after)},
-        )  # fmt: skip
+            return Failure(503, message, "server_error", "model_failed", retry)
+        message = f"model {upstream.name!r} is not ready ({upstream.state}); retry later"
+        retry = (("Retry-After", str(self.settings.retry_after)),)
+        return Failure(503, message, "server_error", "model_not_ready", retry)
 
     async def _stream_http10(
         self, request: web.Request, endpoint: Endpoint, body: bytes
@@ -216,7 +224,7 @@ class Forwarder:
             connector=connector, timeout=timeout, auto_decompress=False
         ) as session:
             url = f"{endpoint.url}{request.rel_url}"
-            response = await session.post(url, data=body, headers=headers)
+            response = await session.request(request.method, url, data=body, headers=headers)
             return await _copy(request, response)
 
 

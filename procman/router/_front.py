@@ -37,6 +37,7 @@ from typing import cast
 
 from procman.router._guard import Guard, Refusal
 from procman.router._upstream import kept
+from procman.router.routes import Dialect, Route, dialect_of, error_body, find_route
 
 __all__ = ["Front", "FrontDoor", "FrontSettings", "Head", "Incoming", "parse_head"]
 
@@ -75,8 +76,6 @@ _REASONS = {
 class FrontSettings:
     """What the front needs of the router's settings."""
 
-    fast_paths: frozenset[str]
-    """POST paths answered through ``answer``; the rest go to aiohttp."""
     skip: frozenset[str]
     """Request headers (lowercase) never passed on to llama-server."""
     max_body: int
@@ -98,6 +97,10 @@ class Incoming:
     body: bytes
     http11: bool = True
     cors: tuple[tuple[str, str], ...] = ()
+    """Headers the answer gets for the browser that asked (see ``Guard.cors_headers``)."""
+    method: str = "POST"
+    route: Route | None = None
+    """The model endpoint (:mod:`procman.router.routes`); None: found from the target."""
     """Headers the answer gets for the browser that asked (see ``Guard.cors_headers``)."""
 
 
@@ -373,6 +376,8 @@ class Front(asyncio.Protocol):
         self._chunks: _Dechunker | None = None
         self._paused = False
         self._inner: asyncio.Protocol | None = None
+        self._dialect = Dialect.OPENAI
+        """The error format of the request being refused (its path's API)."""
         self.since = 0.0
         """Loop time the current stage began."""
         self.last_active = 0.0
@@ -453,6 +458,7 @@ class Front(asyncio.Protocol):
 
     def _read_head(self) -> Head | None:
         buffer = self.buffer
+        self._dialect = Dialect.OPENAI  # until the path says otherwise
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(buffer) > MAX_HEAD:
@@ -468,6 +474,7 @@ class Front(asyncio.Protocol):
         if isinstance(parsed, Refusal):
             self._refuse(parsed)
             return None
+        self._dialect = dialect_of(parsed.path)
         refused = door.guard.check(
             path=parsed.path,
             host=parsed.host,
@@ -501,8 +508,8 @@ class Front(asyncio.Protocol):
 
     def _dispatch(self, head: Head, body: bytes) -> None:
         door = self.door
-        fast = head.method == "POST" and head.http11 and head.path in door.settings.fast_paths
-        if not fast:
+        route = find_route(head.method, head.path) if head.method == "POST" else None
+        if route is None or not head.http11:
             self._hand_over(head, body)
             return
         skip = door.settings.skip
@@ -511,6 +518,7 @@ class Front(asyncio.Protocol):
             headers=kept(head.headers, skip),
             body=body,
             cors=tuple(door.guard.cors_headers(head.origin, head.host)),
+            route=route,
         )
         self.stage = _Stage.BUSY
         self.task = asyncio.get_running_loop().create_task(self._serve(incoming, head.close))
@@ -584,7 +592,7 @@ class Front(asyncio.Protocol):
         """Answer with the refusal and close: what follows in the stream cannot be trusted."""
         if self.transport is None or self.transport.is_closing():
             return
-        self.transport.write(error_bytes(refusal))
+        self.transport.write(error_bytes(refusal, dialect=self._dialect))
         self._linger()
 
     def _linger(self) -> None:
@@ -626,10 +634,12 @@ class Front(asyncio.Protocol):
             self.transport.close()
 
 
-def error_bytes(refusal: Refusal, *, close: bool = True) -> bytes:
-    """A whole answer for ``refusal``: OpenAI's error body, ``Connection: close``."""
-    error = {"message": refusal.message, "type": refusal.kind, "param": None, "code": refusal.code}
-    body = json.dumps({"error": error}).encode()
+def error_bytes(
+    refusal: Refusal, *, close: bool = True, dialect: Dialect = Dialect.OPENAI
+) -> bytes:
+    """A whole answer for ``refusal``: the API's error body, ``Connection: close``."""
+    error = error_body(refusal.status, refusal.message, refusal.kind, refusal.code, dialect)
+    body = json.dumps(error).encode()
     lines = [
         f"HTTP/1.1 {refusal.status} {_REASONS.get(refusal.status, 'Error')}",
         "Content-Type: application/json",

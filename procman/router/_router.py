@@ -26,6 +26,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from urllib.parse import parse_qs
 
 from aiohttp import web
 
@@ -34,15 +35,23 @@ from procman.events import State
 from procman.router._forward import (
     HOP_BY_HOP,
     AiohttpReply,
+    Failure,
     Forwarder,
     Reply,
     TransportReply,
     error_response,
-    refusal_response,
 )
 from procman.router._front import FrontDoor, FrontSettings, Incoming
 from procman.router._guard import Guard
 from procman.router._upstream import kept
+from procman.router.routes import (
+    ROUTES,
+    ModelFrom,
+    Route,
+    dialect_of,
+    find_route,
+    form_field,
+)
 from procman.router.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
 
 if TYPE_CHECKING:
@@ -53,8 +62,6 @@ __all__ = ["Loader", "Metered", "Router", "RouterSettings", "Upstream", "Upstrea
 
 log = logging.getLogger(__name__)
 
-#: the OpenAI endpoints forwarded by the body's "model"
-PROXIED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 
 #: requests that may wait for a model whose queue is not configured (then: 429)
 DEFAULT_QUEUE = 1024
@@ -174,8 +181,11 @@ class Router:
         self.app.on_cleanup.append(self._close_pool)
         self.app.router.add_get("/health", self._health)
         self.app.router.add_get("/v1/models", self._models)
-        for path in PROXIED:
-            self.app.router.add_post(path, self._proxy)
+        metered = isinstance(upstreams, Metered)
+        for route in ROUTES:  # every model endpoint; GET /metrics is ours without ?model=
+            if not (metered and route.method == "GET" and route.path == "/metrics"):
+                path = f"{route.path}{{rest}}" if route.path.endswith("/") else route.path
+                self.app.router.add_route(route.method, path, self._proxy)
         if self.loader is not None:
             from procman.router._admin import add_admin_routes  # speed
 
@@ -183,7 +193,7 @@ class Router:
         if isinstance(upstreams, Metered):
             from procman.router._admin import add_metrics_route  # speed
 
-            add_metrics_route(self.app, upstreams, self.scheduler)
+            add_metrics_route(self.app, upstreams, self.scheduler, per_model=self._proxy)
 
     async def _close_pool(self, app: web.Application) -> None:
         self.forwarder.pool.close()
@@ -209,7 +219,6 @@ class Router:
         self.guard.bind(self.address[0])
         settings = self.settings
         front = FrontSettings(
-            fast_paths=frozenset(PROXIED),
             skip=HOP_BY_HOP,
             max_body=settings.max_body_bytes,
             max_connections=settings.max_connections,
@@ -275,7 +284,7 @@ class Router:
             )
             return web.Response(status=status, headers=extra)
         if refused is not None:
-            return refusal_response(refused)
+            return error_response(refused, dialect_of(request.path))
         return await handler(request)
 
     async def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
@@ -315,37 +324,55 @@ class Router:
         ]  # fmt: skip
         return web.json_response({"object": "list", "data": data})
 
-    def _pick(self, body: bytes) -> tuple[Upstream, bool] | web.Response:
-        """The upstream a request body names and whether it asks for a stream, or the error."""
-        try:
-            payload: Any = json.loads(body) if body else {}
-        except ValueError:
-            return error_response(
-                400, "the request body is not valid JSON", "invalid_request_error"
-            )
-        except RecursionError:  # Python's parser recurses: ~1000 levels, far past any API's
-            message = "the request body's JSON is nested too deeply"
-            return error_response(400, message, "invalid_request_error", "json_too_deep")
-        model = payload.get("model") if isinstance(payload, dict) else None
-        if not isinstance(payload, dict) or not isinstance(model, str | None):
-            message = "the request body must be a JSON object with a string 'model'"
-            return error_response(400, message, "invalid_request_error")
+    def _pick(self, incoming: Incoming, route: Route) -> tuple[Upstream, bool] | Failure:
+        """The upstream a request names (as its route says it does) and whether it asks for
+        a stream, or why it cannot be answered."""
+        model: object = None
+        streamed = False
+        match route.model_from:
+            case ModelFrom.BODY:
+                try:
+                    payload: Any = json.loads(incoming.body) if incoming.body else {}
+                except ValueError:
+                    message = "the request body is not valid JSON"
+                    return Failure(400, message, "invalid_request_error")
+                except RecursionError:  # Python's parser recurses: ~1000 levels, past any API's
+                    message = "the request body's JSON is nested too deeply"
+                    return Failure(400, message, "invalid_request_error", "json_too_deep")
+                if not isinstance(payload, dict):
+                    message = "the request body must be a JSON object"
+                    return Failure(400, message, "invalid_request_error")
+                model, streamed = payload.get("model"), payload.get("stream") is True
+            case ModelFrom.FORM:
+                content_type = next(
+                    (v for k, v in incoming.headers if k.lower() == "content-type"), ""
+                )
+                model = form_field(incoming.body, content_type, "model")
+                streamed = form_field(incoming.body, content_type, "stream") == "true"
+            case ModelFrom.QUERY:
+                query = parse_qs(incoming.target.partition("?")[2])
+                model = query["model"][-1] if "model" in query else None
+        if not isinstance(model, str | None):
+            message = "'model' must be a string naming a served model"
+            return Failure(400, message, "invalid_request_error")
         upstream = self.upstreams.find(model)
         if upstream is None:
             names = ", ".join(s.name for s in self.upstreams.upstreams()) or "none"
             what = f"model {model!r} is not served" if model else "several models are served"
             message = f"{what} (available: {names})"
-            return error_response(404, message, "invalid_request_error", "model_not_found")
-        return upstream, payload.get("stream") is True
+            return Failure(404, message, "invalid_request_error", "model_not_found")
+        return upstream, streamed
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
-        """The proxied POSTs that reach aiohttp (see :mod:`procman.router._front` for the rest)."""
+        """A model endpoint reached through aiohttp: HTTP/1.0, a GET with ``?model=``, or
+        this application used without the front (see :mod:`procman.router._front`)."""
         body = await request.read()
         incoming = Incoming(
             target=str(request.rel_url),
             headers=kept(request.headers.items(), HOP_BY_HOP),
             body=body,
             http11=request.version >= (1, 1),
+            method=request.method,
         )
         return await self._answer(incoming, AiohttpReply(request))
 
@@ -359,9 +386,14 @@ class Router:
         return reply.keep
 
     async def _answer(self, incoming: Incoming, reply: Reply[R]) -> R:
-        picked = self._pick(incoming.body)
-        if isinstance(picked, web.Response):
-            return reply.error(picked)
+        path = incoming.target.partition("?")[0]
+        route = incoming.route or find_route(incoming.method, path)
+        if route is None:  # pragma: no cover - only routes' paths reach here
+            return reply.fail(Failure(404, f"no model endpoint {path}", "invalid_request_error"))
+        reply.dialect = route.dialect
+        picked = self._pick(incoming, route)
+        if isinstance(picked, Failure):
+            return reply.fail(picked)
         upstream, streamed = picked
         if self.loader is None:
             return await self._queued(incoming, reply, upstream, streamed)
@@ -376,26 +408,22 @@ class Router:
         try:
             await queue.acquire()
         except QueueFullError as exc:
-            retry = str(self.settings.retry_after)
-            return reply.error(
-                error_response(
-                    429, exc.message, "rate_limit_error", "queue_full", **{"Retry-After": retry}
-                )
-            )
+            retry = (("Retry-After", str(self.settings.retry_after)),)
+            return reply.fail(Failure(429, exc.message, "rate_limit_error", "queue_full", retry))
         try:
             if self.loader is not None and self.loader.on_demand(upstream.name):
                 if upstream.retry_in() > 0:  # failed by its crashes: not retried before this
-                    return reply.error(self.forwarder.unavailable(upstream))
+                    return reply.fail(self.forwarder.unavailable(upstream))
                 try:
                     await self.loader.load(upstream.name)
                 except AdmissionError as exc:
                     message = f"model {upstream.name!r} does not fit: {exc.message}"
                     if exc.hint:
                         message += f" ({exc.hint})"
-                    return reply.error(error_response(503, message, "server_error", "over_budget"))
+                    return reply.fail(Failure(503, message, "server_error", "over_budget"))
                 except LlamactlError as exc:
                     message = f"model {upstream.name!r} could not be loaded: {exc.message}"
-                    return reply.error(error_response(503, message, "server_error", "model_failed"))
+                    return reply.fail(Failure(503, message, "server_error", "model_failed"))
             return await self.forwarder.forward(incoming, reply, upstream, streamed=streamed)
         finally:
             queue.release()

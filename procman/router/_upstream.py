@@ -448,6 +448,7 @@ class Pool:
 
 async def open_stream(
     endpoint: Endpoint,
+    method: str,
     path: str,
     headers: Iterable[tuple[str, str]],
     body: bytes,
@@ -468,7 +469,8 @@ async def open_stream(
         answer = Answer(loop, pool=pool, key=key)
         await asyncio.wait_for(endpoint.connect(lambda: answer), connect_timeout)
     host = "localhost" if endpoint.socket is not None else f"{key[0]}:{key[1]}"
-    lines = [f"POST {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"Content-Length: {len(body)}"] if body or method != "GET" else []
     lines += ["Accept-Encoding: identity"] + ([] if pool is not None else ["Connection: close"])
     lines += [f"{name}: {value}" for name, value in (*headers, *endpoint.auth())]
     if answer.transport is None:  # pragma: no cover - the connect made it

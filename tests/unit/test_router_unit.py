@@ -137,9 +137,17 @@ def fake_llama_app(seen: Upstream) -> web.Application:
             raise
         return response
 
+    async def anything(request: web.Request) -> web.Response:
+        """Every other endpoint: what arrived, as llama-server got it."""
+        body = await request.read()
+        seen.requests.append((request.path, dict(request.headers), body))
+        answer = {"method": request.method, "path": request.path, "query": request.query_string}
+        return web.json_response({**answer, "body": body.decode("utf-8", "replace")})
+
     app = web.Application()
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         app.router.add_post(path, handle)
+    app.router.add_route("*", "/{tail:.*}", anything)
     return app
 
 
@@ -483,5 +491,96 @@ async def test_in_flight_requests_are_bounded_by_the_servers_pipeline(
         answers = await asyncio.wait_for(asyncio.gather(*calls), 5)
         assert all(a.endswith(b"data: [DONE]\n\n") for a in answers)
         assert len(seen.requests) == 5
+    finally:
+        await router.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "body", "model"),
+    [
+        ("POST", "/v1/messages", {"model": "other", "max_tokens": 1, "messages": []}, "other"),
+        ("POST", "/v1/responses", {"model": "other", "input": "hi"}, "other"),
+        ("POST", "/infill", {"model": "other", "input_prefix": "a"}, "other"),
+        ("POST", "/tokenize", {"model": "other", "content": "hi"}, "other"),
+        ("POST", "/v1/rerank", {"model": "other", "query": "q", "documents": ["d"]}, "other"),
+        ("GET", "/props?model=other", None, "other"),
+        ("GET", "/slots?model=other", None, "other"),
+        ("GET", "/metrics?model=other", None, "other"),
+        ("POST", "/slots/0?action=erase&model=other", None, "other"),
+    ],
+)
+async def test_every_model_endpoint_goes_to_the_model_it_names(
+    upstream: tuple[Upstream, str],
+    client: aiohttp.ClientSession,
+    method: str,
+    target: str,
+    body: dict[str, object] | None,
+    model: str,
+) -> None:
+    _, url = upstream
+    demo, other = ready("demo", "http://127.0.0.1:1"), ready("other", url)  # demo: nothing there
+    router, base = await serve(FakeFleet(demo, other))
+    try:
+        async with client.request(method, f"{base}{target}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            echoed = await resp.json()
+        path, _, query = target.partition("?")
+        assert (echoed["method"], echoed["path"], echoed["query"]) == (method, path, query)
+    finally:
+        await router.stop()
+
+
+async def test_an_unknown_model_is_a_404_in_the_shape_of_its_api(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    _, url = upstream
+    router, base = await serve(FakeFleet(ready("demo", url), ready("other", url)))
+    try:
+        body = {"model": "nope", "max_tokens": 1, "messages": []}
+        async with client.post(f"{base}/v1/messages", json=body) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["type"] == "not_found_error"
+            assert (await resp.json())["type"] == "error"
+        async with client.post(f"{base}/v1/responses", json={"model": "nope"}) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "model_not_found"
+        async with client.get(f"{base}/props") as resp:  # two models: which one?
+            assert resp.status == 404 and "several models" in (await resp.text())
+    finally:
+        await router.stop()
+
+
+async def test_anthropic_clients_authenticate_with_x_api_key(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    seen, url = upstream
+    router, base = await serve(FakeFleet(ready("demo", url)), api_key="k")
+    body = {"model": "demo", "max_tokens": 1, "messages": []}
+    try:
+        async with client.post(f"{base}/v1/messages", json=body) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["type"] == "authentication_error"
+        headers = {"x-api-key": "k", "anthropic-version": "2023-06-01"}
+        async with client.post(f"{base}/v1/messages", json=body, headers=headers) as resp:
+            assert resp.status == 200
+        forwarded = {k.lower() for k in seen.requests[-1][1]}
+        assert "x-api-key" not in forwarded and "anthropic-version" in forwarded
+    finally:
+        await router.stop()
+
+
+async def test_a_transcription_is_routed_by_its_form_field(
+    upstream: tuple[Upstream, str], client: aiohttp.ClientSession
+) -> None:
+    _, url = upstream
+    router, base = await serve(FakeFleet(ready("demo", "http://127.0.0.1:1"), ready("stt", url)))
+    form = aiohttp.FormData()
+    form.add_field("file", b"RIFF....", filename="a.wav", content_type="audio/wav")
+    form.add_field("model", "stt")
+    try:
+        async with client.post(f"{base}/v1/audio/transcriptions", data=form) as resp:
+            assert resp.status == 200, await resp.text()
+            echoed = await resp.json()
+        assert echoed["path"] == "/v1/audio/transcriptions" and "RIFF" in echoed["body"]
     finally:
         await router.stop()
