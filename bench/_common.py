@@ -158,12 +158,15 @@ async def healthy(session: aiohttp.ClientSession, base: str) -> bool:
         return r.status == 200
 
 
-async def one_token(session: aiohttp.ClientSession, base: str, model: str) -> float:
-    """Seconds for a non-streamed one-token chat completion."""
+async def one_token(
+    session: aiohttp.ClientSession, base: str, model: str, path: str = "/v1/chat/completions"
+) -> float:
+    """Seconds for a non-streamed one-token answer: a chat completion, or at ``path``
+    ``/v1/messages`` (the same body is a valid Anthropic Messages request)."""
     body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     t0 = time.perf_counter()
     async with session.post(
-        f"{base}/v1/chat/completions", json=body, timeout=aiohttp.ClientTimeout(total=120)
+        f"{base}{path}", json=body, timeout=aiohttp.ClientTimeout(total=120)
     ) as r:
         await r.read()
         if r.status == 503:

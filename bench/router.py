@@ -256,6 +256,17 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
                 for label in _turn(labels, i):
                     url, name = targets.urls[label], targets.models[label]
                     seq[label].append(1000 * await one_token(session, url, name))
+            # the same, as an Anthropic Messages request (coding agents): another API
+            # through each path, and its own fast path in llamactl's front
+            messages: dict[str, list[float]] = {k: [] for k in labels}
+            until = time.monotonic() + budget / 2
+            for i in range(n_seq // 2):
+                if time.monotonic() > until:
+                    break
+                for label in _turn(labels, i):
+                    url, name = targets.urls[label], targets.models[label]
+                    spent = await one_token(session, url, name, "/v1/messages")
+                    messages[label].append(1000 * spent)
 
             conc: dict[str, list[float]] = {k: [] for k in labels}
             rate: dict[str, list[float]] = {k: [] for k in labels}
@@ -290,6 +301,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
                 label,
                 fmt(spread(seq[label]), " ms", 2),
                 "-" if label == d else fmt(diffs(seq[d], seq[label]), " ms", 2),
+                "-" if label == d else fmt(diffs(messages[d], messages[label]), " ms", 2),
                 f"p50 {percentile(conc[label], 50):.1f} / p90 {percentile(conc[label], 90):.1f} ms",
                 "-" if label == d else fmt(diffs(block_p50[d], block_p50[label]), " ms", 1),
                 fmt(spread(rate[label]), " req/s")
@@ -309,6 +321,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             "path",
             f"1-token latency, sequential (n={n_seq})",
             "added vs direct (paired)",
+            f"/v1/messages, added vs direct (paired, n={n_seq // 2})",
             f"{clients} concurrent clients",
             "added p50 vs direct, per block (paired)",
             "throughput (ratio vs direct)",
@@ -319,6 +332,7 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
         "rows": rows,
         "raw": {
             "sequential_ms": seq,
+            "messages_sequential_ms": messages,
             "concurrent_ms": conc,
             "concurrent_block_p50_ms": block_p50,
             "req_per_s": rate,
@@ -333,6 +347,8 @@ async def router_overhead(binary: Path, model: Path, work: Path, quick: bool) ->
             f"({clients} clients x {per_client} requests, {len(rate['direct'])} round(s)). "
             f"The load generator is Python in the same {os.cpu_count()}-core machine: it "
             "competes with the servers and the llamactl router for CPU.",
+            "/v1/messages: the same one-token request as an Anthropic Messages call "
+            "(max_tokens=1), sequential, paths in turn.",
             "'added vs direct' is the per-round difference (path - direct): median [p10-p90]; "
             "with 16 clients, the difference of each block's p50 from the direct block's.",
             "Streaming: 128 tokens (64 with --quick), ignore_eos, tokens/s after the first "

@@ -18,7 +18,7 @@ from enum import StrEnum
 
 __all__ = [
     "NOT_ROUTED", "POST_PATHS", "ROUTES", "Dialect", "ModelFrom", "Route", "dialect_of",
-    "error_body", "find_route", "form_field",
+    "error_body", "find_route", "form_field", "reference",
 ]  # fmt: skip
 
 
@@ -197,3 +197,23 @@ def form_field(body: bytes, content_type: str, name: str) -> str | None:
             if line.lower().startswith(b"content-disposition:") and wanted in line:
                 return content.removesuffix(b"\r\n").decode("utf-8", "replace")
     return None
+
+
+_HOW = {
+    ModelFrom.BODY: '`"model"` in the JSON body',
+    ModelFrom.FORM: "the form's `model` field",
+    ModelFrom.QUERY: "`?model=NAME`",
+}
+
+
+def reference() -> str:
+    """The table of endpoints as Markdown, for the README (a test keeps the two equal)."""
+    rows: dict[tuple[str, str, str], list[str]] = {}
+    for route in ROUTES:
+        path = f"{route.path}ID" if route.path.endswith("/") else route.path
+        rows.setdefault((route.method, route.what, _HOW[route.model_from]), []).append(path)
+    lines = ["| endpoint | the model is named by | what it is |", "|---|---|---|"]
+    for (method, what, how), paths in rows.items():
+        listed = ", ".join(f"`{path}`" for path in paths)
+        lines.append(f"| {method} {listed} | {how} | {what} |")
+    return "\n".join(lines) + "\n"

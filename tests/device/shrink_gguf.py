@@ -13,29 +13,44 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import gguf
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
 
 
-def shrink(src: Path, dest: Path, layers: int) -> int:
-    """Copy ``src`` to ``dest`` with blocks ``0..layers-1`` only; returns bytes written."""
+def shrink(
+    src: Path,
+    dest: Path,
+    layers: int | None = None,
+    *,
+    extra: Mapping[str, tuple[Any, gguf.GGUFValueType]] | None = None,
+) -> int:
+    """Copy ``src`` to ``dest`` with blocks ``0..layers-1`` only (None: all), metadata
+    ``extra`` (key -> value, type) added or replaced; returns bytes written."""
     reader = gguf.GGUFReader(src)
     arch = str(reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
     count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=arch)
     have = int(reader.fields[count_key].contents())
+    layers = have if layers is None else layers
     if not 0 < layers <= have:
         raise SystemExit(f"{src} has {have} layers; --layers must be 1..{have}")
+    extra = dict(extra or {})
     writer = gguf.GGUFWriter(dest, arch)
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        if field.name in extra:
             continue
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         value = layers if field.name == count_key else field.contents()
         writer.add_key_value(field.name, value, kind, sub_type=sub)
+    for key, (value, kind) in extra.items():
+        writer.add_key_value(key, value, kind)
     kept = [
         t for t in reader.tensors if (m := _BLOCK.match(t.name)) is None or int(m.group(1)) < layers
     ]

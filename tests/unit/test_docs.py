@@ -17,3 +17,14 @@ def test_readme_config_reference_matches_the_dataclasses() -> None:
     assert documented == reference().strip().replace("### `", "#### `"), (
         "README config reference is stale: regenerate it with python -m procman.config --reference"
     )
+
+
+def test_readme_endpoint_table_matches_the_routes() -> None:
+    from procman.router.routes import reference as endpoints
+
+    text = README.read_text()
+    start = text.index("<!-- endpoints:start -->") + len("<!-- endpoints:start -->")
+    documented = text[start : text.index("<!-- endpoints:end -->")].strip()
+    assert documented == endpoints().strip(), (
+        "README endpoint table is stale: regenerate it from procman.router.routes.reference()"
+    )
