@@ -27,7 +27,7 @@ from buildtools.errors import BuildError, ToolchainError, VerificationError
 from buildtools.hardware._model import HardwareProfile
 from buildtools.plan import BuildOptions, BuildPlan, make_plan, sigill_fallback
 from buildtools.source import SourceTree
-from buildtools.verify import VerifyResult, log_tail, read_version, verify_server
+from buildtools.verify import VerifyResult, log_tail, read_version, verify_rpc, verify_server
 
 __all__ = ["BuildProgress", "BuildResult", "build", "compiler_identity"]
 
@@ -428,6 +428,16 @@ def build(
                         options, disabled_features=options.disabled_features | fallback
                     )
                     continue
+                rpc = (
+                    verify_rpc(
+                        staged / "bin" / "ggml-rpc-server",
+                        staged / "bin" / "llama-server",
+                        model,
+                        log_dir=staged,
+                    ).to_json()
+                    if "ggml-rpc-server" in plan.targets
+                    else None
+                )
                 manifest = {
                     "key": key,
                     "created": time.time(),
@@ -444,6 +454,7 @@ def build(
                     "compiler": compiler,
                     "compile_seconds": round(compile_seconds, 1),
                     "verified": verified.to_json(),
+                    "rpc": rpc,
                     "turned_off": turned_off,
                     "cpu_variant": _picked_variant(staged / "verify.log"),
                     "log": str(log_path),

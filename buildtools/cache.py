@@ -48,6 +48,22 @@ class CachedBuild:
         return self.path / "bin" / "llama-bench"
 
     @property
+    def rpc_worker(self) -> Path:
+        """``ggml-rpc-server``: lends this machine's devices to another's llama-server."""
+        return self.path / "bin" / "ggml-rpc-server"
+
+    @property
+    def fit_params(self) -> Path:
+        """``llama-fit-params``: llama.cpp's own dry-run memory fit."""
+        return self.path / "bin" / "llama-fit-params"
+
+    @property
+    def rpc_protocol(self) -> str | None:
+        """The RPC protocol version the worker announced when verified, if it was."""
+        rpc = self.manifest.get("rpc") or {}
+        return str(rpc["protocol"]) if rpc.get("protocol") else None
+
+    @property
     def created(self) -> float:
         return float(self.manifest.get("created", 0.0))
 

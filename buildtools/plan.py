@@ -26,7 +26,9 @@ __all__ = [
     "sigill_fallback",
 ]
 
-DEFAULT_TARGETS = ("llama-server", "llama-bench")
+#: the server, its benchmark, the RPC worker that lends this machine's devices to
+#: another machine's server, and llama.cpp's own memory fit (the estimator's oracle)
+DEFAULT_TARGETS = ("llama-server", "llama-bench", "ggml-rpc-server", "llama-fit-params")
 #: bump when the meaning of a plan changes, so old cache entries are not reused
 PLAN_SCHEMA = 1
 #: defines that change how the build runs but not what it produces
@@ -277,8 +279,19 @@ def make_plan(profile: HardwareProfile, options: BuildOptions) -> BuildPlan:
         False,
         "llamactl's router faces clients; the server only serves loopback HTTP",
     )
-    d.set("LLAMA_BUILD_TESTS", False, "only llama-server and llama-bench are needed")
-    d.set("LLAMA_BUILD_EXAMPLES", False, "only llama-server and llama-bench are needed")
+    d.set("LLAMA_BUILD_TESTS", False, "only the server and its tools are needed")
+    d.set("LLAMA_BUILD_EXAMPLES", False, "only the server and its tools are needed")
+    d.set(
+        "GGML_RPC",
+        True,
+        "ggml-rpc-server and `llama-server --rpc`: a model split across machines; "
+        "it adds no device until --rpc is given",
+    )
+    d.set(
+        "GGML_RPC_RDMA",
+        False,
+        "set explicitly: it would turn itself on when libibverbs happens to be installed",
+    )
     ccache = profile.tool("ccache")
     d.set(
         "GGML_CCACHE",

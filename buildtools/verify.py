@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -24,13 +25,24 @@ from buildtools._ports import pick_free_port
 from buildtools._runner import capture, describe_exit
 from buildtools.errors import VerificationError
 
-__all__ = ["VerifyResult", "gpu_offload", "log_tail", "read_version", "verify_server"]
+__all__ = [
+    "RpcVerifyResult",
+    "VerifyResult",
+    "gpu_offload",
+    "log_tail",
+    "read_version",
+    "rpc_version",
+    "verify_rpc",
+    "verify_server",
+]
 
 _VERSION = re.compile(
     r"version:\s*(?P<semver>\S+)\s*\(build (?P<build>\d+), commit (?P<commit>\w+)\)"
 )
 _TAIL_LINES = 25
 _OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+_RPC_STARTED = re.compile(r"Starting RPC server v(\d+\.\d+\.\d+)")
+_RPC_BUFFER = re.compile(r"(RPC\d+\[[^\]]+\]) model buffer size")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,5 +218,97 @@ def verify_server(
         )
     finally:
         if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RpcVerifyResult:
+    ok: bool
+    protocol: str
+    """The RPC protocol version the worker announced (``7.0.0`` at b11312)."""
+    buffers: tuple[str, ...]
+    """The RPC devices llama-server put model weights on, as it logged them."""
+    completion_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rpc_version(log: str) -> str | None:
+    """The protocol version in a worker's ``Starting RPC server vX.Y.Z`` line."""
+    found = _RPC_STARTED.search(log)
+    return found.group(1) if found else None
+
+
+def _wait_accepting(port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Poll until 127.0.0.1:``port`` accepts; False if ``proc`` exits first.
+
+    ggml-rpc-server exits 0 after a failed bind or a bad argument, so the
+    exit status says nothing: the listening port is the only readiness signal.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def verify_rpc(
+    worker: Path, server: Path, model: Path, *, log_dir: Path, timeout: float = 120.0
+) -> RpcVerifyResult:
+    """One answer through RPC on loopback: a ggml-rpc-server, then
+    ``llama-server --rpc`` with every layer on it.
+
+    The worker is probed by connecting to its port; its one accept slot is
+    then free again for llama-server, which serves one leader at a time.
+    """
+    port = pick_free_port()
+    worker_log = log_dir / "verify-rpc-worker.log"
+    with worker_log.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(worker), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        if not _wait_accepting(port, proc, timeout=30):
+            raise VerificationError(
+                "the built ggml-rpc-server did not start listening",
+                returncode=proc.poll(),
+                log_tail=log_tail(worker_log),
+            )
+        protocol = rpc_version(worker_log.read_text(errors="replace")) or "unknown"
+        server_log = log_dir / "verify-rpc.log"
+        result = verify_server(
+            server,
+            model,
+            log_path=server_log,
+            timeout=timeout,
+            extra_args=("--rpc", f"127.0.0.1:{port}", "-ngl", "all", "-lv", "4"),
+        )
+        buffers = tuple(dict.fromkeys(_RPC_BUFFER.findall(server_log.read_text(errors="replace"))))
+        if not buffers:
+            raise VerificationError(
+                "llama-server answered through --rpc but put no weights on the RPC worker",
+                log_tail=log_tail(server_log),
+            )
+        return RpcVerifyResult(
+            ok=True,
+            protocol=protocol,
+            buffers=buffers,
+            completion_tokens=result.completion_tokens,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

@@ -75,7 +75,12 @@ def test_dry_run_plan_matches_the_cached_build(built: dict[str, object]) -> None
     assert plan["backend"] == (usable[0] if usable else "cpu")  # what `auto` means here
     assert set(plan["reasons"]) == set(plan["cmake_defines"])
     assert plan["cache_key"] == built["key"]
-    assert plan["targets"] == ["llama-server", "llama-bench"]
+    assert plan["targets"] == [
+        "llama-server",
+        "llama-bench",
+        "ggml-rpc-server",
+        "llama-fit-params",
+    ]
 
 
 def test_built_server_answers_a_chat_completion(

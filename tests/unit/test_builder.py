@@ -63,6 +63,8 @@ class FakeToolchain:
         self._verify = verify
         monkeypatch.setattr(builder, "_compile", self.compile)
         monkeypatch.setattr(builder, "verify_server", self.verify)
+        monkeypatch.setattr(builder, "verify_rpc", self.verify_rpc)
+        self.rpc_verified: list[Path] = []
         monkeypatch.setattr(
             builder, "read_version", lambda b: {"build": "11312", "commit": "0c1e570"}
         )
@@ -74,6 +76,14 @@ class FakeToolchain:
         (work / "bin").mkdir(parents=True, exist_ok=True)
         for target in plan.targets:
             (work / "bin" / target).write_text("binary")
+
+    def verify_rpc(self, worker: Path, server: Path, model: Path, **kwargs: object) -> object:
+        from buildtools.verify import RpcVerifyResult
+
+        self.rpc_verified.append(worker)
+        return RpcVerifyResult(
+            ok=True, protocol="7.0.0", buffers=("RPC0[127.0.0.1:1]",), completion_tokens=4
+        )
 
     def verify(self, binary: Path, model: Path, **kwargs: object) -> VerifyResult:
         self.verified.append(kwargs)
@@ -130,6 +140,9 @@ def test_sigill_in_verification_rebuilds_without_the_top_extension(
     assert "SIGILL" in result.turned_off["avx512_bf16"]
     assert result.build.verified and result.build.manifest["turned_off"] == result.turned_off
     assert result.plan.reasons["GGML_AVX512_BF16"].startswith("avx512_bf16 turned off")
+    assert len(fake.rpc_verified) == 1, "RPC is verified once, on the build that is kept"
+    assert result.build.rpc_protocol == "7.0.0"
+    assert result.build.rpc_worker.name == "ggml-rpc-server"
 
 
 def test_a_cuda_build_must_offload_to_be_verified(
