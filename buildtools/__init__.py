@@ -30,7 +30,13 @@ if TYPE_CHECKING:
 
     from buildtools.builder import BuildProgress, BuildResult, ProgressCallback, build
     from buildtools.cache import BuildCache, CachedBuild
-    from buildtools.locate import Candidate, ResolvedServer, candidates, resolve_server
+    from buildtools.locate import (
+        Candidate,
+        ResolvedServer,
+        candidates,
+        resolve_server,
+        resolve_worker,
+    )
     from buildtools.plan import BuildOptions, BuildPlan, make_plan
     from buildtools.source import SourceTree, provision
 
@@ -47,6 +53,7 @@ _LAZY = {
     "ResolvedServer": "buildtools.locate",
     "candidates": "buildtools.locate",
     "resolve_server": "buildtools.locate",
+    "resolve_worker": "buildtools.locate",
     "BuildOptions": "buildtools.plan",
     "BuildPlan": "buildtools.plan",
     "make_plan": "buildtools.plan",
@@ -90,6 +97,7 @@ __all__ = [
     "make_plan",
     "provision",
     "resolve_server",
+    "resolve_worker",
 ]
 
 

@@ -7,6 +7,10 @@
 3. the server bundled in the installed wheel (``buildtools/bin/``);
 4. ``llama-server`` on ``PATH``;
 5. when allowed, a fresh ``llamactl build`` with the default plan.
+
+:func:`resolve_worker` finds ``ggml-rpc-server`` (``llamactl worker``) in the
+same order: ``--server``, ``$LLAMACTL_RPC_SERVER``, a usable cached build that
+has one, the wheel, ``PATH``, a build.
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ from buildtools.wheel import bundled_server
 if TYPE_CHECKING:
     from buildtools.builder import ProgressCallback
 
-__all__ = ["Candidate", "ResolvedServer", "candidates", "resolve_server"]
+__all__ = [
+    "RPC_WORKER",
+    "Candidate",
+    "ResolvedServer",
+    "candidates",
+    "resolve_server",
+    "resolve_worker",
+]
+
+RPC_WORKER = "ggml-rpc-server"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,4 +158,50 @@ def resolve_server(
     raise CacheError(
         "no llama-server is available: none is cached for this machine and none is on PATH",
         hint="run `llamactl build` (about 10 minutes on 2 cores, once), or pass --server PATH",
+    )
+
+
+def resolve_worker(
+    explicit: str | os.PathLike[str] | None = None,
+    *,
+    build_if_missing: bool = False,
+    env: Mapping[str, str] | None = None,
+    home: Path | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> ResolvedServer:
+    """The ``ggml-rpc-server`` to run (see the module docstring for the order)."""
+    env = os.environ if env is None else env
+    for origin, value in (("explicit", explicit), ("env", env.get("LLAMACTL_RPC_SERVER"))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file() or not os.access(path, os.X_OK):
+                where = "--server" if origin == "explicit" else "$LLAMACTL_RPC_SERVER"
+                raise CacheError(f"{where} {path} is not an executable file")
+            return ResolvedServer(binary=path, origin=origin, reason=f"given as {origin}")
+    for cand in candidates(home):
+        if cand.usable and cand.build.rpc_worker.is_file():
+            return ResolvedServer(
+                binary=cand.build.rpc_worker,
+                origin="cache",
+                reason=f"newest {cand.reason}",
+                build=cand.build,
+            )
+    bundled = bundled_server()
+    if bundled is not None and (worker := bundled.with_name(RPC_WORKER)).is_file():
+        return ResolvedServer(binary=worker, origin="bundled", reason="bundled in the wheel")
+    if on_path := shutil.which(RPC_WORKER, path=env.get("PATH")):
+        return ResolvedServer(binary=Path(on_path), origin="path", reason=f"{RPC_WORKER} on PATH")
+    if build_if_missing:
+        from buildtools import build_default
+
+        result = build_default(home=home, on_progress=on_progress)
+        return ResolvedServer(
+            binary=result.build.rpc_worker,
+            origin="built",
+            reason="built now (no cached build had one)",
+            build=result.build,
+        )
+    raise CacheError(
+        f"no {RPC_WORKER} is available: no cached build has one and none is on PATH",
+        hint="run `llamactl build` (builds with GGML_RPC=ON now), or pass --server PATH",
     )

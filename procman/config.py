@@ -41,6 +41,7 @@ __all__ = [
     "Order",
     "ServePlan",
     "ServerSection",
+    "WorkerSection",
     "load_config",
     "parse_config",
     "read_key_file",
@@ -101,6 +102,22 @@ class ModelSection:
     """Other names clients may send for this model."""
     startup_timeout: float = 120.0
     """Seconds the model may take to load before the start counts as failed."""
+    rpc: tuple[str, ...] = ()
+    """Names of ``[workers.NAME]`` whose devices hold part of this model (llama.cpp RPC); the model and its workers start, fail and restart as one group."""  # noqa: E501
+    tensor_split: tuple[float, ...] = ()
+    """Share of the layers per worker, in the order of ``rpc`` (``-ts``); unset: llama.cpp's split by free memory."""  # noqa: E501
+    stall_timeout: float = 30.0
+    """With ``rpc``: seconds llama-server's main loop may not answer before the group is restarted (a silent worker hangs it)."""  # noqa: E501
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSection:
+    """A ``[workers.NAME]`` table: one RPC worker (``llamactl worker`` on some machine) that a model lists in ``rpc``."""  # noqa: E501
+
+    endpoint: str = ""
+    """``HOST:PORT`` of the worker's ggml-rpc-server (an IPv4 address)."""
+    trusted_network: bool = False
+    """Allow an endpoint beyond loopback. The RPC protocol has no authentication: only on a network you trust (a direct cable, a private VLAN)."""  # noqa: E501
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +126,13 @@ class Config:
 
     server: ServerSection = field(default_factory=ServerSection)
     models: Mapping[str, ModelSection] = field(default_factory=lambda: MappingProxyType({}))
+    workers: Mapping[str, WorkerSection] = field(default_factory=lambda: MappingProxyType({}))
+
+    def warnings(self) -> list[str]:
+        """What is allowed but risky, for the command line to print."""
+        from procman.distributed.rpc import DEADLOCK_NOTE  # speed
+
+        return [f"models.{n}: {DEADLOCK_NOTE}" for n, m in self.models.items() if len(m.rpc) > 2]
 
     def plan(
         self, binary: Path, *, log: LogSettings | None = None, models_dir: Path | None = None
@@ -127,6 +151,9 @@ class Config:
                     gpu_layers=model.gpu_layers,
                     extra_args=model.args,
                     startup_timeout=model.startup_timeout,
+                    rpc=tuple(self.workers[w].endpoint for w in model.rpc),
+                    tensor_split=model.tensor_split,
+                    stall_timeout=model.stall_timeout,
                     log=log or LogSettings(),
                 )
             except ConfigError as exc:
@@ -236,6 +263,27 @@ def _gpu_layers(value: Any) -> GpuLayers:
     raise ValueError(f"expected a number of layers, 'auto' or 'all', got {value!r}")
 
 
+def _shares(value: Any) -> tuple[float, ...]:
+    ok = isinstance(value, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+    if not ok or not value or sum(value) <= 0:
+        raise ValueError(f"expected non-negative numbers, not all zero, got {value!r}")
+    return tuple(float(v) for v in value)
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _endpoint(value: Any) -> str:
+    from procman.distributed.rpc import format_endpoint, parse_endpoint  # speed
+
+    return format_endpoint(*parse_endpoint(_string(value)))
+
+
 def _order(value: Any) -> Order:
     try:
         return Order(value)
@@ -266,7 +314,11 @@ _MODEL_KEYS: dict[str, Convert] = {
     "args": _extra_args,
     "aliases": _strings,
     "startup_timeout": _duration,
+    "rpc": _strings,
+    "tensor_split": _shares,
+    "stall_timeout": _duration,
 }
+_WORKER_KEYS: dict[str, Convert] = {"endpoint": _endpoint, "trusted_network": _boolean}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -297,9 +349,10 @@ def _section(table: Any, path: str, converters: dict[str, Convert]) -> dict[str,
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Validate parsed TOML (a dict); raises :class:`ConfigError` naming the key path."""
     for key in data:
-        if key not in ("server", "models"):
-            raise _unknown("", key, ["server", "models"])
+        if key not in ("server", "models", "workers"):
+            raise _unknown("", key, ["server", "models", "workers"])
     server = ServerSection(**_section(data.get("server", {}), "server.", _SERVER_KEYS))
+    workers = _workers(data.get("workers", {}))
     tables = data.get("models", {})
     if not isinstance(tables, dict) or not tables:
         raise ConfigError("models: declare at least one [models.NAME] table")
@@ -317,7 +370,62 @@ def parse_config(data: Mapping[str, Any]) -> Config:
                 raise ConfigError(f"models.{name}: the name {alias!r} is taken by {taken[alias]}")
             taken[alias] = f"models.{name}"
         models[name] = model
-    return Config(server=server, models=MappingProxyType(models))
+    _check_groups(models, workers)
+    return Config(server=server, models=MappingProxyType(models), workers=MappingProxyType(workers))
+
+
+def _workers(tables: Any) -> dict[str, WorkerSection]:
+    """The ``[workers.NAME]`` tables; a worker beyond loopback must be on a trusted network."""
+    from procman.distributed.rpc import is_loopback  # speed
+
+    if not isinstance(tables, dict):
+        raise ConfigError(f"workers: expected tables, got {tables!r}")
+    workers = {}
+    for name, table in tables.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"workers.{name}: invalid worker name")
+        worker = WorkerSection(**_section(table, f"workers.{name}.", _WORKER_KEYS))
+        if not worker.endpoint:
+            raise ConfigError(
+                f"workers.{name}.endpoint: missing", hint='e.g. endpoint = "192.168.1.20:50052"'
+            )
+        if not worker.trusted_network and not is_loopback(worker.endpoint):
+            raise ConfigError(
+                f"workers.{name}: {worker.endpoint} is beyond this machine, and the RPC protocol "
+                "has no authentication: anyone on the path can read the model and its work",
+                hint="only on a network you trust: set trusted_network = true in this table",
+            )
+        workers[name] = worker
+    return workers
+
+
+def _check_groups(models: Mapping[str, ModelSection], workers: Mapping[str, WorkerSection]) -> None:
+    """Each model's ``rpc`` names declared workers, each worker serves one model (a worker
+    takes one leader at a time), and ``tensor_split`` has a share per worker."""
+    used: dict[str, str] = {}
+    for name, model in models.items():
+        for worker in model.rpc:
+            if worker not in workers:
+                known = ", ".join(workers) or "none declared"
+                raise ConfigError(
+                    f"models.{name}.rpc: no [workers.{worker}] table",
+                    hint=f"declare it with its endpoint (workers: {known})",
+                )
+            if worker in used:
+                raise ConfigError(
+                    f"models.{name}.rpc: worker {worker!r} is already used by "
+                    f"models.{used[worker]}",
+                    hint="an RPC worker serves one llama-server at a time: give each model its own",
+                )
+            used[worker] = name
+        if len(set(model.rpc)) != len(model.rpc):
+            raise ConfigError(f"models.{name}.rpc: a worker is listed twice")
+        if model.tensor_split and len(model.tensor_split) != len(model.rpc):
+            raise ConfigError(
+                f"models.{name}.tensor_split: {len(model.tensor_split)} shares for "
+                f"{len(model.rpc)} workers",
+                hint="one share per worker, in the order of rpc",
+            )
 
 
 def load_config(path: Path) -> Config:
@@ -364,6 +472,8 @@ _KINDS = {
     "ctx": "integer", "parallel": "integer", "gpu_layers": 'integer, "auto" or "all"',
     "memory_limit": "size", "ttl": "duration", "queue": "integer", "order": '"fifo" or "lifo"',
     "args": "list of strings", "aliases": "list of strings", "startup_timeout": "duration",
+    "rpc": "list of worker names", "tensor_split": "list of numbers", "stall_timeout": "duration",
+    "endpoint": "string", "trusted_network": "boolean",
 }  # fmt: skip
 
 
@@ -374,7 +484,7 @@ def _show_default(name: str, value: Any) -> str:
         return "`[]`"
     if isinstance(value, StrEnum | str):
         return f'`"{value}"`'
-    if name == "startup_timeout":
+    if name in ("startup_timeout", "stall_timeout"):
         return f'`"{format_duration(value)}"`'
     return f"`{value}`"
 
@@ -387,7 +497,12 @@ def reference() -> str:
     ]
     import inspect  # speed: docs only
 
-    for table, cls in (("[server]", ServerSection), ("[models.NAME]", ModelSection)):
+    tables = (
+        ("[server]", ServerSection),
+        ("[models.NAME]", ModelSection),
+        ("[workers.NAME]", WorkerSection),
+    )
+    for table, cls in tables:
         lines += ["", f"### `{table}`", "", (inspect.getdoc(cls) or "").replace("``", "`"), ""]
         lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
         docs = _field_docs(cls)

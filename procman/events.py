@@ -12,7 +12,8 @@ States::
     starting ──▶ loading ──▶ ready ◀──▶ unhealthy
        │            │          │            │
        └────────────┴──────────┴────────────┴──▶ restarting ──▶ starting ...
-                                                     └──▶ failed
+                                                     ├──▶ failed
+                                                     └──▶ waiting_workers ──▶ starting ...
     (any) ──▶ stopping ──▶ stopped
 """
 
@@ -46,6 +47,8 @@ class State(StrEnum):
     """Was ready, but recent health checks failed; restarted if it does not recover."""
     RESTARTING = "restarting"
     """It exited or was killed; waiting out the backoff before the next start."""
+    WAITING_WORKERS = "waiting_workers"
+    """Its RPC workers are not all answering: it is started again once they are."""
     STOPPING = "stopping"
     """Asked to stop: SIGTERM sent, waiting for the grace period."""
     STOPPED = "stopped"

@@ -46,7 +46,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: llama-server options llamactl owns: letting extra args override them would
 #: make the supervisor health-check one port while the server listens on another
 _RESERVED = frozenset(
-    {"--host", "--port", "-m", "--model", "--log-file", "--api-key", "--api-key-file"}
+    {"--host", "--port", "-m", "--model", "--log-file", "--api-key", "--api-key-file", "--rpc"}
 )
 
 
@@ -157,6 +157,17 @@ class ServerSpec:
     port: int | None = None
     """With ``listen = "tcp"``: the private port; ``None`` picks a free one (and another if
     it is taken meanwhile)."""
+    rpc: tuple[str, ...] = ()
+    """RPC workers (``HOST:PORT`` of each ``ggml-rpc-server``) whose devices hold part of the
+    model (``--rpc``). The server and its workers are one group: it is not started while a
+    worker is down (state ``waiting_workers``), and it is watched for stalls."""
+    tensor_split: tuple[float, ...] = ()
+    """Share of the offloaded layers per device (``-ts``), in llama.cpp's device order;
+    empty: llama.cpp's own split (by free memory)."""
+    stall_timeout: float = 30.0
+    """With ``rpc``: seconds ``/slots`` may take to answer before the group counts as hung
+    and is restarted. A silent worker hangs llama-server while ``/health`` still answers 200;
+    ``/slots`` waits for the main loop, so it stops answering too."""
     startup_timeout: float = 120.0
     """Seconds from spawn to ready before the server is killed as hung."""
     stop_grace: float = 10.0
@@ -176,6 +187,14 @@ class ServerSpec:
                 raise ConfigError(f"{what} must be >= 0, got {value}")
         if self.listen not in ("unix", "tcp"):
             raise ConfigError(f"listen must be 'unix' or 'tcp', got {self.listen!r}")
+        if self.tensor_split and (
+            not self.rpc or min(self.tensor_split) < 0 or sum(self.tensor_split) <= 0
+        ):
+            raise ConfigError(
+                "tensor_split needs rpc workers and non-negative shares that are not all zero"
+            )
+        if self.stall_timeout <= 0:
+            raise ConfigError("stall_timeout must be positive")
         if self.startup_timeout <= 0 or self.stop_grace < 0:
             raise ConfigError("startup_timeout must be positive and stop_grace non-negative")
         check_extra_args(self.extra_args)
@@ -183,6 +202,13 @@ class ServerSpec:
     @property
     def log_path(self) -> Path:
         return self.log.path_for(self.name)
+
+    @property
+    def stall_path(self) -> str:
+        """The endpoint that answers only when llama-server's main loop runs: ``/slots``,
+        which changes nothing (a ``/metrics`` scrape resets the averaged gauges' window for
+        every other scraper), or ``/metrics`` when the args turn ``/slots`` off."""
+        return "/metrics" if "--no-slots" in self.extra_args else "/slots"
 
     def _given(self, flags: frozenset[str], default: int | None) -> int | None:
         """The number an option takes in the extra args (the last one wins, as in llama-server)."""
@@ -251,6 +277,12 @@ class ServerSpec:
             argv += ["-np", str(self.parallel)]
         if self.gpu_layers is not None:
             argv += ["-ngl", str(self.gpu_layers)]
+        if self.rpc:
+            argv += ["--rpc", ",".join(self.rpc)]
+            if self.stall_path == "/metrics":
+                argv.append("--metrics")
+            if self.tensor_split:
+                argv += ["-ts", ",".join(f"{share:g}" for share in self.tensor_split)]
         given = any(arg.partition("=")[0] in _CACHE_RAM for arg in self.extra_args)
         if self.cache_ram is not None and not given:
             argv += ["--cache-ram", str(self.cache_ram)]

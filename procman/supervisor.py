@@ -307,7 +307,7 @@ class AsyncSupervisor:
         entry = self._entries.get(name)
         if entry is None:
             return 0.0, False
-        starting = {State.STARTING, State.LOADING, State.RESTARTING}
+        starting = {State.STARTING, State.LOADING, State.RESTARTING, State.WAITING_WORKERS}
         return entry.last_used, entry.users > 0 or entry.server.state in starting
 
     def _on_event(self, event: Event) -> None:

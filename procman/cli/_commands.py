@@ -26,6 +26,8 @@ COMMANDS = {
     "ps": "_ctl",
     "serve": "_serve",
     "stop": "_ctl",
+    "worker": "_worker",
+    "workers": "_worker",
 }
 
 

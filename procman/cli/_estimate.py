@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -44,6 +44,13 @@ def estimate(
     cache_ram: Annotated[
         int, typer.Option(help="prompt-cache limit in MiB (--cache-ram); counts as growth")
     ] = 0,
+    rpc: Annotated[
+        str | None,
+        typer.Option(help="split across these RPC workers (HOST:PORT,...): per-device plan"),
+    ] = None,
+    tensor_split: Annotated[
+        str | None, typer.Option(help="with --rpc: shares per worker, e.g. 1,3 (default auto)")
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="machine-readable output on stdout")
     ] = False,
@@ -72,6 +79,21 @@ def estimate(
         kv_unified=kv_unified,
         cache_ram=cache_ram * 1024 * 1024,
     )
+    if rpc is not None:
+        _print_split(
+            info,
+            rpc,
+            tensor_split,
+            as_json=as_json,
+            ctx=ctx,
+            parallel=parallel,
+            cache_type_k=cache_type_k,
+            cache_type_v=cache_type_v,
+            n_ubatch=ubatch,
+            flash_attn={"auto": None, "on": True, "off": False}[flash_attn.value],
+            kv_unified=kv_unified,
+        )
+        return
     if as_json:
         doc = est.to_json()
         doc["model"] = {
@@ -111,3 +133,37 @@ def estimate(
         out.print(
             f"[dim]may grow while serving by up to {_size(est.host_growth_bytes)}: {grows}[/]"
         )
+
+
+def _print_split(
+    info: Any, rpc: str, tensor_split: str | None, *, as_json: bool, **settings: Any
+) -> None:
+    """``estimate --rpc``: the per-device split, before anything starts; exit 1 if it does
+    not fit."""
+    from procman.cli._rpc import split_for  # speed
+    from procman.distributed.rpc import parse_endpoints  # speed
+
+    plan, _ = split_for(info, parse_endpoints(rpc), tensor_split, **settings)
+    if as_json:
+        out.print_json(json.dumps(plan.to_json()))
+    else:
+        table = Table()
+        for column in ("device", "worker", "layers", "weights", "KV cache", "compute", "margin",
+                       "total", "free", "fits"):  # fmt: skip
+            table.add_column(column, justify="left" if column in ("device", "worker") else "right")
+        for d in plan.devices:
+            first_last = f"{d.layers[0]}-{d.layers[-1]}" if d.layers else "-"
+            table.add_row(
+                f"RPC{d.index}", d.endpoint, first_last + (" +out" if d.output else ""),
+                _size(d.weights), _size(d.kv_cache), _size(d.compute), _size(d.margin),
+                _size(d.total), _size(d.free) if d.free is not None else "?",
+                "[green]yes[/]" if d.fits else "[red]no[/]",
+            )  # fmt: skip
+        out.print(table)
+        shares = ",".join(f"{s:g}" for s in plan.shares)
+        out.print(
+            f"leader (this machine) holds {_size(plan.host_bytes)}; "
+            f"--tensor-split {shares}: {'[green]fits[/]' if plan.fits else '[red]does not fit[/]'}"
+        )
+    if not plan.fits:
+        raise typer.Exit(1)

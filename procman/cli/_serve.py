@@ -52,6 +52,7 @@ _STATE_STYLE = {
     "failed": "bold red",
     "unhealthy": "yellow",
     "restarting": "yellow",
+    "waiting_workers": "yellow",
 }
 
 
@@ -127,6 +128,29 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(help="Allow a non-loopback --host without --api-key.")
     ] = False,
+    rpc: Annotated[
+        str | None,
+        typer.Option(
+            help="Split the model across RPC workers (`llamactl worker`): HOST:PORT,HOST:PORT."
+        ),
+    ] = None,
+    tensor_split: Annotated[
+        str | None,
+        typer.Option(
+            help="With --rpc: each device's share of the layers, e.g. 1,3 (llama.cpp's device "
+            "order: RPC workers, then local GPUs); auto: from `llamactl estimate --rpc`."
+        ),
+    ] = None,
+    trusted_network: Annotated[
+        bool,
+        typer.Option(
+            "--trusted-network",
+            help="Allow RPC workers beyond loopback (RPC has no authentication).",
+        ),
+    ] = False,
+    stall_timeout: Annotated[
+        float, typer.Option(help="With --rpc: seconds before a stalled group is restarted.")
+    ] = 30.0,
 ) -> None:
     """Serve a GGUF model at HOST:PORT (OpenAI-compatible) under supervision.
 
@@ -187,6 +211,9 @@ def serve(
         "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
     ) as view:
         resolved = buildtools.resolve_server(server, build_if_missing=True, on_progress=view)
+    group = _rpc_fields(
+        resolved, rpc, tensor_split, trusted_network, info, ctx_size, parallel, stall_timeout
+    )
     server_name = name or default_name(model_path, model)
     stem = model_path.name.removesuffix(".gguf")
     spec = ServerSpec(
@@ -199,6 +226,7 @@ def serve(
         gpu_layers=layers,
         extra_args=tuple(extra),
         startup_timeout=startup_timeout,
+        **group,
     )
     listener = bind_listener(host, port)  # the last check; the port stays ours from here on
     with listener:
@@ -213,6 +241,42 @@ def serve(
             _early.discard()  # unless adopted: the start may have ended before its spawn
     if failure is not None:
         raise ServerError(failure.reason, log_tail=failure.log_tail, hint=f"log: {spec.log_path}")
+
+
+def _rpc_fields(
+    resolved: Any,
+    rpc: str | None,
+    tensor_split: str | None,
+    trusted: bool,
+    info: Any,
+    ctx: int | None,
+    parallel: int | None,
+    stall_timeout: float,
+) -> dict[str, Any]:
+    """The ServerSpec fields for ``--rpc`` (none without it), after checking that the
+    server can use RPC workers (a cached build without GGML_RPC cannot)."""
+    if rpc is None:
+        if tensor_split is not None:
+            raise LlamactlError("--tensor-split needs --rpc", hint="e.g. --rpc 127.0.0.2:50052")
+        return {}
+    from procman.cli._rpc import rpc_group  # speed
+
+    build = resolved.build
+    defines = build.manifest.get("plan", {}).get("cmake_defines", {}) if build else {}
+    if build is not None and defines.get("GGML_RPC") != "ON":
+        raise LlamactlError(
+            f"the llama-server in use ({build.key}) was built without RPC support",
+            hint="run `llamactl build` (every plan sets GGML_RPC=ON now), then serve again",
+        )
+    return rpc_group(
+        rpc,
+        tensor_split,
+        trusted=trusted,
+        info=info,
+        ctx=ctx,
+        parallel=parallel,
+        stall_timeout=stall_timeout,
+    )
 
 
 def _key(api_key: str | None, key_file: str | None) -> str | None:
@@ -249,6 +313,8 @@ def _serve_config(
     from procman.router.listen import bind_listener, check_exposure  # speed
 
     loaded = load_config(path)
+    for warning in loaded.warnings():
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     section = _override(loaded.server, given)
     section = dataclasses.replace(section, api_key=_key(section.api_key, section.api_key_file))
     loaded = dataclasses.replace(loaded, server=section)
@@ -512,6 +578,8 @@ class _LaunchRecord:
             return  # stopped meanwhile
         if endpoint.socket is None:
             return  # a keyed TCP server is not started early: its key file is per life
+        if server.spec.rpc:
+            return  # an RPC group starts only after its workers answer (ManagedServer)
         public = self._listener.getsockname()
         _early.remember(
             argv=server.spec.argv(endpoint),

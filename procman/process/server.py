@@ -44,6 +44,12 @@ log = logging.getLogger(__name__)
 
 _BIND_ATTEMPTS = 5
 _TAIL_LINES = 40
+#: seconds between probes of RPC workers a group waits for
+_WORKER_RETRY = 1.0
+_RPC_HINT = (
+    "start the worker (`llamactl worker` on its machine), check the address, and "
+    "`llamactl workers HOST:PORT` to see what answers"
+)
 
 
 class _End(Enum):
@@ -276,7 +282,15 @@ class ManagedServer:
     async def _supervise(self, first: asyncio.Future[None]) -> None:
         try:
             while True:
+                if self.spec.rpc and (refused := await self._workers_answer()) is not None:
+                    self._set(State.FAILED, refused, log_tail=self._tail.text())
+                    if not first.done():
+                        first.set_exception(ServerError(refused, hint=_RPC_HINT))
+                    return
                 end, reason = await self._one_life(first)
+                lost = await self._lost_workers() if self.spec.rpc else ""
+                if lost:  # llama-server aborts when a worker goes: the worker's fault, not its
+                    reason = f"{reason}; {lost}"
                 tail = self._tail.text()
                 if not self._ever_ready:
                     error_type = StartupTimeout if end is _End.TIMEOUT else ServerError
@@ -290,7 +304,9 @@ class ManagedServer:
                         )
                     return
                 now = time.monotonic()
-                decision = self.policy.on_crash(now, reason, crash=end is not _End.ENDED)
+                decision = self.policy.on_crash(
+                    now, reason, crash=end is not _End.ENDED and not lost
+                )
                 if decision.action is Action.GIVE_UP:
                     self.failed_until = now + decision.delay
                     self._set(State.FAILED, decision.reason, log_tail=tail)
@@ -313,6 +329,41 @@ class ManagedServer:
             self._pid = self._endpoint = None
             self.ready_since = None
             self._log.close()
+
+    async def _workers_answer(self) -> str | None:
+        """Wait until every RPC worker answers; None then, else why the group cannot start.
+
+        Before the group has ever been ready (this start), a worker that does
+        not answer fails the start at once: nothing is spawned, so llama-server
+        never aborts on it. Once it has served, a worker that is down or busy
+        is waited for (``waiting_workers``), probed every second, and the leader
+        is not respawned until it answers: no crash loop. A worker that speaks
+        another protocol version is never waited for.
+        """
+        from procman.distributed.rpc import probe_all  # speed
+
+        waited = False
+        while True:
+            probes = await probe_all(self.spec.rpc)
+            bad = [p for p in probes if not p.usable]
+            if not bad:
+                if waited:
+                    log.info("%s: every RPC worker answers again", self.name)
+                return None
+            what = "; ".join(f"RPC worker {p.endpoint}: {p.error}" for p in bad)
+            if any(p.answered for p in bad) or not self._ever_ready:
+                return what
+            if not waited or self.last_reason != what:
+                self._set(State.WAITING_WORKERS, what)
+            waited = True
+            await asyncio.sleep(_WORKER_RETRY)  # a timed re-probe; stop() cancels it
+
+    async def _lost_workers(self) -> str:
+        """After llama-server ended: which workers no longer answer ("" if all do)."""
+        from procman.distributed.rpc import probe_all  # speed
+
+        bad = [p for p in await probe_all(self.spec.rpc) if not p.usable]
+        return "; ".join(f"RPC worker {p.endpoint} lost ({p.error})" for p in bad)
 
     async def _one_life(self, first: asyncio.Future[None]) -> tuple[_End, str]:
         """Spawn, run until the process ends or must be killed; always reaps it."""
@@ -432,7 +483,13 @@ class ManagedServer:
         self._set(State.READY, f"ready in {self.ready_since - started:.2f} s")
         if not first.done():
             first.set_result(None)
+        return await self._while_ready(session, child, health_url)
 
+    async def _while_ready(
+        self, session: aiohttp.ClientSession, child: Child, health_url: str
+    ) -> tuple[_End, str, bool]:
+        """Watch a ready server until it exits, is recycled, hangs or stalls."""
+        health = self.spec.health
         failures = 0
         recycle = self._recycle = asyncio.get_running_loop().create_future()
         try:
@@ -447,6 +504,8 @@ class ManagedServer:
                     code = child.exited.result()
                     why = f"llama-server {describe_exit(code)}"
                     return (_End.EXITED if is_crash(code) else _End.ENDED), why, True
+                if self.spec.rpc and (stalled := await self._stalled(session, health_url)):
+                    return _End.UNHEALTHY, stalled, True
                 failures, detail = await self._check(session, health_url, failures)
                 if failures >= health.restart_after:
                     return (
@@ -458,6 +517,18 @@ class ManagedServer:
             self._recycle = None
             if not recycle.done():
                 recycle.cancel()
+
+    async def _stalled(self, session: aiohttp.ClientSession, health_url: str) -> str:
+        """The stall watchdog of an RPC group: "" while the main loop answers, else why the
+        group is restarted (see ``ServerSpec.stall_timeout``)."""
+        url = health_url.removesuffix("/health") + self.spec.stall_path
+        status, detail = await self._probe(session, url, self.spec.stall_timeout)
+        if status is not None:
+            return ""
+        return (
+            f"{self.spec.stall_path} did not answer within {self.spec.stall_timeout:g} s "
+            f"({detail}): llama-server is stalled, an RPC worker went silent; killed"
+        )
 
     async def _check(
         self, session: aiohttp.ClientSession, health_url: str, failures: int

@@ -18,6 +18,7 @@ from procman._lazy import exports
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from procman.router._guard import Guard
     from procman.router._router import (
         Loader,
         Metered,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
-    "Loader", "Metered", "MetricsExporter", "ModelQueue", "Order", "QueueFullError",
+    "Guard", "Loader", "Metered", "MetricsExporter", "ModelQueue", "Order", "QueueFullError",
     "QueueSettings", "Router", "RouterSettings", "Scheduler", "ServerStats", "Snapshot",
     "SnapshotSource", "Upstream", "Upstreams", "bind_listener", "check_exposure", "is_loopback",
 ]  # fmt: skip
@@ -45,6 +46,7 @@ __all__ = [
 __getattr__, __dir__ = exports(
     __name__,
     {
+        "Guard": "procman.router._guard",
         **dict.fromkeys(
             ("Loader", "Metered", "Router", "RouterSettings", "Upstream", "Upstreams"),
             "procman.router._router",
