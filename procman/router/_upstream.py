@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
@@ -222,6 +223,12 @@ class Answer(asyncio.Protocol):
     @property
     def alive(self) -> bool:
         return not self._lost and self.transport is not None and not self.transport.is_closing()
+
+    @property
+    def at_chunk_boundary(self) -> bool:
+        """Everything read has been passed on and ends between two chunks: the client's
+        stream can take one more chunk of ours."""
+        return self._scanner.between and not self.pending
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast("asyncio.Transport", transport)
@@ -527,6 +534,31 @@ async def to_response(
         answer.release()
 
 
+def _end_stream_with_error(
+    sink: asyncio.Transport, answer: Answer, head: Head, exc: Exception
+) -> bool:
+    """An event stream whose server died mid-answer (an RPC worker lost, a crash): end it
+    with an error event and the terminal chunk, as OpenAI's API reports an error in a
+    stream, rather than cut the connection. Only where the client has every complete
+    chunk so far and is still there; False otherwise (the caller cuts the connection)."""
+    event_stream = any(
+        k.lower() == "content-type" and v.startswith("text/event-stream") for k, v in head.headers
+    )
+    if not (head.chunked and event_stream and answer.at_chunk_boundary) or sink.is_closing():
+        return False
+    error = {
+        "error": {
+            "message": f"the model server ended mid-answer ({exc}); the answer is incomplete",
+            "type": "server_error",
+            "code": "upstream_error",
+        }
+    }
+    event = b"data: " + json.dumps(error).encode() + b"\n\n"
+    sink.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+    sink.close()  # after the buffered writes: the connection carries nothing more
+    return True
+
+
 def encode_head(status: int, reason: str, headers: Iterable[tuple[str, str]]) -> bytes:
     """An HTTP/1.1 response head; header bytes go back out as they came in."""
     lines = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in headers)]
@@ -565,8 +597,9 @@ async def to_transport(
         answer.attach(sink)
         try:
             await answer.done
-        except (ConnectionError, ValueError):
-            sink.abort()
+        except (ConnectionError, ValueError) as exc:
+            if not _end_stream_with_error(sink, answer, head, exc):
+                sink.abort()
             return False
         if head.chunked:
             sink.write(b"0\r\n\r\n")  # the terminal chunk, which the scanner withheld
