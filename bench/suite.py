@@ -9,7 +9,7 @@ sides; ratios are computed per round and reported as median [p10-p90].
 Sections: inference speed (llama-bench per build), router overhead (direct
 vs ``llamactl serve`` vs llama.cpp's router mode), time to first answer
 after launch, model swap time, supervisor footprint, memory estimate
-accuracy, build time.
+accuracy, build time, a model split across two RPC workers vs one process.
 Every server this script starts listens on 127.0.0.1 only and is killed
 (with its process group) before the script exits.
 """
@@ -40,6 +40,7 @@ from _common import (  # first: it puts the repository on sys.path
     fmt,
 )
 from router import router_overhead
+from rpc import rpc_split
 from sections import (
     _build_time,
     _footprint,
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine_label = f"{info['cpu']}, {info['cores']} cores, {info['platform']}"
     model = args.model or demo_model_path()
     binary = args.server or build_default().build.binary
+    worker = binary.with_name("ggml-rpc-server")
     version = (
         subprocess.run(
             [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=30
@@ -201,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("footprint", lambda w: asyncio.run(_footprint(binary, model, w, args.quick))),
         ("memory", lambda w: asyncio.run(_memory(binary, model, w, args.quick))),
         ("build", lambda w: _build_time(w, args.full, args.quick)),
+        ("rpc", lambda w: asyncio.run(rpc_split(binary, worker, model, w, args.quick))),
     ]
     with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp:
         for name, run in runs:

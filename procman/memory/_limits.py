@@ -37,6 +37,7 @@ from procman.router.metrics import ServerStats, Snapshot
 from procman.spec import ServerSpec
 
 if TYPE_CHECKING:
+    from procman.models.gguf import ModelInfo
     from procman.process.server import ManagedServer
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ class Limits:
         info = validate_model(spec.model)
         reason = ""
         layers = 0
+        if spec.rpc:
+            return self._prepare_group(spec, info, memory_limit)
         if spec.gpu_layers is not None:
             free = probe_machine().vram_free_bytes if is_cuda_build(spec.binary) else None
             choice = choose_gpu_layers(
@@ -142,6 +145,36 @@ class Limits:
         except OverBudget:
             self.ledger.stats.refusals += 1  # refused as surely as by the budget
             raise
+        return Prepared(spec=spec, need=need, layers_reason=reason)
+
+    def _prepare_group(
+        self, spec: ServerSpec, info: ModelInfo, memory_limit: int | None
+    ) -> Prepared:
+        """A leader whose layers live on RPC workers: every layer is offloaded to them
+        (``-ngl all`` unless set), and only what stays here (input embeddings, logits,
+        the leader's compute buffer, its overhead) counts against this machine's budget.
+        What each worker holds is checked against its own free memory by
+        ``llamactl estimate --rpc``, not here."""
+        from procman.memory.estimate import estimate  # speed
+
+        if spec.gpu_layers is None:
+            spec = dataclasses.replace(spec, gpu_layers="all")
+        full = estimate(
+            info,
+            ctx=spec.ctx or 0,
+            parallel=spec.parallel,
+            gpu_layers=spec.gpu_layers if isinstance(spec.gpu_layers, int) else -1,
+            cache_ram=spec.cache_ram_bytes,
+        )
+        est = dataclasses.replace(full, device_bytes=0)  # the devices are the workers'
+        self.set_limit(spec.name, memory_limit)
+        try:
+            need = Need.of(est, memory_limit=memory_limit)
+        except OverBudget:
+            self.ledger.stats.refusals += 1
+            raise
+        workers = len(spec.rpc)
+        reason = f"rpc: layers on {workers} worker{'s' * (workers > 1)} ({', '.join(spec.rpc)})"
         return Prepared(spec=spec, need=need, layers_reason=reason)
 
     def set_limit(self, name: str, memory_limit: int | None) -> None:
