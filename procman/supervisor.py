@@ -397,6 +397,7 @@ class AsyncSupervisor:
                     "vram_bytes": sample.vram_bytes if sample else None,
                     "tokens_per_second": speeds.get(name),
                     "memory_limit": entry.memory_limit,
+                    "rpc_workers": server.workers_status(),
                 }
             )
         return rows

@@ -82,9 +82,19 @@ def _table(models: list[dict[str, Any]]) -> Table:
             str(row["port"] or "-"), _size(row["rss_bytes"]),
             _number(row.get("cpu_percent"), "%"), _size(row.get("vram_bytes")),
             _number(row.get("tokens_per_second")), str(row["restarts"]), busy,
-            escape(row["model"]),
+            escape(row["model"]) + _workers(row.get("rpc_workers") or []),
         )  # fmt: skip
     return table
+
+
+def _workers(workers: list[dict[str, Any]]) -> str:
+    """An RPC group's workers under its model: each endpoint, up or down, times lost."""
+    marks = {True: "[green]up[/]", False: "[red]down[/]", None: "?"}
+    return "".join(
+        f"\n  rpc {escape(w['endpoint'])} {marks[w['up']]}"
+        + (f" (lost {w['lost']}x)" if w["lost"] else "")
+        for w in workers
+    )
 
 
 @app.command()

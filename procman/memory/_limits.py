@@ -283,6 +283,9 @@ class Limits:
                     tokens_per_second=self.tokens_per_second.get(server.name),
                     restarts_total=server.restarts,
                     requests_total=requests,
+                    rpc_workers=tuple(
+                        (w["endpoint"], w["up"], w["lost"]) for w in server.workers_status()
+                    ),
                 )
             )
         counts = self.ledger.stats

@@ -21,7 +21,7 @@ from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from procman.errors import ServerError, StartupTimeout
 from procman.events import Event, EventBus, State
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
     import aiohttp
 
+    from procman.distributed.rpc import WorkerProbe
     from procman.process._early import EarlyServer
 
 __all__ = ["ManagedServer"]
@@ -93,6 +94,10 @@ class ManagedServer:
         self._recycle: asyncio.Future[str] | None = None
         self._offered: EarlyServer | None = None
         self.restarts = 0
+        #: RPC worker endpoint -> what was last known of it (see workers_status)
+        self._workers: dict[str, dict[str, Any]] = {
+            e: {"endpoint": e, "up": None, "error": "", "lost": 0} for e in spec.rpc
+        }
         self.last_reason = "not started"
         self.ready_since: float | None = None
         self.failed_until = 0.0
@@ -148,6 +153,20 @@ class ManagedServer:
 
     def log_tail(self) -> str:
         return self._tail.text()
+
+    def workers_status(self) -> list[dict[str, Any]]:
+        """Each RPC worker: ``up`` (None: not probed yet), the last ``error``, and how many
+        times the group has ``lost`` it. While the group is ready, its workers are up: they
+        are serving its leader (and a probe would wait behind it)."""
+        serving = self._state in {State.READY, State.UNHEALTHY}
+        return [{**w, "up": True if serving else w["up"]} for w in self._workers.values()]
+
+    def _note_probes(self, probes: list[WorkerProbe], *, lost: bool = False) -> None:
+        for found in probes:
+            known = self._workers[found.endpoint]
+            known["up"], known["error"] = found.usable, found.error
+            if lost and not found.usable:
+                known["lost"] += 1
 
     def retry_in(self, now: float | None = None) -> float:
         """Seconds until a server failed by its crashes may be started again (0: now)."""
@@ -345,6 +364,7 @@ class ManagedServer:
         waited = False
         while True:
             probes = await probe_all(self.spec.rpc)
+            self._note_probes(probes)
             bad = [p for p in probes if not p.usable]
             if not bad:
                 if waited:
@@ -362,7 +382,9 @@ class ManagedServer:
         """After llama-server ended: which workers no longer answer ("" if all do)."""
         from procman.distributed.rpc import probe_all  # speed
 
-        bad = [p for p in await probe_all(self.spec.rpc) if not p.usable]
+        probes = await probe_all(self.spec.rpc)
+        self._note_probes(probes, lost=True)
+        bad = [p for p in probes if not p.usable]
         return "; ".join(f"RPC worker {p.endpoint} lost ({p.error})" for p in bad)
 
     async def _one_life(self, first: asyncio.Future[None]) -> tuple[_End, str]:
@@ -448,7 +470,9 @@ class ManagedServer:
 
         # a fresh connection per probe: cheap locally, and never a stale keep-alive
         connector = endpoint.connector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as session:
+        # the key of a keyed TCP server: /health needs none, the stall probe (/slots) does
+        headers = dict(endpoint.auth())
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
             return await self._watch(session, child, first, started, f"{endpoint.url}/health")
 
     async def _watch(

@@ -38,6 +38,8 @@ class ServerStats:
     tokens_per_second: float | None = None
     restarts_total: int = 0
     requests_total: int = 0
+    rpc_workers: tuple[tuple[str, bool | None, int], ...] = ()
+    """Each RPC worker of the server: (endpoint, up, times the group lost it)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +104,23 @@ class _Collector:
             for s in snap.servers:
                 counter.add_metric([s.name], float(getattr(s, attr)))
             yield counter
+        up = GaugeMetricFamily(
+            "llamactl_rpc_worker_up",
+            "1 if the RPC worker answers (or serves the leader), 0 if not; absent before a probe.",
+            labels=["server", "worker"],
+        )
+        lost = CounterMetricFamily(
+            "llamactl_rpc_worker_lost",
+            "Times the group found this RPC worker gone after its leader ended.",
+            labels=["server", "worker"],
+        )
+        for s in snap.servers:
+            for endpoint, is_up, times in s.rpc_workers:
+                if is_up is not None:
+                    up.add_metric([s.name, endpoint], 1.0 if is_up else 0.0)
+                lost.add_metric([s.name, endpoint], float(times))
+        yield up
+        yield lost
         queue = GaugeMetricFamily(
             "llamactl_queue_depth", "Requests waiting, by model.", labels=["model"]
         )
