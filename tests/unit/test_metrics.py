@@ -88,3 +88,23 @@ def test_own_registry_not_the_global_one() -> None:
     assert exporter.registry is not REGISTRY
     assert "llamactl_" not in " ".join(REGISTRY._names_to_collectors)
     assert exporter.content_type.startswith("text/plain")
+
+
+def test_rpc_workers_are_exported_per_server_and_worker() -> None:
+    group = ServerStats(
+        name="big",
+        state=State.WAITING_WORKERS,
+        rpc_workers=(("127.0.0.2:50052", True, 0), ("127.0.0.3:50052", False, 2),
+                     ("127.0.0.4:50052", None, 0)),
+    )  # fmt: skip
+    got = samples(MetricsExporter(Source(Snapshot(servers=[group]))).render())
+
+    def labels(worker: str) -> tuple[tuple[str, str], ...]:
+        return (("server", "big"), ("worker", worker))
+
+    assert got[("llamactl_rpc_worker_up", labels("127.0.0.2:50052"))] == 1
+    assert got[("llamactl_rpc_worker_up", labels("127.0.0.3:50052"))] == 0
+    assert ("llamactl_rpc_worker_up", labels("127.0.0.4:50052")) not in got, "never probed"
+    assert got[("llamactl_rpc_worker_lost_total", labels("127.0.0.3:50052"))] == 2
+    state = ("llamactl_server_state", (("server", "big"), ("state", "waiting_workers")))
+    assert got[state] == 1
