@@ -284,7 +284,6 @@ def verify_rpc(
                 returncode=proc.poll(),
                 log_tail=log_tail(worker_log),
             )
-        protocol = rpc_version(worker_log.read_text(errors="replace")) or "unknown"
         server_log = log_dir / "verify-rpc.log"
         result = verify_server(
             server,
@@ -293,6 +292,9 @@ def verify_rpc(
             timeout=timeout,
             extra_args=("--rpc", f"127.0.0.1:{port}", "-ngl", "all", "-lv", "4"),
         )
+        # the worker's stdout is a file, so block-buffered: its banner reaches the log with
+        # the fflush after "Accepted client connection", by now long past
+        protocol = rpc_version(worker_log.read_text(errors="replace")) or "unknown"
         buffers = tuple(dict.fromkeys(_RPC_BUFFER.findall(server_log.read_text(errors="replace"))))
         if not buffers:
             raise VerificationError(

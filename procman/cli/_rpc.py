@@ -77,14 +77,15 @@ def rpc_group(
     rpc: str,
     tensor_split: str | None,
     *,
-    trusted: bool,
     info: ModelInfo,
     ctx: int | None,
     parallel: int | None,
     stall_timeout: float,
 ) -> dict[str, Any]:
     """The ServerSpec fields of an RPC group, ``--tensor-split auto`` resolved."""
-    endpoints = check_endpoints(rpc, trusted=trusted)
+    from procman.distributed.rpc import parse_endpoints  # speed
+
+    endpoints = parse_endpoints(rpc)  # checked (and warned about) by check_endpoints
     shares = _shares(tensor_split, len(endpoints))
     if tensor_split is not None and shares is None:  # auto: from the estimate and free memory
         plan, _ = split_for(info, endpoints, None, ctx=ctx or 0, parallel=parallel or 1)

@@ -204,6 +204,10 @@ def serve(
     }
     layers = parse_gpu_layers(gpu_layers)
     check_exposure(host, access["api_key"], allow_unauthenticated=insecure)
+    if rpc is not None:  # before anything is downloaded, built or bound
+        from procman.cli._rpc import check_endpoints  # speed
+
+        rpc = ",".join(check_endpoints(rpc, trusted=trusted_network))
     model_path = resolve_model(model)
     info = validate_model(model_path)
     with BuildProgressView(
@@ -211,9 +215,7 @@ def serve(
         "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
     ) as view:
         resolved = buildtools.resolve_server(server, build_if_missing=True, on_progress=view)
-    group = _rpc_fields(
-        resolved, rpc, tensor_split, trusted_network, info, ctx_size, parallel, stall_timeout
-    )
+    group = _rpc_fields(resolved, rpc, tensor_split, info, ctx_size, parallel, stall_timeout)
     server_name = name or default_name(model_path, model)
     stem = model_path.name.removesuffix(".gguf")
     spec = ServerSpec(
@@ -247,7 +249,6 @@ def _rpc_fields(
     resolved: Any,
     rpc: str | None,
     tensor_split: str | None,
-    trusted: bool,
     info: Any,
     ctx: int | None,
     parallel: int | None,
@@ -271,7 +272,6 @@ def _rpc_fields(
     return rpc_group(
         rpc,
         tensor_split,
-        trusted=trusted,
         info=info,
         ctx=ctx,
         parallel=parallel,

@@ -68,9 +68,10 @@ def worker(
     import buildtools  # speed
     from procman.cli._progress import BuildProgressView  # speed
     from procman.distributed.status import STATUS_PORT_OFFSET  # speed
-    from procman.distributed.worker import WorkerSpec, port_free  # speed
+    from procman.distributed.worker import WorkerSpec, check_listen, port_free  # speed
     from procman.errors import PortInUseError  # speed
 
+    check_listen(host, port, allow_network=allow_network)  # before anything is built or run
     key = None
     if api_key_file is not None:
         from procman.config import read_key_file  # speed

@@ -17,11 +17,13 @@ log, restarts with backoff and the crash budget of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import shlex
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +37,7 @@ from procman.process.logs import LineTail, RotatingLog
 from procman.process.policy import Action, RestartPolicy, is_crash
 from procman.spec import LogSettings, RestartSettings
 
-__all__ = ["ManagedWorker", "WorkerSpec", "WorkerStatus"]
+__all__ = ["ManagedWorker", "WorkerSpec", "WorkerStatus", "check_listen", "port_free"]
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +77,7 @@ class WorkerSpec:
     log: LogSettings = field(default_factory=LogSettings)
 
     def __post_init__(self) -> None:
-        parse_endpoint(format_endpoint(self.host, self.port))  # IPv4 literal and port range
-        if not self.allow_network and not _loopback(self.host):
-            raise ConfigError(
-                f"refusing to lend this machine's devices on {self.host}: the RPC protocol has "
-                "no authentication, so anyone who reaches the port could run work on them and "
-                "read what they hold",
-                hint="keep the default 127.0.0.1, or pass --allow-network on a network you "
-                "trust (a direct cable, a private VLAN), never on the internet",
-            )
+        check_listen(self.host, self.port, allow_network=self.allow_network)
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
 
@@ -106,10 +100,19 @@ class WorkerSpec:
         return argv
 
 
-def _loopback(host: str) -> bool:
+def check_listen(host: str, port: int, *, allow_network: bool) -> None:
+    """Where a worker may listen: an IPv4 address, loopback unless the network is allowed."""
     import ipaddress  # speed
 
-    return ipaddress.IPv4Address(host).is_loopback
+    parse_endpoint(format_endpoint(host, port))  # IPv4 literal and port range
+    if not allow_network and not ipaddress.IPv4Address(host).is_loopback:
+        raise ConfigError(
+            f"refusing to lend this machine's devices on {host}: the RPC protocol has "
+            "no authentication, so anyone who reaches the port could run work on them and "
+            "read what they hold",
+            hint="keep the default 127.0.0.1, or pass --allow-network on a network you "
+            "trust (a direct cable, a private VLAN), never on the internet",
+        )
 
 
 def port_free(host: str, port: int) -> bool:
@@ -146,9 +149,10 @@ class WorkerStatus:
 class _Lines(LineTail):
     """The tail of the worker's output, reading each complete line for its status."""
 
-    def __init__(self, status: WorkerStatus) -> None:
+    def __init__(self, status: WorkerStatus, on_banner: Callable[[], None] | None = None) -> None:
         super().__init__(40)
         self.status = status
+        self.on_banner = on_banner
         self._pending = b""
 
     def feed(self, data: bytes) -> None:
@@ -173,6 +177,8 @@ class _Lines(LineTail):
                 }
             )
         elif _ACCEPTED in line:
+            if self.on_banner is not None:  # the banner (devices included) came before it
+                self.on_banner()
             status.leader_since = time.time()
             status.connections += 1
         elif _CLOSED in line:
@@ -195,8 +201,9 @@ class ManagedWorker:
         self._log = RotatingLog(
             spec.log.path_for(spec.label), max_bytes=spec.log.max_bytes, backups=spec.log.backups
         )
-        self._tail = _Lines(self.status)
+        self._tail = _Lines(self.status, self._on_banner)
         self._task: asyncio.Task[None] | None = None
+        self._banner: asyncio.Event | None = None
 
     @property
     def log_path(self) -> Path:
@@ -226,6 +233,10 @@ class ManagedWorker:
         self.last_reason = reason
         log.info("%s: %s -> %s (%s)", self.spec.label, previous, state, reason)
         self.bus.emit(self.spec.label, state, previous, reason, pid=self.pid, log_tail=log_tail)
+
+    def _on_banner(self) -> None:
+        if self._banner is not None:
+            self._banner.set()
 
     async def start(self) -> None:
         """Check the port, spawn, return once the port accepts; :class:`PortInUseError` or
@@ -305,6 +316,7 @@ class ManagedWorker:
     async def _one_life(self, first: asyncio.Future[None]) -> tuple[int | None, str]:
         argv = self.spec.argv()
         self._tail.clear()
+        self._banner = asyncio.Event()
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
         self._log.write(f"\n--- llamactl {stamp}: {shlex.join(argv)}\n".encode())
         try:
@@ -320,6 +332,11 @@ class ManagedWorker:
                     code = child.exited.result()
                     return code, f"exited before listening: {describe_exit(code)}"
                 return None, f"not listening after {self.spec.startup_timeout:g} s; killed"
+            # its stdout is a pipe, so block-buffered: the banner (protocol, devices) arrives
+            # with the fflush after "Accepted client connection", which the readiness probe
+            # caused; wait for it briefly so that READY comes with a complete status
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._banner.wait(), 2.0)
             self.policy.on_ready(time.monotonic())
             self._set(State.READY, f"listening on {self.spec.endpoint}")
             if not first.done():

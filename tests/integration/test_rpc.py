@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -169,11 +170,17 @@ async def test_two_workers_and_a_leader_answer_as_one_process_does(
         api = client(base)
         alone = [await greedy(api, p) for p in PROMPTS]
         await sup.remove("demo")
-        await sup.serve(group_spec(llama_server, demo_model, tmp_path, rpc=endpoints))
+        # -lv 4: the default verbosity hides load_tensors' buffer lines
+        spec = group_spec(
+            llama_server, demo_model, tmp_path, rpc=endpoints, extra_args=("-lv", "4")
+        )
+        await sup.serve(spec)
         split = [await greedy(api, p) for p in PROMPTS]
     log = (tmp_path / "demo.log").read_text(errors="replace")
     for index, endpoint in enumerate(endpoints):
-        assert f"RPC{index}[{endpoint}] model buffer size" in log, "weights on each worker"
+        # devices are RPC0, RPC1, ...; each buffer is named by its worker's own device index
+        assert f"using device RPC{index} ({endpoint})" in log
+        assert re.search(rf"RPC\d+\[{re.escape(endpoint)}\] model buffer size", log), endpoint
     differ = [(p, a, b) for p, a, b in zip(PROMPTS, alone, split, strict=True) if a != b]
     report(greedy_prompts=len(PROMPTS), differing=len(differ), examples=differ[:3])
     assert not differ, f"{len(differ)} of {len(PROMPTS)} greedy answers differ: {differ[:3]}"
@@ -381,7 +388,7 @@ def test_a_busy_worker_port_is_a_clear_error_before_spawning(
     ("argv", "says"),
     [
         (["worker", "--host", "0.0.0.0"], "no authentication"),
-        (["serve", "demo", "--rpc", "10.9.8.7:50052", "--port", "0"], "--trusted-network"),
+        (["serve", "missing.gguf", "--rpc", "10.9.8.7:50052", "--port", "0"], "--trusted-network"),
     ],
 )
 def test_the_network_is_refused_unless_the_user_says_so(
