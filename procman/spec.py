@@ -165,9 +165,9 @@ class ServerSpec:
     """Share of the offloaded layers per device (``-ts``), in llama.cpp's device order;
     empty: llama.cpp's own split (by free memory)."""
     stall_timeout: float = 30.0
-    """With ``rpc``: seconds ``/slots`` may take to answer before the group counts as hung
-    and is restarted. A silent worker hangs llama-server while ``/health`` still answers 200;
-    ``/slots`` waits for the main loop, so it stops answering too."""
+    """With ``rpc``: seconds a request in flight may make no progress (``/slots``: prompt
+    tokens processed, tokens decoded) before the group counts as hung and is restarted. A
+    silent worker hangs llama-server's decode while its HTTP answers go on."""
     startup_timeout: float = 120.0
     """Seconds from spawn to ready before the server is killed as hung."""
     stop_grace: float = 10.0
@@ -195,6 +195,11 @@ class ServerSpec:
             )
         if self.stall_timeout <= 0:
             raise ConfigError("stall_timeout must be positive")
+        if self.rpc and "--no-slots" in self.extra_args:
+            raise ConfigError(
+                "--no-slots cannot be used with rpc workers",
+                hint="the stall watchdog reads each slot's progress from /slots",
+            )
         if self.startup_timeout <= 0 or self.stop_grace < 0:
             raise ConfigError("startup_timeout must be positive and stop_grace non-negative")
         check_extra_args(self.extra_args)
@@ -202,13 +207,6 @@ class ServerSpec:
     @property
     def log_path(self) -> Path:
         return self.log.path_for(self.name)
-
-    @property
-    def stall_path(self) -> str:
-        """The endpoint that answers only when llama-server's main loop runs: ``/slots``,
-        which changes nothing (a ``/metrics`` scrape resets the averaged gauges' window for
-        every other scraper), or ``/metrics`` when the args turn ``/slots`` off."""
-        return "/metrics" if "--no-slots" in self.extra_args else "/slots"
 
     def _given(self, flags: frozenset[str], default: int | None) -> int | None:
         """The number an option takes in the extra args (the last one wins, as in llama-server)."""
@@ -279,8 +277,6 @@ class ServerSpec:
             argv += ["-ngl", str(self.gpu_layers)]
         if self.rpc:
             argv += ["--rpc", ",".join(self.rpc)]
-            if self.stall_path == "/metrics":
-                argv.append("--metrics")
             if self.tensor_split:
                 argv += ["-ts", ",".join(f"{share:g}" for share in self.tensor_split)]
         given = any(arg.partition("=")[0] in _CACHE_RAM for arg in self.extra_args)

@@ -320,7 +320,11 @@ class ManagedWorker:
         stamp = datetime.now().astimezone().isoformat(timespec="seconds")
         self._log.write(f"\n--- llamactl {stamp}: {shlex.join(argv)}\n".encode())
         try:
-            transport, child = await spawn(argv, self._log, self._tail)
+            # SIGPIPE ignored: ggml-rpc-server b11312 writes to its leader without
+            # MSG_NOSIGNAL, and dies of SIGPIPE when the leader went while it computed
+            # (seen after SIGSTOP, leader killed, SIGCONT); with EPIPE it drops the
+            # connection and accepts the next leader
+            transport, child = await spawn(argv, self._log, self._tail, ignore_sigpipe=True)
         except OSError as exc:
             return None, f"cannot run {self.spec.binary}: {exc.strerror or exc}"
         self.pid = transport.get_pid()

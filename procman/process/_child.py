@@ -147,12 +147,13 @@ class Child(asyncio.SubprocessProtocol):
 
 
 async def spawn(
-    argv: Sequence[str], sink: RotatingLog, tail: LineTail
+    argv: Sequence[str], sink: RotatingLog, tail: LineTail, *, ignore_sigpipe: bool = False
 ) -> tuple[asyncio.SubprocessTransport, Child]:
     """Start ``argv`` in its own session, tied to our life, its output piped to ``sink``.
 
     Must run in the event loop's thread (asyncio forks there): see the module
-    docstring on PDEATHSIG.
+    docstring on PDEATHSIG. ``ignore_sigpipe``: see
+    :func:`~procman.process._pdeathsig.child_setup`.
     """
     loop = asyncio.get_running_loop()
     return await loop.subprocess_exec(
@@ -163,7 +164,7 @@ async def spawn(
         stderr=subprocess.STDOUT,
         start_new_session=True,
         # only prctl + getppid run between fork and exec (PLW1509 is not in our selection)
-        preexec_fn=child_setup(),
+        preexec_fn=child_setup(ignore_sigpipe=ignore_sigpipe),
     )
 
 

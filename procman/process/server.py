@@ -53,6 +53,27 @@ _RPC_HINT = (
 )
 
 
+def _progress(slots: object) -> tuple[tuple[int, int, int, int], ...] | None:
+    """(slot, task, prompt tokens processed, tokens decoded) of each busy slot in ``/slots``;
+    None when no slot is busy (or the answer is not what llama-server writes)."""
+    if not isinstance(slots, list):
+        return None
+    busy = []
+    for slot in slots:
+        if not isinstance(slot, dict) or not slot.get("is_processing"):
+            continue
+        decoded = sum(int(t.get("n_decoded", 0)) for t in slot.get("next_token") or [])
+        busy.append(
+            (
+                int(slot.get("id", -1)),
+                int(slot.get("id_task", -1)),
+                int(slot.get("n_prompt_tokens_processed", 0)),
+                decoded,
+            )
+        )
+    return tuple(busy) or None
+
+
 class _End(Enum):
     """Why one life of the process ended: it exited, or we killed it for hanging."""
 
@@ -94,6 +115,9 @@ class ManagedServer:
         self._recycle: asyncio.Future[str] | None = None
         self._offered: EarlyServer | None = None
         self.restarts = 0
+        #: the stall watchdog's last reading of /slots, and since when it is unchanged
+        self._progress: tuple[tuple[int, int, int, int], ...] | None = None
+        self._progress_since = 0.0
         #: RPC worker endpoint -> what was last known of it (see workers_status)
         self._workers: dict[str, dict[str, Any]] = {
             e: {"endpoint": e, "up": None, "error": "", "lost": 0} for e in spec.rpc
@@ -397,11 +421,15 @@ class ManagedServer:
                 transport, child = await self._spawn(endpoint, note, early)
             except OSError as exc:
                 return _End.EXITED, f"cannot run {self.spec.binary}: {exc.strerror or exc}"
+            end = _End.EXITED
             try:
                 spawned = early.started if early is not None else time.monotonic()
                 end, reason, was_ready = await self._live(child, first, spawned, endpoint)
             finally:
-                await terminate(transport, child, self.spec.stop_grace, self.name)
+                # a hung server (health failing, or stalled on a silent RPC worker) cannot
+                # finish a polite stop: no grace period for it
+                grace = 0.0 if end is _End.UNHEALTHY else self.spec.stop_grace
+                await terminate(transport, child, grace, self.name)
                 self._pid = self._endpoint = None
                 self.ready_since = None
                 endpoint.remove()
@@ -515,6 +543,7 @@ class ManagedServer:
         """Watch a ready server until it exits, is recycled, hangs or stalls."""
         health = self.spec.health
         failures = 0
+        self._progress = None
         recycle = self._recycle = asyncio.get_running_loop().create_future()
         try:
             while True:
@@ -543,15 +572,36 @@ class ManagedServer:
                 recycle.cancel()
 
     async def _stalled(self, session: aiohttp.ClientSession, health_url: str) -> str:
-        """The stall watchdog of an RPC group: "" while the main loop answers, else why the
-        group is restarted (see ``ServerSpec.stall_timeout``)."""
-        url = health_url.removesuffix("/health") + self.spec.stall_path
-        status, detail = await self._probe(session, url, self.spec.stall_timeout)
-        if status is not None:
+        """The stall watchdog of an RPC group: "" while requests progress, else why the group
+        is restarted (see ``ServerSpec.stall_timeout``).
+
+        A silent worker blocks llama-server's decode, yet its HTTP threads go on
+        answering ``/health``, ``/slots`` and ``/metrics`` (measured at b11312).
+        ``/slots`` says how far each busy slot has got (prompt tokens processed,
+        tokens decoded): a request in flight whose progress has not moved for
+        ``stall_timeout`` seconds is a stall; so is ``/slots`` not answering.
+        """
+        import aiohttp  # speed
+
+        url = health_url.removesuffix("/health") + "/slots"
+        limit = self.spec.stall_timeout
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=limit)) as resp:
+                slots = await resp.json() if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            if isinstance(exc, TimeoutError):
+                return f"/slots did not answer within {limit:g} s: llama-server is stalled; killed"
+            return ""  # refused or malformed: the health checks and the exit watcher judge that
+        progress = _progress(slots)
+        now = time.monotonic()
+        if not progress or progress != self._progress:
+            self._progress, self._progress_since = progress, now
+            return ""
+        if now - self._progress_since < limit:
             return ""
         return (
-            f"{self.spec.stall_path} did not answer within {self.spec.stall_timeout:g} s "
-            f"({detail}): llama-server is stalled, an RPC worker went silent; killed"
+            f"no progress for {now - self._progress_since:.0f} s on a request in flight: "
+            "llama-server is stalled (an RPC worker went silent); killed"
         )
 
     async def _check(

@@ -30,8 +30,9 @@ import pytest
 
 from buildtools import BuildResult
 from procman.distributed.rpc import probe
+from procman.distributed.worker import ManagedWorker, WorkerSpec
 from procman.events import Event, State
-from procman.spec import RestartSettings, ServerSpec
+from procman.spec import LogSettings, RestartSettings, ServerSpec
 from procman.supervisor import AsyncSupervisor
 from tests.integration.conftest import Processes
 from tests.integration.test_serve import CLI, REPO, cli_env, demo_spec, running_router
@@ -242,19 +243,31 @@ async def test_a_worker_killed_mid_stream(
 async def test_a_silent_worker_is_caught_by_the_stall_watchdog(
     llama_server: Path,
     demo_model: Path,
+    rpc_worker: Path,
     tmp_path: Path,
     workers: Workers,
     supervisor: tuple[AsyncSupervisor, list[Event]],
 ) -> None:
+    """SIGSTOP of a worker mid-answer: the watchdog sees no progress and restarts the
+    group, which waits for the worker; after SIGCONT the same worker process serves the
+    next leader. The silent one runs under ``llamactl worker`` (ManagedWorker): a bare
+    ggml-rpc-server b11312 dies of SIGPIPE at SIGCONT, writing to its vanished leader."""
     sup, events = supervisor
     endpoints = workers.endpoints(2)
-    for endpoint in endpoints:
-        workers.start(endpoint)
+    host, port = endpoints[0].split(":")
+    managed = ManagedWorker(
+        WorkerSpec(
+            binary=rpc_worker, host=host, port=int(port), threads=1,
+            log=LogSettings(directory=tmp_path),
+        )
+    )  # fmt: skip
+    workers.start(endpoints[1])
     spec = group_spec(llama_server, demo_model, tmp_path, rpc=endpoints, stall_timeout=3.0)
-    async with running_router(sup) as base:
+    async with managed, running_router(sup) as base:
+        silent = managed.pid
+        assert silent is not None
         server = await sup.serve(spec)
         api = client(base)
-        silent = workers.procs[endpoints[0]]
         request = asyncio.ensure_future(
             api.chat.completions.create(
                 model="demo",
@@ -263,21 +276,23 @@ async def test_a_silent_worker_is_caught_by_the_stall_watchdog(
                 extra_body={"ignore_eos": True},
             )
         )
-        await asyncio.sleep(1.0)  # generating
-        silent.send_signal(signal.SIGSTOP)
+        await until(lambda: server.state is State.READY and sup.status()[0]["in_use"] > 0, "busy")
+        await asyncio.sleep(0.5)  # generating
+        os.kill(silent, signal.SIGSTOP)
         stopped_at = time.monotonic()
         await until(
-            lambda: any("stalled" in e.reason for e in events), "the watchdog to restart it", 30
+            lambda: any("stalled" in e.reason for e in events), "the watchdog to restart it", 60
         )
         detected = time.monotonic() - stopped_at
         with pytest.raises(openai.APIError):
             await request
         await until(lambda: server.state is State.WAITING_WORKERS, "waiting for the worker")
-        silent.send_signal(signal.SIGCONT)
+        os.kill(silent, signal.SIGCONT)
         resumed_at = time.monotonic()
         await until(lambda: server.state is State.READY, "recovery after SIGCONT", 60)
         recovered = time.monotonic() - resumed_at
         assert await greedy(api, "Say hello.")
+        assert managed.pid == silent and managed.restarts == 0, "the worker itself survived"
     report(sigstop_to_restart_s=round(detected, 2), sigcont_to_ready_s=round(recovered, 2))
 
 

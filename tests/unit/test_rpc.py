@@ -252,17 +252,29 @@ def test_a_trusted_network_may_hold_workers_and_three_workers_warn() -> None:
     assert any("#28487" in w for w in config.warnings())
 
 
-def test_the_spec_owns_rpc_and_watches_slots(tmp_path: Path) -> None:
+def test_the_spec_owns_rpc_and_keeps_slots_for_the_watchdog(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="managed by llamactl"):
         ServerSpec(name="m", model=tmp_path, binary=tmp_path, extra_args=("--rpc", "x:1"))
     with pytest.raises(ConfigError, match="tensor_split needs rpc"):
         ServerSpec(name="m", model=tmp_path, binary=tmp_path, tensor_split=(1.0,))
-    spec = ServerSpec(name="m", model=tmp_path, binary=tmp_path, rpc=("127.0.0.2:1",))
-    assert spec.stall_path == "/slots" and "--metrics" not in spec.argv(Endpoint.unix("m"))
-    off = ServerSpec(
-        name="m", model=tmp_path, binary=tmp_path, rpc=("127.0.0.2:1",), extra_args=("--no-slots",)
-    )
-    assert off.stall_path == "/metrics" and "--metrics" in off.argv(Endpoint.unix("m"))
+    with pytest.raises(ConfigError, match="--no-slots"):
+        ServerSpec(
+            name="m", model=tmp_path, binary=tmp_path, rpc=("127.0.0.2:1",),
+            extra_args=("--no-slots",),
+        )  # fmt: skip
+
+
+def test_progress_is_read_from_busy_slots() -> None:
+    from procman.process.server import _progress
+
+    slots = [
+        {"id": 0, "is_processing": True, "id_task": 7, "n_prompt_tokens_processed": 31,
+         "next_token": [{"n_decoded": 60}]},
+        {"id": 1, "is_processing": False, "id_task": -1},
+    ]  # fmt: skip
+    assert _progress(slots) == ((0, 7, 31, 60),)
+    assert _progress([{"id": 0, "is_processing": False}]) is None, "idle: nothing to watch"
+    assert _progress({"error": "not supported"}) is None
 
 
 # -- the worker ----------------------------------------------------------------------------
