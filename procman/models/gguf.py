@@ -351,6 +351,7 @@ def _describe(path: Path, size: int, version: int, reader: gguf.GGUFReader) -> M
         output_tensor_bytes=output_bytes,
         tied_embeddings="output.weight" not in names,
         header_bytes=int(reader.data_offset),
+        n_params=sum(int(t.n_elements) for t in tensors),
     )
 
 
