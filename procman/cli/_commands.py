@@ -23,7 +23,9 @@ COMMANDS = {
     "estimate": "_estimate",
     "load": "_ctl",
     "logs": "_serve",
+    "models": "_models",
     "ps": "_ctl",
+    "pull": "_models",
     "serve": "_serve",
     "stop": "_ctl",
 }

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from procman.events import Event
     from procman.router import Router
     from procman.spec import ServerSpec
-    from procman.supervisor import AsyncSupervisor
+    from procman.supervisor import AsyncSupervisor, Fetch
 
 __all__ = ["logs", "serve"]
 
@@ -180,7 +180,13 @@ def serve(
     }
     layers = parse_gpu_layers(gpu_layers)
     check_exposure(host, access["api_key"], allow_unauthenticated=insecure)
-    model_path = resolve_model(model)
+    if model is not None and model.startswith("hf:"):
+        from procman.cli._models import PullView  # speed
+
+        with PullView() as view:
+            model_path = resolve_model(model, on_progress=view)
+    else:
+        model_path = resolve_model(model)
     info = validate_model(model_path)
     with BuildProgressView(
         "no llama-server is built for this machine yet: building and verifying one "
@@ -260,6 +266,11 @@ def _serve_config(
         resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
     plan = loaded.plan(resolved.binary)
     for model in plan.models:
+        if model.pull is not None:
+            console.print(
+                f"[bold]{escape(model.spec.name)}[/]: {escape(model.pull)} (pulled on first use)"
+            )
+            continue
         info = validate_model(model.spec.model)
         what = f"{info.architecture}, {info.file_type or '?'}, {info.size_bytes / 1e6:.0f} MB"
         console.print(
@@ -299,7 +310,7 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
     for model in plan.models:
         supervisor.add(
             model.spec, validate=False, ttl=model.ttl, on_demand=True,
-            memory_limit=model.memory_limit,
+            memory_limit=model.memory_limit, fetch=_fetcher(model.pull),
         )  # fmt: skip
         slots = QueueSettings(
             slots=model.spec.parallel or 1, maxsize=model.queue, order=model.order
@@ -319,6 +330,15 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
         await supervisor.stop()
         _forget_signals(loop)
     console.print("stopped")
+
+
+def _fetcher(ref: str | None) -> Fetch | None:
+    """For a model still to be pulled: the download the supervisor runs at its first load."""
+    if ref is None:
+        return None
+    from procman.models.refs import resolve_model  # speed
+
+    return lambda report: resolve_model(ref, on_progress=report)
 
 
 def _url(router: Router) -> str:
