@@ -205,7 +205,9 @@ def _ollama(root: Path) -> Iterator[Found]:
     manifests = root / "manifests"
     if not manifests.is_dir():
         return
-    for manifest in sorted(p for p in manifests.glob("*/*/*/*") if p.is_file()):
+    listed = (p for p in manifests.glob("*/*/*/*") if p.is_file())
+    # Ollama's own registry first: one blob pulled under two names is listed by the short one
+    for manifest in sorted(listed, key=lambda p: (p.parts[-4] != _OLLAMA_REGISTRY, p)):
         registry, namespace, model, tag = manifest.relative_to(manifests).parts
         blob = _ollama_blob(root, manifest)
         if blob is not None:

@@ -380,7 +380,11 @@ class _Session:
                 f"{where} answered HTTP {status} for {hf}: {str(exc).splitlines()[0]:.200}",
                 hint="try again later; a partial download is kept and resumed",
             ) from exc
-        except (OSError, RuntimeError) as exc:  # connection refused, reset, timed out, DNS...
+        except Exception as exc:
+            # connection refused, reset, timed out, DNS: OSError, or the HTTP client's own
+            network = type(exc).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore"}
+            if not (network or isinstance(exc, OSError)):
+                raise
             raise _Unreachable(
                 PullError(
                     f"cannot download {hf}: {where} is unreachable ({_reason(exc)})",
@@ -388,15 +392,6 @@ class _Session:
                     "resumed by the next pull",
                 )
             ) from exc
-        except Exception as exc:
-            if type(exc).__module__.split(".")[0] in {"httpx", "httpx2", "httpcore", "httpcore2"}:
-                raise _Unreachable(
-                    PullError(
-                        f"cannot download {hf} from {where}: {_reason(exc)}",
-                        hint="check the network and try again: a partial download is resumed",
-                    )
-                ) from exc
-            raise
 
 
 def _reason(exc: BaseException) -> str:
