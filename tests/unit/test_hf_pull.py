@@ -447,3 +447,16 @@ async def test_a_failed_pull_is_reported_and_raised(tmp_path: Path) -> None:
             await supervisor.load("m")
         assert supervisor.status()[0]["pulling"] is None
     assert events[-1].reason == "pull failed: cannot download hf:o/r: the Hub is unreachable"
+
+
+@pytest.mark.usefixtures("cli_env")
+def test_the_library_serve_request_resolves_a_reference(
+    tmp_path: Path, models: dict[str, bytes]
+) -> None:
+    from procman.daemon._request import ServeRequest
+
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    spec = ServeRequest(model="hf:org/Tiny-GGUF:Q8_0", binary=str(binary)).to_spec()
+    assert spec.model.read_bytes() == models["q8"] and spec.name == "tiny-Q8_0"
