@@ -12,8 +12,8 @@ reads them):
 
 Faults the tests ask for: a private repository (401 ``RepoNotFound`` without
 the right token, "Invalid credentials" with a wrong one), a gated one (401
-``GatedRepo``), a body cut half-way (the connection closed, once or until
-``fail_after_cut`` says otherwise), 503s, and a corrupted byte.
+``GatedRepo``), a body cut half-way (the connection closed), a body stalled
+half-way (until the test releases it), 503s, and a corrupted byte.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Fault:
     corrupt_at: int | None = None
     #: called before a GET body is sent (a test can wait on an event here)
     before_body: threading.Event | None = None
+    #: the next GET sends half the body, then waits for this event before it closes
+    stall: threading.Event | None = None
 
 
 @dataclass
@@ -182,8 +184,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _file(self, data: bytes, headers: dict[str, str]) -> None:
             fault = hub.fault
             with hub._lock:
-                cut = fault.cut > 0
-                fault.cut -= cut
+                stall, fault.stall = fault.stall, None
+                cut = fault.cut > 0 or stall is not None
+                fault.cut -= fault.cut > 0
                 down = not cut and fault.unavailable > 0
                 fault.unavailable -= down
             if down:
@@ -210,6 +213,8 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(part[: len(part) // 2])
             self.wfile.flush()
+            if stall is not None:
+                stall.wait(60)
             self.close_connection = True
             self.connection.shutdown(2)
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -186,6 +187,42 @@ def test_two_pull_processes_at_once_end_with_one_copy(
     assert [b.name for b in blobs] == [hashlib.sha256(demo_bytes).hexdigest()]
     assert sum("checksum verified" in err for _, err in outs) == 1
     assert sum("already in the cache" in err for _, err in outs) == 1
+
+
+def test_a_pull_interrupted_with_ctrl_c_is_resumed_by_the_next_one(
+    hub: FakeHub, env: dict[str, str], demo_bytes: bytes, processes: Processes
+) -> None:
+    stall = hub.fault.stall = threading.Event()  # half the file arrives, then it hangs
+    proc = processes.popen(
+        [*CLI, "pull", REF], cwd=REPO, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    blobs = Path(env["HF_HUB_CACHE"]) / "models--test--SmolLM2-GGUF" / "blobs"
+    deadline = time.monotonic() + 60
+    # huggingface_hub writes 10 MB chunks: wait until some are on disk (the file is all
+    # there is to watch in another process)
+    while not any(p.stat().st_size > 0 for p in blobs.glob("*.incomplete")):
+        assert time.monotonic() < deadline, "no bytes written in 60 s"
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        stall.set()
+    assert proc.returncode == 130, err
+    (partial,) = blobs.glob("*.incomplete")
+    kept = partial.stat().st_size
+    assert 0 < kept < len(demo_bytes)
+    assert not list(Path(env["HF_HUB_CACHE"]).rglob(FILE))  # no snapshot link: not a model
+
+    done = subprocess.run(
+        [*CLI, "pull", REF], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        check=True,
+    )  # fmt: skip
+    assert hub.gets(FILE)[-1] == f"bytes={kept}-"
+    assert Path(done.stdout.strip()).read_bytes() == demo_bytes
+    assert not partial.exists()
 
 
 @pytest.fixture
