@@ -194,9 +194,10 @@ def _params(n: int | None) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> Any:
-    from rich.table import Table  # speed
+    from rich.table import Column, Table  # speed
 
-    table = Table("model", "arch", "params", "quant", "size", f"RAM @{LIST_CTX}", "source")
+    table = Table("arch", "params", "quant", "size", f"RAM @{LIST_CTX}", "source")
+    table.columns.insert(0, Column("model", overflow="fold"))  # a reference is copied whole
     for row in rows:
         est = row.get("estimate") or {}
         table.add_row(

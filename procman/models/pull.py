@@ -388,8 +388,8 @@ class _Session:
             raise _Unreachable(
                 PullError(
                     f"cannot download {hf}: {where} is unreachable ({_reason(exc)})",
-                    hint="check the network (or HF_ENDPOINT); a partial download is kept and "
-                    "resumed by the next pull",
+                    hint="check the network (or HF_ENDPOINT) and pull again; an interrupted "
+                    "download resumes where it stopped",
                 )
             ) from exc
 
