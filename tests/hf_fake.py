@@ -52,6 +52,9 @@ class Fault:
     before_body: threading.Event | None = None
     #: the next GET sends half the body, then waits for this event before it closes
     stall: threading.Event | None = None
+    #: HEAD answers 302 to this host (another name for the fake), as the Hub sends LFS
+    #: files to its CDN
+    redirect_host: str | None = None
 
 
 @dataclass
@@ -60,6 +63,8 @@ class FakeHub:
     fault: Fault = field(default_factory=Fault)
     #: (method, path, Range header or "")
     requests: list[tuple[str, str, str]] = field(default_factory=list)
+    #: (path, Authorization header or "") of each request
+    auth: list[tuple[str, str]] = field(default_factory=list)
     url: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -93,6 +98,7 @@ class FakeHub:
 
 _API = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?$")
 _RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+_CDN = re.compile(r"^/cdn/([^/]+/[^/]+)/([0-9a-f]{40})/(.+)$")
 
 
 def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -149,6 +155,12 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?")[0]
             with hub._lock:
                 hub.requests.append((self.command, path, self.headers.get("Range", "")))
+                hub.auth.append((path, self.headers.get("Authorization", "")))
+            if m := _CDN.match(path):  # a redirect's target: no token needed, as on a CDN
+                repo = hub.repos[m.group(1)]
+                data = repo.commits[m.group(2)][m.group(3)]
+                self._file(data, {"Accept-Ranges": "bytes"})
+                return
             if m := _API.match(path):
                 if (repo := self._repo(m.group(1))) is None:
                     return
@@ -176,6 +188,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             sha = hashlib.sha256(data).hexdigest()
             headers = {"X-Repo-Commit": commit, "X-Linked-Etag": f'"{sha}"', "ETag": f'"{sha}"',
                        "X-Linked-Size": str(len(data)), "Accept-Ranges": "bytes"}  # fmt: skip
+            if not body and hub.fault.redirect_host:
+                port = self.server.server_address[1]
+                where = f"http://{hub.fault.redirect_host}:{port}/cdn/{m.group(1)}/{commit}"
+                self._send(302, b"", {**headers, "Location": f"{where}/{m.group(3)}"}, body=False)
+                return
             if not body:
                 self._send(200, data, headers, body=False)
                 return

@@ -248,6 +248,19 @@ def test_the_right_token_opens_a_private_repo(
     assert pull("hf:org/locked", env=env).path.read_bytes() == models["q4"]
 
 
+def test_the_token_goes_to_the_hub_and_never_to_the_cdn_it_redirects_to(
+    hub: FakeHub, env: dict[str, str], models: dict[str, bytes]
+) -> None:
+    hub.add("org/locked", {"m-Q4_K_M.gguf": models["q4"]}, private=True)
+    hub.fault.redirect_host = "localhost"  # the same fake under another name: another host
+    env["HF_TOKEN"] = GOOD_TOKEN
+    assert pull("hf:org/locked", env=env).path.read_bytes() == models["q4"]
+    sent = dict(hub.auth)
+    assert sent["/api/models/org/locked"] == f"Bearer {GOOD_TOKEN}"
+    (cdn,) = [path for path in sent if path.startswith("/cdn/")]
+    assert sent[cdn] == ""
+
+
 def test_an_unknown_revision_or_quant_is_a_clear_error(env: dict[str, str]) -> None:
     with pytest.raises(PullError, match="no revision 'nope'"):
         pull("hf:org/Tiny-GGUF:Q4_K_M@nope", env=env)
