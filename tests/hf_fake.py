@@ -127,7 +127,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(payload)
 
-        def _repo(self, repo_id: str) -> FakeRepo | None:
+        def _repo(self, repo_id: str, *, files: bool = False) -> FakeRepo | None:
+            """The repository, or None once the error is sent; ``files``: a file is asked
+            for (a gated repository shows its listing to anyone, as the Hub does)."""
             repo = hub.repos.get(repo_id)
             auth = self.headers.get("Authorization")
             if repo is None:
@@ -136,7 +138,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if auth is not None and auth != f"Bearer {GOOD_TOKEN}":
                 self._error(401, None, "Invalid credentials in Authorization header")
                 return None
-            if repo.gated and auth is None:
+            if repo.gated and files and auth is None:
                 self._error(401, "GatedRepo", "Access to this model is restricted")
                 return None
             if repo.private and auth is None:
@@ -177,7 +179,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if m is None:
                 self._error(404)
                 return
-            if (repo := self._repo(m.group(1))) is None:
+            if (repo := self._repo(m.group(1), files=True)) is None:
                 return
             if (commit := self._commit(repo, _unquote(m.group(2)))) is None:
                 return
