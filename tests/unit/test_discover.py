@@ -210,3 +210,47 @@ def test_stores_that_do_not_exist_are_skipped(tmp_path: Path) -> None:
         hf_cache=tmp_path / "no-hf", lmstudio=(tmp_path / "no-lms",), ollama=(tmp_path / "x",)
     )
     assert find_models(stores) == []
+
+
+def write_split(folder: Path) -> list[Path]:
+    """A two-part model as gguf-split lays it out: the metadata and some weights in part 1."""
+    import gguf
+    import numpy as np
+
+    paths = [folder / f"m-Q4_K_M-0000{i}-of-00002.gguf" for i in (1, 2)]
+    tensors = [
+        {"token_embd.weight": (32, 16), "blk.0.attn_q.weight": (16, 16)},
+        {"blk.1.attn_q.weight": (16, 16), "output.weight": (32, 16)},
+    ]
+    for i, (path, names) in enumerate(zip(paths, tensors, strict=True)):
+        w = gguf.GGUFWriter(str(path), "llama")
+        if i == 0:
+            w.add_name("split")
+            w.add_block_count(2)
+            w.add_context_length(256)
+            w.add_embedding_length(16)
+            w.add_head_count(2)
+        w.add_uint16("split.no", i)
+        w.add_uint16("split.count", 2)
+        w.add_int32("split.tensors.count", 4)
+        for name, shape in names.items():
+            w.add_tensor(name, np.ones(shape, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return paths
+
+
+def test_a_split_model_counts_every_part(tmp_path: Path) -> None:
+    first, second = write_split(tmp_path)
+    info = validate_model(first)
+    assert info.size_bytes == first.stat().st_size + second.stat().st_size
+    assert info.n_params == 2 * 32 * 16 + 2 * 16 * 16
+    assert all(layer > 0 for layer in info.layer_tensor_bytes)  # blk.1 lives in part 2
+    assert info.output_tensor_bytes == 32 * 16 * 4
+    second.unlink()
+    os.utime(first)  # a new identity: validated again, not answered from memory
+    with pytest.raises(ModelError, match=r"00002-of-00002\.gguf is missing") as info_missing:
+        validate_model(first)
+    assert info_missing.value.hint is not None and "every part" in info_missing.value.hint
