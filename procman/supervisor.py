@@ -243,6 +243,7 @@ class AsyncSupervisor:
         except Exception as exc:
             state = entry.server.state
             self.bus.emit(name, state, state, f"pull failed: {exc}")
+            entry.server.note(f"pull failed: {exc}")
             raise
         finally:
             entry.pulling = None
@@ -251,12 +252,14 @@ class AsyncSupervisor:
         entry.server.spec = replace(entry.server.spec, model=path)
         state = entry.server.state
         self.bus.emit(name, state, state, f"pulled {ref}: {path}")
+        entry.server.note(f"pulled {ref}: {path}")
 
     def _pull_progress(self, entry: _Entry, text: str, loud: bool) -> None:
         entry.pulling = text
-        if loud:  # every 10 % and each stage: the event stream and serve's output stay readable
+        if loud:  # every 10 % and each stage: the events, serve's output and the log stay readable
             state = entry.server.state
             self.bus.emit(entry.spec.name, state, state, text)
+            entry.server.note(text)
 
     async def _admit(self, entry: _Entry) -> Reservation:
         """Choose ``-ngl``, estimate, reserve, and stop whatever must be evicted for it."""

@@ -437,6 +437,8 @@ async def test_a_config_model_is_pulled_at_its_first_load(tmp_path: Path) -> Non
     assert any("downloading 100%" in r for r in reasons)
     assert any(r.startswith(f"pulled {ref}: ") for r in reasons)
     assert any(isinstance(r, str) and r.startswith(f"pulling {ref}") for r in rows)
+    log = server.spec.log_path.read_text()  # `llamactl logs chat` shows the download too
+    assert f"pulling {ref}" in log and "downloading 100%" in log and f"pulled {ref}" in log
     # the next plan finds it in the cache: nothing left to pull
     (again,) = parse_config({"models": {"chat": {"path": ref}}}).plan(tmp_path / "x").models
     assert again.pull is None and again.spec.model == server.spec.model
@@ -444,7 +446,7 @@ async def test_a_config_model_is_pulled_at_its_first_load(tmp_path: Path) -> Non
 
 async def test_a_failed_pull_is_reported_and_raised(tmp_path: Path) -> None:
     from procman.events import Event
-    from procman.spec import ServerSpec
+    from procman.spec import LogSettings, ServerSpec
     from procman.supervisor import AsyncSupervisor
 
     events: list[Event] = []
@@ -452,7 +454,12 @@ async def test_a_failed_pull_is_reported_and_raised(tmp_path: Path) -> None:
     def fetch(report: object) -> Path:
         raise PullError("cannot download hf:o/r: the Hub is unreachable")
 
-    spec = ServerSpec(name="m", model=Path("hf:o/r"), binary=tmp_path / "llama-server")
+    spec = ServerSpec(
+        name="m",
+        model=Path("hf:o/r"),
+        binary=tmp_path / "llama-server",
+        log=LogSettings(directory=tmp_path),
+    )
     async with AsyncSupervisor() as supervisor:
         supervisor.bus.subscribe(events.append)
         supervisor.add(spec, validate=False, on_demand=True, fetch=fetch)
@@ -460,6 +467,7 @@ async def test_a_failed_pull_is_reported_and_raised(tmp_path: Path) -> None:
             await supervisor.load("m")
         assert supervisor.status()[0]["pulling"] is None
     assert events[-1].reason == "pull failed: cannot download hf:o/r: the Hub is unreachable"
+    assert "pull failed: cannot download" in (tmp_path / "m.log").read_text()
 
 
 @pytest.mark.usefixtures("cli_env")
