@@ -153,6 +153,11 @@ def test_a_config_model_is_pulled_on_its_first_request_with_progress_in_ps(
         asker.join(180)
     assert len(answers) == 1 and isinstance(answers[0], str) and answers[0]
     assert len(hub.gets(FILE)) == 1
+    logs = subprocess.run(
+        [*CLI, "logs", "smol", "--lines", "1000"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert f"pulling {REF}" in logs.stdout and f"pulled {REF}" in logs.stdout
 
 
 def test_two_pull_processes_at_once_end_with_one_copy(
