@@ -254,3 +254,17 @@ def test_a_split_model_counts_every_part(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"00002-of-00002\.gguf is missing") as info_missing:
         validate_model(first)
     assert info_missing.value.hint is not None and "every part" in info_missing.value.hint
+
+
+def test_models_lists_the_folders_a_config_names(
+    machine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text(
+        f'[server]\nmodel_dirs = ["{machine / "mine"}"]\n\n[models.a]\npath = "demo"\n'
+    )
+    assert main(["models", "--json", "--config", str(config)]) == 0
+    rows = {r["ref"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows[str(machine / "mine" / "own.gguf")]["source"] == "folder"
+    assert main(["models", "--json"]) == 0
+    assert str(machine / "mine" / "own.gguf") not in capsys.readouterr().out
