@@ -74,6 +74,8 @@ class ServerSection:
     """RAM all models may use together: a size such as ``"24GiB"``, or ``"auto"`` (from free memory)."""  # noqa: E501
     vram_budget: Budget = "auto"
     """GPU memory all models may use together: a size, or ``"auto"`` (from free VRAM)."""
+    model_dirs: tuple[str, ...] = ()
+    """Folders of ``.gguf`` files that ``llamactl models --config`` lists besides the Hugging Face cache, LM Studio and Ollama."""  # noqa: E501
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +83,7 @@ class ModelSection:
     """A ``[models.NAME]`` table: one model; NAME is what clients send as ``model``."""
 
     path: str = DEMO_MODEL
-    """A ``.gguf`` file, a model name in the cache, or ``"demo"`` for the built-in demo model."""
+    """A ``.gguf`` file, ``"hf:ORG/REPO:QUANT"`` (pulled on first use), ``"ollama:NAME:TAG"``, ``"lmstudio:PUBLISHER/REPO"``, a model name in the cache, or ``"demo"``."""  # noqa: E501
     ctx: int | None = None
     """Context size in tokens (``-c``); unset lets llama-server choose."""
     parallel: int = 1
@@ -140,10 +142,13 @@ class Config:
         """Resolve every model file and build the specs (raises ``ModelError``/``ConfigError``)."""
         plans = []
         for name, model in self.models.items():
+            pending = _pending_pull(model.path)
             try:
                 spec = ServerSpec(
                     name=name,
-                    model=resolve_model(model.path, models_dir=models_dir),
+                    model=Path(model.path)
+                    if pending
+                    else resolve_model(model.path, models_dir=models_dir),
                     binary=binary,
                     aliases=model.aliases,
                     ctx=model.ctx,
@@ -165,9 +170,19 @@ class Config:
                     queue=model.queue,
                     order=model.order,
                     memory_limit=model.memory_limit,
+                    pull=model.path if pending else None,
                 )
             )
         return ServePlan(server=self.server, models=tuple(plans))
+
+
+def _pending_pull(path: str) -> bool:
+    """An ``hf:`` reference the Hugging Face cache lacks: pulled at the model's first load."""
+    if not path.startswith("hf:") or Path(path).exists():
+        return False
+    from procman.models.pull import cached  # speed
+
+    return cached(path) is None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +194,9 @@ class ModelPlan:
     queue: int
     order: Order
     memory_limit: int | None
+    pull: str | None = None
+    """An ``hf:`` reference not in the cache yet: ``spec.model`` is a placeholder until the
+    first load pulls it (``AsyncSupervisor.add(fetch=...)``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,6 +319,7 @@ _SERVER_KEYS: dict[str, Convert] = {
     "max_loaded": _integer(1),
     "memory_budget": _budget,
     "vram_budget": _budget,
+    "model_dirs": _strings,
 }
 _MODEL_KEYS: dict[str, Convert] = {
     "path": _string,
@@ -474,6 +493,7 @@ _KINDS = {
     "args": "list of strings", "aliases": "list of strings", "startup_timeout": "duration",
     "rpc": "list of worker names", "tensor_split": "list of numbers", "stall_timeout": "duration",
     "endpoint": "string", "trusted_network": "boolean",
+    "model_dirs": "list of strings",
 }  # fmt: skip
 
 

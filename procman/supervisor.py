@@ -26,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,10 @@ from procman.spec import ServerSpec
 if TYPE_CHECKING:
     from procman.memory._limits import Limits
     from procman.memory.budget import Reservation
+    from procman.models.pull import PullProgress
+
+#: downloads the model file before the first start, reporting progress (``resolve_model``)
+Fetch = Callable[[Callable[["PullProgress"], None]], Path]
 
 __all__ = ["AsyncSupervisor"]
 
@@ -62,6 +67,10 @@ class _Entry:
     last_used: float = field(default_factory=time.monotonic)
     timer: asyncio.TimerHandle | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: the model file is still to be downloaded (``serve --config`` with an ``hf:`` path)
+    fetch: Fetch | None = None
+    #: while it downloads: "pulling hf:...: 41% of 4.4 GiB", for ``status()``
+    pulling: str | None = None
 
     @property
     def loaded(self) -> bool:
@@ -120,12 +129,15 @@ class AsyncSupervisor:
         ttl: float | None = None,
         on_demand: bool = False,
         memory_limit: int | None = None,
+        fetch: Fetch | None = None,
     ) -> ManagedServer:
         """Register a server (not started); its name and aliases must be unique.
 
         ``on_demand``: requests start it when it is stopped (or failed);
         ``ttl``: seconds without requests after which it is stopped;
-        ``memory_limit``: bytes of RSS it may hold (see ``limit_settings``).
+        ``memory_limit``: bytes of RSS it may hold (see ``limit_settings``);
+        ``fetch``: downloads ``spec.model`` at the first load (progress in events and
+        ``status()``), which then runs the file it returns.
         """
         taken = {
             name for server in self._servers.values() for name in (server.name, *server.aliases)
@@ -134,7 +146,7 @@ class AsyncSupervisor:
             raise ConfigError(f"model name already served: {', '.join(clash)}")
         server = ManagedServer(spec, bus=self.bus, policy=policy, validate=validate)
         self._servers[spec.name] = server
-        self._entries[spec.name] = _Entry(server, ttl, on_demand, spec, memory_limit)
+        self._entries[spec.name] = _Entry(server, ttl, on_demand, spec, memory_limit, fetch=fetch)
         return server
 
     async def serve(self, spec: ServerSpec) -> ManagedServer:
@@ -184,6 +196,8 @@ class AsyncSupervisor:
         async with entry.lock:
             if entry.loaded:
                 return entry.server
+            if entry.fetch is not None:
+                await self._fetch(entry)
             async with self._room:
                 await self._make_room(entry)
                 held: list[Reservation] = []
@@ -201,6 +215,51 @@ class AsyncSupervisor:
         if entry.users == 0:
             self._arm(entry)
         return entry.server
+
+    async def _fetch(self, entry: _Entry) -> None:
+        """Download the model (in a thread); progress goes to the events and ``status()``."""
+        from procman._units import format_bytes  # speed
+
+        fetch = entry.fetch
+        if fetch is None:
+            return
+        loop, name, shown = asyncio.get_running_loop(), entry.spec.name, [-1]
+        ref = str(entry.spec.model)
+
+        def report(progress: PullProgress) -> None:  # called in the download thread
+            pct = 100 * progress.done // progress.total if progress.total else 0
+            part = f" (part {progress.part}/{progress.parts})" if progress.parts > 1 else ""
+            text = (
+                f"pulling {progress.ref}{part}: {progress.stage} {pct}% "
+                f"of {format_bytes(progress.total)}"
+            )
+            loud = pct // 10 != shown[0] or progress.stage != "downloading"
+            shown[0] = pct // 10
+            loop.call_soon_threadsafe(self._pull_progress, entry, text, loud)
+
+        self._pull_progress(entry, f"pulling {ref}", True)
+        try:
+            path = await asyncio.to_thread(fetch, report)
+        except Exception as exc:
+            state = entry.server.state
+            self.bus.emit(name, state, state, f"pull failed: {exc}")
+            entry.server.note(f"pull failed: {exc}")
+            raise
+        finally:
+            entry.pulling = None
+        entry.fetch = None
+        entry.spec = replace(entry.spec, model=path)
+        entry.server.spec = replace(entry.server.spec, model=path)
+        state = entry.server.state
+        self.bus.emit(name, state, state, f"pulled {ref}: {path}")
+        entry.server.note(f"pulled {ref}: {path}")
+
+    def _pull_progress(self, entry: _Entry, text: str, loud: bool) -> None:
+        entry.pulling = text
+        if loud:  # every 10 % and each stage: the events, serve's output and the log stay readable
+            state = entry.server.state
+            self.bus.emit(entry.spec.name, state, state, text)
+            entry.server.note(text)
 
     async def _admit(self, entry: _Entry) -> Reservation:
         """Choose ``-ngl``, estimate, reserve, and stop whatever must be evicted for it."""
@@ -398,6 +457,7 @@ class AsyncSupervisor:
                     "tokens_per_second": speeds.get(name),
                     "memory_limit": entry.memory_limit,
                     "rpc_workers": server.workers_status(),
+                    "pulling": entry.pulling,
                 }
             )
         return rows

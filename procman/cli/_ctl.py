@@ -78,7 +78,7 @@ def _table(models: list[dict[str, Any]]) -> Table:
         queue = row.get("queue") or {}
         busy = f"{queue.get('active', 0)}+{queue.get('waiting', 0)}" if queue else "-"
         table.add_row(
-            escape(row["name"]), escape(row["state"]), str(row["pid"] or "-"),
+            escape(row["name"]), escape(row.get("pulling") or row["state"]), str(row["pid"] or "-"),
             str(row["port"] or "-"), _size(row["rss_bytes"]),
             _number(row.get("cpu_percent"), "%"), _size(row.get("vram_bytes")),
             _number(row.get("tokens_per_second")), str(row["restarts"]), busy,

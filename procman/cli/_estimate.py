@@ -28,7 +28,9 @@ def _size(n: int) -> str:
 
 @app.command()
 def estimate(
-    model: Annotated[str, typer.Argument(help="a .gguf file, or `demo` for the demo model")],
+    model: Annotated[
+        str, typer.Argument(help="a .gguf file, `demo`, or hf:/ollama:/lmstudio: as `models` lists")
+    ],
     ctx: Annotated[
         int, typer.Option("--ctx", "-c", help="context over all slots (0 = training context)")
     ] = 0,
@@ -56,16 +58,17 @@ def estimate(
     ] = False,
 ) -> None:
     """Predict the host RAM and GPU memory llama-server will need for MODEL."""
+    from procman.cli._models import PullView  # speed
     from procman.memory.estimate import COMPONENTS  # speed
     from procman.memory.estimate import estimate as run_estimate  # speed
     from procman.models.gguf import validate_model  # speed
+    from procman.models.refs import is_store_ref, resolve_model  # speed
 
-    if model == "demo":
-        from buildtools.demo import demo_model_path  # speed
-
-        path = demo_model_path()
+    if model == "demo" or is_store_ref(model):
+        with PullView() as view:
+            path = resolve_model(model, on_progress=view)
     else:
-        path = Path(model)
+        path = Path(model)  # a plain path is validated (and reported) as given
     info = validate_model(path)
     est = run_estimate(
         info,

@@ -1,4 +1,4 @@
-"""``llamactl serve`` and ``llamactl logs``.
+"""``llamactl serve``.
 
 ``serve`` checks everything it can before spawning anything (the model file,
 exposure without a key, the public port, the server binary), binds the
@@ -16,11 +16,9 @@ the one endpoint, each started on its first request (see
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import signal
 import socket
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -43,9 +41,9 @@ if TYPE_CHECKING:
     from procman.events import Event
     from procman.router import Router
     from procman.spec import ServerSpec
-    from procman.supervisor import AsyncSupervisor
+    from procman.supervisor import AsyncSupervisor, Fetch
 
-__all__ = ["logs", "serve"]
+__all__ = ["serve"]
 
 _STATE_STYLE = {
     "ready": "green",
@@ -158,7 +156,7 @@ def serve(
     """
     import buildtools  # speed
     from procman.models.gguf import validate_model  # speed
-    from procman.models.refs import default_name, resolve_model  # speed
+    from procman.models.refs import default_name  # speed
     from procman.router.listen import bind_listener, check_exposure  # speed
     from procman.spec import ServerSpec, parse_gpu_layers  # speed
 
@@ -208,7 +206,7 @@ def serve(
         from procman.cli._rpc import check_endpoints  # speed
 
         rpc = ",".join(check_endpoints(rpc, trusted=trusted_network))
-    model_path = resolve_model(model)
+    model_path = _model_path(model)
     info = validate_model(model_path)
     with BuildProgressView(
         "no llama-server is built for this machine yet: building and verifying one "
@@ -243,6 +241,18 @@ def serve(
             _early.discard()  # unless adopted: the start may have ended before its spawn
     if failure is not None:
         raise ServerError(failure.reason, log_tail=failure.log_tail, hint=f"log: {spec.log_path}")
+
+
+def _model_path(model: str | None) -> Path:
+    """The model's file; an ``hf:`` reference not in the cache yet is pulled, with progress."""
+    from procman.models.refs import resolve_model  # speed
+
+    if model is not None and model.startswith("hf:"):
+        from procman.cli._models import PullView  # speed
+
+        with PullView() as view:
+            return resolve_model(model, on_progress=view)
+    return resolve_model(model)
 
 
 def _rpc_fields(
@@ -326,6 +336,11 @@ def _serve_config(
         resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
     plan = loaded.plan(resolved.binary)
     for model in plan.models:
+        if model.pull is not None:
+            console.print(
+                f"[bold]{escape(model.spec.name)}[/]: {escape(model.pull)} (pulled on first use)"
+            )
+            continue
         info = validate_model(model.spec.model)
         what = f"{info.architecture}, {info.file_type or '?'}, {info.size_bytes / 1e6:.0f} MB"
         console.print(
@@ -365,7 +380,7 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
     for model in plan.models:
         supervisor.add(
             model.spec, validate=False, ttl=model.ttl, on_demand=True,
-            memory_limit=model.memory_limit,
+            memory_limit=model.memory_limit, fetch=_fetcher(model.pull),
         )  # fmt: skip
         slots = QueueSettings(
             slots=model.spec.parallel or 1, maxsize=model.queue, order=model.order
@@ -385,6 +400,15 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
         await supervisor.stop()
         _forget_signals(loop)
     console.print("stopped")
+
+
+def _fetcher(ref: str | None) -> Fetch | None:
+    """For a model still to be pulled: the download the supervisor runs at its first load."""
+    if ref is None:
+        return None
+    from procman.models.refs import resolve_model  # speed
+
+    return lambda report: resolve_model(ref, on_progress=report)
 
 
 def _url(router: Router) -> str:
@@ -590,40 +614,3 @@ class _LaunchRecord:
             min_available=held[0] + host_margin(supervisor.limits.machine.total_bytes),
             cuda=is_cuda_build(server.spec.binary),
         )
-
-
-@app.command()
-def logs(
-    name: Annotated[
-        str, typer.Argument(help="The server's name (as `serve` printed it, e.g. demo).")
-    ],
-    follow: Annotated[
-        bool, typer.Option("--follow", "-f", help="Keep printing what is appended.")
-    ] = False,
-    lines: Annotated[
-        int, typer.Option("--lines", "-n", help="How many of the last lines to print.")
-    ] = 50,
-) -> None:
-    """Print a served model's llama-server log (stdout and stderr)."""
-    from procman.process.logs import follow as follow_log  # speed
-    from procman.process.logs import log_path, read_tail  # speed
-
-    path = log_path(name)
-    if not path.is_file():
-        known = sorted(p.name.removesuffix(".log") for p in path.parent.glob("*.log"))
-        raise LlamactlError(
-            f"no log for {name!r} (looked for {path})",
-            hint=f"logs exist for: {', '.join(known)}" if known else "nothing has been served yet",
-        )
-    if not follow:
-        for line in read_tail(path, lines):
-            sys.stdout.write(line + "\n")
-        return
-
-    async def tail_forever() -> None:
-        async for text in follow_log(path, lines=lines):
-            sys.stdout.write(text)
-            sys.stdout.flush()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(tail_forever())

@@ -270,18 +270,18 @@ def _describe(path: Path, size: int, version: int, reader: gguf.GGUFReader) -> M
             f"{path} is a multimodal projector (architecture 'clip'), not a language model",
             hint="pass it with --mmproj next to the language model",
         )
-    tensors = reader.tensors
+    tensors = list(reader.tensors)
     if not tensors:
         raise ModelError(
             f"{path} holds no tensors (a vocabulary-only file?)",
             hint="pass a model file with weights",
         )
-    data_end = max(int(t.data_offset) + int(t.n_bytes) for t in tensors)
-    if data_end > size:
-        raise ModelError(
-            f"{path} is truncated: its tensors need {data_end} bytes, the file has {size}",
-            hint="download it again and compare its sha256 with the publisher's",
-        )
+    _check_end(path, tensors, size)
+    for part in _split_parts(path, _as_int(_value(fields, "split.count"))):
+        part_size, part_tensors = _read_part(part)
+        _check_end(part, part_tensors, part_size)
+        tensors += part_tensors
+        size += part_size
 
     def key(name: str) -> Any:
         return _value(fields, f"{arch}.{name}")
@@ -351,7 +351,49 @@ def _describe(path: Path, size: int, version: int, reader: gguf.GGUFReader) -> M
         output_tensor_bytes=output_bytes,
         tied_embeddings="output.weight" not in names,
         header_bytes=int(reader.data_offset),
+        n_params=sum(int(t.n_elements) for t in tensors),
     )
+
+
+def _check_end(path: Path, tensors: list[Any], size: int) -> None:
+    data_end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
+    if data_end > size:
+        raise ModelError(
+            f"{path} is truncated: its tensors need {data_end} bytes, the file has {size}",
+            hint="download it again and compare its sha256 with the publisher's",
+        )
+
+
+_FIRST_SPLIT = re.compile(r"-00001-of-(\d{5})\.gguf$")
+
+
+def _split_parts(path: Path, count: int) -> list[Path]:
+    """The other files of a split model (llama.cpp's ``PREFIX-0000i-of-0000N.gguf``), whose
+    tensors count too: the first file holds the metadata and only some of the weights."""
+    m = _FIRST_SPLIT.search(path.name)
+    if count <= 1 or m is None:
+        return []
+    prefix = path.name[: m.start()]
+    parts = [path.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf") for i in range(2, count + 1)]
+    if missing := [p.name for p in parts if not p.is_file()]:
+        raise ModelError(
+            f"{path} is part 1 of a {count}-part model, and {', '.join(missing)} is missing "
+            f"beside it",
+            hint="download every part into the same folder (llamactl pull fetches them all)",
+        )
+    return parts
+
+
+def _read_part(part: Path) -> tuple[int, list[Any]]:
+    try:
+        return part.stat().st_size, list(_open_reader(part).tensors)
+    except ModelError:
+        raise
+    except Exception as exc:  # as for the first part: a bad file, never a traceback
+        raise ModelError(
+            f"{part} is truncated or corrupt (GGUF reader: {exc!r:.200})",
+            hint="download it again and compare its sha256 with the publisher's",
+        ) from exc
 
 
 def _swa_layout(arch: str, n_layers: int, key: Any) -> tuple[int, tuple[bool, ...]]:

@@ -63,6 +63,8 @@ class ModelInfo:
     tied_embeddings: bool
     #: bytes before the tensor data (metadata, vocabulary)
     header_bytes: int
+    #: weights: the elements of every tensor in this file (one part of a split model)
+    n_params: int = 0
 
     @property
     def head_dim(self) -> int:

@@ -459,6 +459,12 @@ class ManagedServer:
             return None
         return early
 
+    def note(self, text: str) -> None:
+        """Write a line of llamactl's own into the server's log (``llamactl logs``), such as
+        the progress of the model's download before the first start."""
+        stamp = datetime.now().astimezone().isoformat(timespec="seconds")
+        self._log.write(f"--- llamactl {stamp}: {text}\n".encode())
+
     async def _spawn(
         self, endpoint: Endpoint, note: str, early: EarlyServer | None = None
     ) -> tuple[asyncio.SubprocessTransport, Child]:
