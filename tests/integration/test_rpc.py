@@ -334,9 +334,9 @@ def test_an_unreachable_worker_at_start_is_a_clear_error(
     assert done.returncode == 1, done.stderr
     assert gone in done.stderr and "unreachable" in done.stderr
     assert "Traceback" not in done.stderr
-    log = Path(cli_env["LLAMACTL_HOME"]) / "logs" / f"{demo_model.name.removesuffix('.gguf')}.log"
-    assert not log.exists() or "llama-server" not in log.read_text(), "nothing was spawned"
-    assert not list(tmp_path.rglob("core*")), "no core dump"
+    # nothing spawned: no llama-server to abort on the missing worker, so no core and no orphan
+    logs = Path(cli_env["LLAMACTL_HOME"]) / "logs"
+    assert not any("llama-server" in f.read_text() for f in logs.glob("*.log")), "spawned"
     report(unreachable_exit_s=round(time.monotonic() - started, 2))
 
 

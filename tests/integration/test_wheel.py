@@ -70,6 +70,7 @@ def test_wheel_carries_the_server_and_its_plan(wheel: Path, default_build: Build
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert "buildtools/bin/llama-server" in names
+        assert "buildtools/bin/ggml-rpc-server" in names, "the wheel carries the RPC worker"
         manifest = json.loads(zf.read("buildtools/bin/llamactl-build.json"))
         mode = zf.getinfo("buildtools/bin/llama-server").external_attr >> 16
     assert mode & 0o111, "llama-server lost its executable bit"
@@ -104,6 +105,14 @@ def test_installed_wheel_serves_with_its_bundled_server(wheel_venv: Path, tmp_pa
         [uses["binary"], "--version"], capture_output=True, text=True, timeout=30, check=False
     )
     assert "build 11312" in version.stdout + version.stderr
+    worker = subprocess.run(
+        [str(wheel_venv / "bin" / "python"), "-c",
+         "import buildtools; w = buildtools.resolve_worker(); print(w.origin, w.binary)"],
+        capture_output=True, text=True, timeout=120, check=False, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert worker.returncode == 0, worker.stderr
+    origin, binary = worker.stdout.split()
+    assert origin == "bundled" and binary.endswith("buildtools/bin/ggml-rpc-server")
 
 
 def test_installed_wheel_serves_the_demo_model(
