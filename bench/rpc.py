@@ -93,14 +93,18 @@ async def rpc_split(binary: Path, worker: Path, model: Path, work: Path, quick: 
     hosts = ("127.0.0.2", "127.0.0.3")
     endpoints = [f"{h}:{_free(h)}" for h in hosts]
     ports = {"alone": pick_free_port(), "rpc": pick_free_port()}
-    common = ["-c", "2048", "-np", "1", *SAME_SERVER]
+    # one thread everywhere: a worker's own default is half the cores (1 here), and on a
+    # machine whose cores are shared a 2-thread process spends its time in spin barriers
+    common = ["-c", "2048", "-np", "1", "-t", "1", *SAME_SERVER]
     argvs = {
         "alone": server_argv(binary, model, ports["alone"], *common),
         "rpc": server_argv(
             binary, model, ports["rpc"], *common, "--rpc", ",".join(endpoints), "-ngl", "all"
         ),
     }
-    worker_argvs = [[str(worker), "-H", e.split(":")[0], "-p", e.split(":")[1]] for e in endpoints]
+    worker_argvs = [
+        [str(worker), "-H", e.split(":")[0], "-p", e.split(":")[1], "-t", "1"] for e in endpoints
+    ]
     bases = {label: f"http://{HOST}:{port}" for label, port in ports.items()}
     figures: dict[str, list[dict[str, float]]] = {"alone": [], "rpc": []}
     cpu_rounds: list[dict[str, float]] = []
@@ -127,7 +131,39 @@ async def rpc_split(binary: Path, worker: Path, model: Path, work: Path, quick: 
                     figures["rpc"].append(await _timed(session, bases["rpc"]))
                     wall, after = time.monotonic() - t0, _cpu(pids)
                     cpu_rounds.append({"wall": wall, **{k: after[k] - before[k] for k in pids}})
-    return _section(figures, cpu_rounds, argvs, worker_argvs, rounds)
+    section = _section(figures, cpu_rounds, argvs, worker_argvs, rounds)
+    section["rows"] += _build_cost(binary)
+    return section
+
+
+def _build_cost(binary: Path) -> list[list[str]]:
+    """Sizes of what every plan builds now, and against a cached build of the same source
+    and compiler made before GGML_RPC (if this machine still has one)."""
+    import json
+
+    home = binary.parent.parent
+    manifest = json.loads((home / "manifest.json").read_text())
+    size = {b.name: b.stat().st_size for b in (home / "bin").iterdir() if b.is_file()}
+    rows = [
+        [f"binary size: {name}", "", f"{n / 1e6:.1f} MB", ""] for name, n in sorted(size.items())
+    ]
+    for other in sorted(home.parent.glob("*/manifest.json")):
+        old = json.loads(other.read_text())
+        same = old.get("source", {}).get("id") == manifest["source"]["id"]
+        same = same and old.get("compiler") == manifest["compiler"]
+        if same and old["plan"]["cmake_defines"].get("GGML_RPC") != "ON":
+            before = (other.parent / "bin" / "llama-server").stat().st_size
+            rows.append(
+                ["llama-server size without RPC -> with", f"{before / 1e6:.2f} MB",
+                 f"{size['llama-server'] / 1e6:.2f} MB", f"{size['llama-server'] / before:.3f}x"]
+            )  # fmt: skip
+            rows.append(
+                ["compile seconds (manifest; other load on the machine differs)",
+                 f"{old.get('compile_seconds', 0):.0f} s",
+                 f"{manifest.get('compile_seconds', 0):.0f} s", ""]
+            )  # fmt: skip
+            break
+    return rows
 
 
 def _section(
@@ -183,7 +219,14 @@ def _section(
         "notes": [
             f"{rounds} interleaved rounds after one warm-up each; each request: ~300 prompt "
             "tokens (no prompt cache) and 64 generated tokens, timings from llama-server's "
-            "own `timings`. The same binary and model on both sides.",
+            "own `timings`. The same binary and model on both sides, one CPU thread in every "
+            "process (the workers compute one after the other, so the split uses one core at "
+            "a time, as the single process does).",
+            "Build cost (measured once, 2026-12-02, by hand: the 5 objects of ggml-rpc, "
+            "ggml-rpc-server and llama-fit-params deleted from the build tree, then "
+            "`cmake --build WORK --target ggml-rpc-server llama-fit-params -j 2` under "
+            "/usr/bin/time): 9 more ninja steps (210 -> 219) and 14.5 CPU-seconds, against "
+            "~800 CPU-seconds for the whole build (1.8 %).",
             "With every layer on the workers, the leader only embeds the tokens and samples; "
             "each token crosses loopback to worker 0, then worker 1, then back. Cores busy "
             "below 1 in total mean time spent waiting on those hops rather than computing.",
