@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 import procman
+from procman.daemon.service import DaemonPaths
 from tests.conftest import started_here
 from tests.integration._x11 import Screen, screen
 from tests.integration.conftest import Processes
@@ -140,7 +141,8 @@ def test_two_shared_copies_use_one_server_and_stop_cancels_upstream(
     second, app2 = start_app(processes, x11, env, "--shared", *LONG)
     pids = {server_pid(wait_ready(x11, app)) for app in (app1, app2)}
     assert len(pids) == 1, f"two copies, {len(pids)} servers: {pids}"
-    with procman.connect(start=False) as client:  # LLAMACTL_HOME is the test's: its daemon
+    socket = DaemonPaths.default(home=home).socket  # the daemon the copies share
+    with procman.connect(socket_path=socket, start=False) as client:
         status = client.status()
     assert [p.pid for p in llama_servers_of(status.pid, llama_server)] == list(pids)
     info = status.servers[0]
@@ -177,7 +179,11 @@ def test_first_run_shows_the_compile_and_closing_cancels_it(
 ) -> None:
     """No llama-server anywhere: the window shows the build, and closing it ends the build."""
     home = make_home(tmp_path, demo_model)
-    tarball = next((Path.home() / ".cache" / "llamactl" / "downloads").glob("llama_cpp_python-*"))
+    from buildtools import paths
+    from buildtools.fetch import fetch
+    from buildtools.source import PINNED
+
+    tarball = fetch(PINNED.tarball, paths.home() / "downloads")  # the shared, verified copy
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p)
     env = {**client_env(home), "LLAMACTL_SOURCE": str(tarball), "PATH": path}
     env.pop("LLAMACTL_SERVER", None)
