@@ -195,7 +195,9 @@ class ChatWindow:
 
     def serving(self, server: procman.ServerInfo) -> None:
         self.server = server
-        self.show_state("ready", f"{server.name}: llama-server pid {server.pid} on {server.url}")
+        self.show_state(
+            "ready", f"{server.name}: llama-server pid {server.pid}, port {server.port}"
+        )
         self._buttons(answering=False, ready=True)
         self.entry.focus_set()
 

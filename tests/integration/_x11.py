@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import tkinter
 from collections.abc import Callable, Iterator
@@ -20,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Processes
-
+SCREEN = ("-screen", "0", "1024x768x24")
 #: Debian's packages for these tools (.ci/run installs them)
 TOOLS = {"Xvfb": "xvfb", "xdotool": "xdotool"}
 
@@ -35,25 +36,18 @@ def require_tools() -> None:
         )
 
 
-def start_xvfb(processes: Processes) -> str:
-    """A fresh X server; returns its display name once it accepts clients."""
+def start_xvfb(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """A fresh X server; returns it and its display name once it accepts clients."""
     require_tools()
     read_end, write_end = os.pipe()
     try:
-        processes.popen(
-            [
-                "Xvfb",
-                "-displayfd",
-                str(write_end),
-                "-screen",
-                "0",
-                "1024x768x24",
-                "-nolisten",
-                "tcp",
-            ],
+        xvfb = subprocess.Popen(
+            ["Xvfb", "-displayfd", str(write_end), *SCREEN, "-nolisten", "tcp"],
             pass_fds=(write_end,),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
         )
         os.close(write_end)
         write_end = -1
@@ -67,24 +61,60 @@ def start_xvfb(processes: Processes) -> str:
         os.close(read_end)
         if write_end >= 0:
             os.close(write_end)
-    return f":{number.decode().strip()}"
+    return xvfb, f":{number.decode().strip()}"
+
+
+#: the test's Tk, in a process of its own: Xlib ends a process whose X server goes away
+#: (at the latest when Tk closes its display at exit), and that must not be pytest
+_READER = """
+import json, sys, tkinter
+root = tkinter.Tk()
+root.withdraw()
+for line in sys.stdin:
+    app, script = json.loads(line)
+    try:
+        reply = {"ok": True, "result": str(root.tk.call("send", app, script))}
+    except tkinter.TclError as exc:
+        reply = {"ok": False, "error": str(exc)}
+    print(json.dumps(reply), flush=True)
+"""
 
 
 class Screen:
     """The test's own view of one display."""
 
-    def __init__(self, display: str) -> None:
+    def __init__(self, display: str, env: dict[str, str]) -> None:
         self.display = display
-        self.env = {**os.environ, "DISPLAY": display}
-        self._tk = tkinter.Tk(screenName=display)
-        self._tk.withdraw()
+        self.env = {**env, "DISPLAY": display}
+        self._reader = subprocess.Popen(
+            [sys.executable, "-c", _READER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            start_new_session=True,
+        )
 
     def close(self) -> None:
-        self._tk.destroy()
+        assert self._reader.stdin is not None
+        self._reader.stdin.close()
+        self._reader.wait(30)
+        if self._reader.stdout is not None:
+            self._reader.stdout.close()
 
     def read(self, app: str, script: str) -> str:
         """Run Tcl ``script`` in the app named ``app`` (Tk's send) and return its result."""
-        return str(self._tk.tk.call("send", app, script))
+        assert self._reader.stdin is not None
+        assert self._reader.stdout is not None
+        self._reader.stdin.write(json.dumps([app, script]) + "\n")
+        self._reader.stdin.flush()
+        line = self._reader.stdout.readline()
+        if not line:
+            pytest.fail("the Tk reader exited (is the X server gone?)")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise tkinter.TclError(reply["error"])
+        return str(reply["result"])
 
     def text(self, app: str, widget: str) -> str:
         """What a label shows (``-text``) or a text widget holds."""
@@ -106,7 +136,6 @@ class Screen:
                 return text
             if time.monotonic() > deadline:
                 pytest.fail(f"no {what} in {seconds:g} s; {widget} shows: {text!r}")
-            self._tk.update()  # answers X traffic while we wait for the app's next paint
             time.sleep(0.1)
 
     def window(self, pid: int) -> str:
@@ -152,12 +181,16 @@ class Screen:
         return path
 
 
-def screen(processes: Processes) -> Iterator[Screen]:
-    view = Screen(start_xvfb(processes))
+def screen(env: dict[str, str]) -> Iterator[Screen]:
+    """An X server and the test's view of it."""
+    xvfb, display = start_xvfb(env)
+    view = Screen(display, env)
     try:
         yield view
     finally:
         view.close()
+        xvfb.terminate()
+        xvfb.wait(30)
 
 
 # -- WM_DELETE_WINDOW through Xlib (ctypes): no window manager runs under Xvfb ------------------
