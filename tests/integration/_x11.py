@@ -118,8 +118,8 @@ class Screen:
 
     def text(self, app: str, widget: str) -> str:
         """What a label shows (``-text``) or a text widget holds."""
-        if widget.endswith("transcript"):
-            return self.read(app, f"{widget} get 1.0 end")
+        if widget.endswith(("transcript", "entry")):
+            return self.read(app, f"{widget} get" + (" 1.0 end" if "transcript" in widget else ""))
         return self.read(app, f"{widget} cget -text")
 
     def wait_for(
@@ -138,26 +138,26 @@ class Screen:
                 pytest.fail(f"no {what} in {seconds:g} s; {widget} shows: {text!r}")
             time.sleep(0.1)
 
-    def window(self, pid: int) -> str:
-        """The X window of the process ``pid`` (its Tk wrapper window)."""
-        out = subprocess.run(
-            ["xdotool", "search", "--sync", "--pid", str(pid), "--class", "LlamactlChat"],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        return out.stdout.split()[0]
+    def window(self, app: str) -> str:
+        """The X window of the app's main window: its window manager frame, which
+        carries WM_PROTOCOLS (Tk's ``wm frame``, as a decimal id for xdotool)."""
+        return str(int(self.read(app, "wm frame ."), 16))
 
-    def type(self, window: str, text: str) -> None:
-        """Focus ``window`` and type ``text`` then Enter, as key presses."""
-        for argv in (
-            ["windowfocus", "--sync", window],
-            ["type", "--delay", "5", text],
-            ["key", "Return"],
-        ):
-            subprocess.run(["xdotool", *argv], env=self.env, check=True, timeout=60)
+    def type(self, app: str, entry: str, text: str) -> None:
+        """Type ``text`` into ``entry`` as key presses (xdotool), then press Enter.
+
+        With no window manager nothing gives a window the keyboard on a click, and
+        Tk ignores the X focus xdotool sets; so the app is asked (Tk's own driver)
+        to raise its window and take the focus, as a window manager and a click
+        would make it do. The keys themselves are real X key events.
+        """
+        self.read(app, f"raise .; focus -force {entry}")
+        self.xdotool("type", "--delay", "5", text)
+        self.wait_for(app, entry, lambda t: t == text, 60, "the typed text in the entry")
+        self.xdotool("key", "Return")
+
+    def xdotool(self, *argv: str) -> None:
+        subprocess.run(["xdotool", *argv], env=self.env, check=True, timeout=60)
 
     def press_close(self, window: str) -> None:
         """Send WM_DELETE_WINDOW, as a window manager does when the close button is clicked."""

@@ -8,7 +8,8 @@ mid-build, or killing the app, leaves no llama-server (or compiler) running;
 two copies with ``--shared`` are served by one llama-server, and Stop makes
 that server stop generating.
 
-``LLAMACTL_SCREENSHOTS=DIR`` keeps the screenshots (the README's is made so).
+``LLAMACTL_SCREENSHOTS=DIR`` keeps the screenshots: the README's
+``docs/desktop-chat.png`` is ``desktop-chat.png`` of a run with ``LLAMACTL_SCREENSHOTS=docs``.
 """
 
 from __future__ import annotations
@@ -101,9 +102,9 @@ def test_answer_streams_into_the_window_and_closing_mid_answer_stops_the_server(
     proc, app = start_app(processes, x11, client_env(home, llama_server), *LONG)
     pid = server_pid(wait_ready(x11, app))
     assert [p.pid for p in llama_servers_of(proc.pid, llama_server)] == [pid]
-    window = x11.window(proc.pid)
+    window = x11.window(app)
 
-    x11.type(window, "Tell me a long story about a lighthouse keeper.")
+    x11.type(app, ".form.entry", "Tell me a long story about a lighthouse keeper.")
     x11.wait_for(app, ".body.transcript", lambda t: "you: Tell me a long story" in t, 60, "echo")
     status = x11.wait_for(app, ".status", lambda t: tokens(t) >= 24, 180, "24 streamed tokens")
     assert status.startswith("answering"), status
@@ -147,7 +148,8 @@ def test_two_shared_copies_use_one_server_and_stop_cancels_upstream(
     assert [p.pid for p in llama_servers_of(status.pid, llama_server)] == list(pids)
     info = status.servers[0]
 
-    x11.type(x11.window(first.pid), "Tell me a long story about a lighthouse keeper.")
+    story = "Tell me a long story about a lighthouse keeper."
+    x11.type(app1, ".form.entry", story)
     x11.wait_for(app1, ".status", lambda t: tokens(t) >= 4, 120, "4 streamed tokens")
     assert generating(info), "llama-server is not generating the answer being shown"
     x11.read(app1, ".form.stop invoke")  # Tk's own driver presses the button
@@ -156,8 +158,8 @@ def test_two_shared_copies_use_one_server_and_stop_cancels_upstream(
     x11.wait_for(app1, ".status", lambda _: not generating(info), 30, "an idle server")
     assert tokens(stopped) < 4000
 
-    for proc in (first, second):
-        x11.press_close(x11.window(proc.pid))
+    for proc, app in ((first, app1), (second, app2)):
+        x11.press_close(x11.window(app))
         code, out = exited(proc)
         assert code == 0, out
     # the daemon's server stays for other apps until the daemon is idle
@@ -196,7 +198,7 @@ def test_first_run_shows_the_compile_and_closing_cancels_it(
     assert x11.text(app, ".bar.state") == "preparing", detail
     value = float(x11.read(app, ".bar.progress cget -value"))
     assert 0 < value < 100, value
-    window = x11.window(proc.pid)
+    window = x11.window(app)
     keep(x11.screenshot(window, tmp_path / "desktop-first-run.png"))
     x11.press_close(window)
     code, out = exited(proc)
