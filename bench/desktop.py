@@ -17,11 +17,11 @@ from _common import Section, cmdline, fmt, spread
 
 _APP = """
 import json, sys, time
-import psutil
-started = psutil.Process().create_time()  # the launch, as the OS recorded it
 t0 = time.time()
 import procman
 t_import = time.time()
+import psutil  # after procman: its imports must not be counted as procman's
+started = psutil.Process().create_time()  # the launch, as the OS recorded it
 prepared = procman.prepare(sys.argv[1], binary=sys.argv[2]).result()
 t_prepared = time.time()
 with procman.Supervisor() as sup:
