@@ -122,15 +122,23 @@ def test_answer_streams_into_the_window_and_closing_mid_answer_stops_the_server(
 
 
 @pytest.mark.slow
-def test_a_killed_app_leaves_no_llama_server(
+def test_owned_copies_run_a_server_each_and_a_killed_one_leaves_none(
     home: Path, llama_server: Path, processes: Processes, x11: Screen
 ) -> None:
-    proc, app = start_app(processes, x11, client_env(home, llama_server))
-    server = psutil.Process(server_pid(wait_ready(x11, app)))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    server.wait(30)  # the parent-death signal ends it; psutil raises if it outlives 30 s
-    assert not server.is_running()
+    env = client_env(home, llama_server)
+    (killed, app1), (other, app2) = (start_app(processes, x11, env) for _ in range(2))
+    servers = [psutil.Process(server_pid(wait_ready(x11, app))) for app in (app1, app2)]
+    assert servers[0].pid != servers[1].pid, "two owning copies share a server"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    servers[0].wait(30)  # the parent-death signal ends it; psutil raises if it outlives 30 s
+    assert not servers[0].is_running()
+    assert servers[1].is_running(), "the other copy's server went with it"
+    assert x11.text(app2, ".bar.state") == "ready"
+    x11.press_close(x11.window(app2))
+    code, out = exited(other)
+    assert code == 0, out
+    assert not servers[1].is_running()
 
 
 @pytest.mark.slow
