@@ -9,7 +9,8 @@ sides; ratios are computed per round and reported as median [p10-p90].
 Sections: inference speed (llama-bench per build), router overhead (direct
 vs ``llamactl serve`` vs llama.cpp's router mode), time to first answer
 after launch, model swap time, supervisor footprint, memory estimate
-accuracy, build time, a model split across two RPC workers vs one process.
+accuracy, build time, a model split across two RPC workers vs one process, a
+desktop app's start (import, prepare, first ready model).
 Every server this script starts listens on 127.0.0.1 only and is killed
 (with its process group) before the script exits.
 """
@@ -39,6 +40,7 @@ from _common import (  # first: it puts the repository on sys.path
     cmdline,
     fmt,
 )
+from desktop import desktop_start
 from router import router_overhead
 from rpc import rpc_split
 from sections import (
@@ -204,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("memory", lambda w: asyncio.run(_memory(binary, model, w, args.quick))),
         ("build", lambda w: _build_time(w, args.full, args.quick)),
         ("rpc", lambda w: asyncio.run(rpc_split(binary, worker, model, w, args.quick))),
+        ("desktop", lambda w: desktop_start(binary, model, w, args.quick)),
     ]
     with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp:
         for name, run in runs:

@@ -11,6 +11,7 @@ The flow, each step a value you can print and test::
 from __future__ import annotations
 
 from buildtools.errors import (
+    BuildCancelled,
     BuildError,
     CacheError,
     DownloadError,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from buildtools.builder import BuildProgress, BuildResult, ProgressCallback, build
     from buildtools.cache import BuildCache, CachedBuild
+    from buildtools.cancel import CancelToken
     from buildtools.locate import (
         Candidate,
         ResolvedServer,
@@ -49,6 +51,7 @@ _LAZY = {
     "build": "buildtools.builder",
     "BuildCache": "buildtools.cache",
     "CachedBuild": "buildtools.cache",
+    "CancelToken": "buildtools.cancel",
     "Candidate": "buildtools.locate",
     "ResolvedServer": "buildtools.locate",
     "candidates": "buildtools.locate",
@@ -75,6 +78,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BuildCache",
+    "BuildCancelled",
     "BuildError",
     "BuildOptions",
     "BuildPlan",
@@ -82,6 +86,7 @@ __all__ = [
     "BuildResult",
     "CacheError",
     "CachedBuild",
+    "CancelToken",
     "Candidate",
     "DownloadError",
     "LlamactlError",
@@ -102,7 +107,10 @@ __all__ = [
 
 
 def build_default(
-    *, home: Path | None = None, on_progress: ProgressCallback | None = None
+    *,
+    home: Path | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> BuildResult:
     """Build (or reuse) the default plan for this machine: what ``llamactl build`` does."""
     from buildtools.builder import build
@@ -120,4 +128,5 @@ def build_default(
         model=demo_model_path(home),
         home=home,
         on_progress=on_progress,
+        cancel=cancel,
     )

@@ -8,6 +8,7 @@ already built, verified and published returns at once from the cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -17,12 +18,14 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from buildtools import paths
 from buildtools._runner import capture
 from buildtools.cache import BuildCache, CachedBuild
+from buildtools.cancel import CancelToken
 from buildtools.errors import BuildError, ToolchainError, VerificationError
 from buildtools.hardware._model import HardwareProfile
 from buildtools.plan import BuildOptions, BuildPlan, make_plan, sigill_fallback
@@ -41,7 +44,8 @@ _MAX_FALLBACKS = 3
 
 @dataclass(frozen=True)
 class BuildProgress:
-    """One step of progress: ``stage`` is configure, compile, verify or done."""
+    """One step of progress: ``stage`` is waiting (for another build of the same plan),
+    configure, compile, verify or done."""
 
     stage: str
     done: int = 0
@@ -133,6 +137,7 @@ def _run_logged(
     stage: str,
     env: dict[str, str],
     on_progress: ProgressCallback | None,
+    cancel: CancelToken | None = None,
 ) -> None:
     """Run one build step, appending its output to the log and reporting progress.
 
@@ -154,6 +159,12 @@ def _run_logged(
             env=env,
             start_new_session=True,
         )
+        # a cancel kills the step's group at once: its output ends, the loop below with it
+        stop_on_cancel = (
+            cancel.on_cancel(lambda: _signal_group(proc, signal.SIGTERM))
+            if cancel is not None
+            else None
+        )
         try:
             for line in proc.stdout or ():
                 log.write(line)
@@ -163,6 +174,8 @@ def _run_logged(
                     on_progress(BuildProgress(stage, done, total, line.rstrip()))
             code = proc.wait()
         finally:
+            if stop_on_cancel is not None:
+                stop_on_cancel()
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
@@ -172,6 +185,8 @@ def _run_logged(
                     proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
+    if cancel is not None:
+        cancel.raise_if_cancelled()
     if code != 0:
         raise BuildError(
             f"the {stage} step failed",
@@ -186,6 +201,16 @@ def _run_logged(
         )
 
 
+def _waiting(on_progress: ProgressCallback | None) -> None:
+    if on_progress:
+        on_progress(BuildProgress("waiting", line="another build of this plan runs"))
+
+
+def _signal_group(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
 def _compile(
     plan: BuildPlan,
     source: SourceTree,
@@ -196,6 +221,7 @@ def _compile(
     jobs: int,
     on_progress: ProgressCallback | None,
     home: Path,
+    cancel: CancelToken | None = None,
 ) -> None:
     cmake, ninja = _require_tools(profile)
     work.mkdir(parents=True, exist_ok=True)
@@ -228,10 +254,14 @@ def _compile(
         configure.append(f"-DCMAKE_CXX_COMPILER={profile.tool('cxx').path}")
     if on_progress:
         on_progress(BuildProgress("configure"))
-    _run_logged(configure, log_path, stage="configure", env=env, on_progress=on_progress)
+    _run_logged(
+        configure, log_path, stage="configure", env=env, on_progress=on_progress, cancel=cancel
+    )
     targets = [*plan.targets, *_backend_modules(ninja, work, plan)]
     compile_cmd = [cmake, "--build", str(work), "--target", *targets, "-j", str(jobs)]
-    _run_logged(compile_cmd, log_path, stage="compile", env=env, on_progress=on_progress)
+    _run_logged(
+        compile_cmd, log_path, stage="compile", env=env, on_progress=on_progress, cancel=cancel
+    )
 
 
 _MODULE_TARGET = re.compile(
@@ -354,11 +384,14 @@ def build(
     jobs: int | None = None,
     force: bool = False,
     on_progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> BuildResult:
     """Build (or fetch from the cache) a verified server for ``options``.
 
     If the verification run dies with SIGILL, the build is redone with the
     highest remaining CPU extension turned off, and the result says so.
+    ``cancel`` stops it (waiting for the lock, or compiling) with
+    :class:`~buildtools.errors.BuildCancelled`; the build tree is kept.
     """
     home = home or paths.home()
     cache = BuildCache(home)
@@ -368,7 +401,7 @@ def build(
         plan = make_plan(profile, options)
         compiler = compiler_identity(profile, plan)
         key = plan.cache_key(source_id=source.source_id, compiler=compiler)
-        with cache.lock(key):
+        with cache.lock(key, cancel=cancel, on_wait=partial(_waiting, on_progress)):
             if not force and (hit := cache.get(key)) is not None:
                 if on_progress:
                     on_progress(BuildProgress("done", line="cache hit"))
@@ -395,6 +428,7 @@ def build(
                 jobs=jobs or os.cpu_count() or 2,
                 on_progress=on_progress,
                 home=home,
+                cancel=cancel,
             )
             compile_seconds = time.monotonic() - compile_started
             staged = cache.staging_dir(key)

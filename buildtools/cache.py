@@ -19,16 +19,19 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from buildtools.cancel import CancelToken
 from buildtools.errors import CacheError
 
 __all__ = ["BuildCache", "CachedBuild"]
 
 MANIFEST = "manifest.json"
+#: seconds between tries of a build lock held by another builder, when the wait is cancellable
+_LOCK_RETRY = 0.25
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,12 +136,37 @@ class BuildCache:
         return self.builds / f".stage-{key}-{os.getpid()}"
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
+    def lock(
+        self,
+        key: str,
+        *,
+        cancel: CancelToken | None = None,
+        on_wait: Callable[[], object] | None = None,
+    ) -> Iterator[None]:
         """Hold the build lock for ``key``: a second builder of the same plan waits,
-        then finds the first one's result in the cache instead of compiling again."""
+        then finds the first one's result in the cache instead of compiling again.
+
+        ``on_wait`` is called once if the lock is held by another builder. With
+        ``cancel``, the wait can be cancelled: flock has no timeout, so the lock is
+        tried every quarter second, sleeping on the token (a cancel wakes it).
+        """
         self.builds.mkdir(parents=True, exist_ok=True)
         with (self.builds / f".{key}.lock").open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                if cancel is None:
+                    fcntl.flock(fh, fcntl.LOCK_EX)
+                else:
+                    while True:
+                        cancel.raise_if_cancelled()
+                        try:
+                            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except BlockingIOError:
+                            cancel.wait(_LOCK_RETRY)
             try:
                 yield
             finally:

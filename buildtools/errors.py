@@ -9,7 +9,8 @@ and says what to do next. Third-party exceptions are translated at the seam
     ├── DownloadError          the package index could not provide an artefact
     ├── PlanError              a backend was asked for that this machine cannot build
     ├── BuildError             cmake/ninja failed (carries command, exit code, log tail)
-    │   └── ToolchainError     compiler/cmake/ninja missing or too old
+    │   ├── ToolchainError     compiler/cmake/ninja missing or too old
+    │   └── BuildCancelled     stopped on request (a CancelToken); finished objects are kept
     ├── VerificationError      the built server did not run correctly here
     ├── CacheError             cache entry unknown or unusable
     └── procman.errors.*       ModelError, ConfigError, PortInUseError, ServerError, ...
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "BuildCancelled",
     "BuildError",
     "CacheError",
     "DownloadError",
@@ -87,6 +89,13 @@ class BuildError(LlamactlError):
 
 class ToolchainError(BuildError):
     """A required tool (C/C++ compiler, cmake, ninja) is missing or too old."""
+
+
+class BuildCancelled(BuildError):
+    """The build was stopped on request (:class:`buildtools.cancel.CancelToken`).
+
+    The build tree is kept: the next build of the same plan resumes it.
+    """
 
 
 class VerificationError(LlamactlError):

@@ -30,6 +30,7 @@ from buildtools.wheel import bundled_server
 
 if TYPE_CHECKING:
     from buildtools.builder import ProgressCallback
+    from buildtools.cancel import CancelToken
 
 __all__ = [
     "RPC_WORKER",
@@ -119,6 +120,7 @@ def resolve_server(
     env: Mapping[str, str] | None = None,
     home: Path | None = None,
     on_progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
 ) -> ResolvedServer:
     """The llama-server to run (see the module docstring for the order)."""
     env = os.environ if env is None else env
@@ -148,7 +150,7 @@ def resolve_server(
     if build_if_missing:
         from buildtools import build_default
 
-        result = build_default(home=home, on_progress=on_progress)
+        result = build_default(home=home, on_progress=on_progress, cancel=cancel)
         return ResolvedServer(
             binary=result.build.binary,
             origin="built",

@@ -10,6 +10,10 @@ The library a desktop app embeds and the ``llamactl`` CLI drives. Blocking::
     with procman.connect() as client:              # the shared daemon, started if none runs
         server = client.serve("demo")
 
+In a GUI: ``procman.prepare(model, on_progress=...)`` compiles the server on a
+first run, cancellably, in the background; ``procman.Inbox`` hands callbacks
+from the library's threads to the GUI thread (see examples/desktop/).
+
 Async, the core the blocking facade runs on a private loop thread::
 
     spec = ServerSpec(name="demo", model=path, binary=resolve_server().binary)
@@ -33,6 +37,7 @@ from procman._lazy import exports
 #: package); mypy treats this name as typing.TYPE_CHECKING
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from buildtools.errors import BuildCancelled
     from procman.daemon import (
         DaemonClient,
         DaemonStatus,
@@ -41,6 +46,8 @@ if TYPE_CHECKING:
         Supervisor,
         connect,
     )
+    from procman.daemon._inbox import Inbox
+    from procman.daemon._prepare import Preparation, Prepared, Progress, prepare
     from procman.errors import (
         AdmissionError,
         ConfigError,
@@ -77,6 +84,7 @@ __all__ = [
     "Action",
     "AdmissionError",
     "AsyncSupervisor",
+    "BuildCancelled",
     "ConfigError",
     "DaemonClient",
     "DaemonError",
@@ -85,12 +93,16 @@ __all__ = [
     "Event",
     "EventBus",
     "HealthSettings",
+    "Inbox",
     "LlamactlError",
     "LogSettings",
     "ManagedServer",
     "ModelError",
     "ModelInfo",
     "PortInUseError",
+    "Preparation",
+    "Prepared",
+    "Progress",
     "RestartPolicy",
     "RestartSettings",
     "Router",
@@ -111,6 +123,7 @@ __all__ = [
     "log_path",
     "parse_gpu_layers",
     "pick_free_port",
+    "prepare",
     "read_tail",
     "resolve_model",
     "validate_model",
@@ -149,6 +162,11 @@ __getattr__, __dir__ = exports(
         **dict.fromkeys(("ServeRequest", "ServerInfo"), "procman.daemon._request"),
         **dict.fromkeys(("DaemonClient", "DaemonStatus", "connect"), "procman.daemon.client"),
         "Supervisor": "procman.daemon._sync",
+        "Inbox": "procman.daemon._inbox",
+        **dict.fromkeys(
+            ("Preparation", "Prepared", "Progress", "prepare"), "procman.daemon._prepare"
+        ),
+        "BuildCancelled": "buildtools.errors",
         **dict.fromkeys(("Router", "RouterSettings"), "procman.router._router"),
         **dict.fromkeys(("bind_listener", "check_exposure"), "procman.router.listen"),
         "AsyncSupervisor": "procman.supervisor",

@@ -6,6 +6,9 @@
   socket for many client processes (``python -m procman.daemon``);
 * :mod:`~procman.daemon.client`: :func:`connect`, a client that starts the
   daemon when none runs;
+* ``_prepare``: :func:`procman.prepare`, a verified server (built if need be,
+  cancellable, with progress) before the first serve;
+* ``_inbox``: :class:`procman.Inbox`, callbacks handed to a GUI thread;
 * ``_request``: what ``serve(...)`` asks for and what it answers, shared by
   the facade and the daemon.
 """

@@ -53,7 +53,9 @@ class Supervisor(Serving):
 
     Thread-safe: any thread may call any method. Leaving ``with`` (or
     :meth:`close`, also run at interpreter exit) stops every server
-    (SIGTERM, grace, SIGKILL) and ends the loop thread.
+    (SIGTERM, grace, SIGKILL) and ends the loop thread; a call in flight in
+    another thread (a GUI's worker waiting in ``serve``) raises
+    :class:`~procman.ServerError` instead of waiting forever.
     """
 
     def __init__(self, *, bus: EventBus | None = None) -> None:
@@ -63,6 +65,8 @@ class Supervisor(Serving):
         )
         self._closed = False
         self._follows: set[concurrent.futures.Future[None]] = set()
+        #: calls in flight from any thread; close() cancels them
+        self._pending: set[concurrent.futures.Future[Any]] = set()
         self._thread.start()
         self._core: AsyncSupervisor = self._call(self._create(bus))
         atexit.register(self.close)
@@ -78,14 +82,20 @@ class Supervisor(Serving):
             coro.close()
             raise ServerError("this supervisor is closed")
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        self._pending.add(future)
         try:
             return future.result(timeout)
+        except concurrent.futures.CancelledError:
+            # close() ended it: a serve() in a worker thread must not wait forever
+            raise ServerError("the supervisor was closed while this call ran") from None
         except concurrent.futures.TimeoutError:
             future.cancel()  # the core kills and reaps a half-started server
             raise
         except KeyboardInterrupt:
             future.cancel()
             raise
+        finally:
+            self._pending.discard(future)
 
     @property
     def bus(self) -> EventBus:
@@ -155,8 +165,8 @@ class Supervisor(Serving):
         if self._closed:
             return
         atexit.unregister(self.close)
-        for future in list(self._follows):
-            future.cancel()
+        for future in [*self._follows.copy(), *self._pending.copy()]:
+            future.cancel()  # a serve() in flight: its half-started server is killed
         try:
             with contextlib.suppress(RuntimeError):
                 asyncio.run_coroutine_threadsafe(self._core.stop(), self._loop).result()
