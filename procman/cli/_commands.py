@@ -24,6 +24,7 @@ COMMANDS = {
     "load": "_ctl",
     "logs": "_serve",
     "ps": "_ctl",
+    "reload": "_ctl",
     "serve": "_serve",
     "stop": "_ctl",
 }

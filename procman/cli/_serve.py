@@ -22,7 +22,6 @@ import signal
 import socket
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,6 +31,7 @@ from rich.markup import escape
 from buildtools.errors import LlamactlError
 from procman._loop import run as run_loop
 from procman.cli._app import app, console, out
+from procman.cli._logfmt import OUTPUT, LogFormat
 from procman.cli._progress import BuildProgressView
 from procman.errors import AdmissionError, ServerError
 from procman.process import _early
@@ -39,6 +39,7 @@ from procman.process import _early
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from procman.cli._live import LiveConfig
     from procman.config import ServePlan, ServerSection
     from procman.events import Event
     from procman.router import Router
@@ -46,13 +47,6 @@ if TYPE_CHECKING:
     from procman.supervisor import AsyncSupervisor
 
 __all__ = ["logs", "serve"]
-
-_STATE_STYLE = {
-    "ready": "green",
-    "failed": "bold red",
-    "unhealthy": "yellow",
-    "restarting": "yellow",
-}
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -127,6 +121,17 @@ def serve(
     insecure: Annotated[
         bool, typer.Option(help="Allow a non-loopback --host without --api-key.")
     ] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="With --config: reload the file when it changes.")
+    ] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="LLAMACTL_LOG_FORMAT",
+            help="llamactl's own log on stderr: text, or json (one object per line).",
+        ),
+    ] = LogFormat.TEXT,
 ) -> None:
     """Serve a GGUF model at HOST:PORT (OpenAI-compatible) under supervision.
 
@@ -140,6 +145,9 @@ def serve(
 
     if config is not None or daemon:
         _early.discard()  # nothing to adopt it
+    OUTPUT.configure(log_format)
+    if watch and config is None:
+        raise LlamactlError("--watch reloads a config file: pass --config FILE with it")
     extra = list(context.args)
     if model is not None and model.startswith("-"):  # `serve -- -fa on`: click gives -fa to MODEL
         extra.insert(0, model)
@@ -157,7 +165,7 @@ def serve(
                 "--config declares the models: pass no MODEL or extra arguments with it",
                 hint="put per-model llama-server arguments in the file's `args`",
             )
-        _serve_config(config, given, binary=server, insecure=insecure)
+        _serve_config(config, given, binary=server, insecure=insecure, watch=watch)
         return
     if daemon:
         _serve_via_daemon(
@@ -204,9 +212,10 @@ def serve(
     with listener:
         size = f"{info.size_bytes / 1e6:.0f} MB"
         kind = f"{info.architecture}, {info.file_type or '?'}, {size}"
-        console.print(f"[bold]{escape(spec.name)}[/]: {escape(str(model_path))} ({escape(kind)})")
+        line = f"[bold]{escape(spec.name)}[/]: {escape(str(model_path))} ({escape(kind)})"
+        OUTPUT.say("model", line)
         binary, why = escape(str(resolved.binary)), escape(resolved.reason)
-        console.print(f"[dim]llama-server:[/] {binary} [dim]({why})[/]")
+        OUTPUT.say("binary", f"[dim]llama-server:[/] {binary} [dim]({why})[/]")
         try:
             failure = run_loop(_serve(spec, listener, access))
         finally:
@@ -240,34 +249,43 @@ def _override(section: ServerSection, given: dict[str, Any]) -> ServerSection:
 
 
 def _serve_config(
-    path: Path, given: dict[str, Any], *, binary: Path | None, insecure: bool
+    path: Path, given: dict[str, Any], *, binary: Path | None, insecure: bool, watch: bool
 ) -> None:
     """``serve --config``: validate everything, bind, then serve until Ctrl-C."""
     import buildtools  # speed
-    from procman.config import load_config  # speed
+    from procman.cli._live import LiveConfig  # speed
     from procman.models.gguf import validate_model  # speed
+    from procman.reload._read import read_config  # speed
+    from procman.reload.apply import Loaded  # speed
     from procman.router.listen import bind_listener, check_exposure  # speed
 
-    loaded = load_config(path)
-    section = _override(loaded.server, given)
-    section = dataclasses.replace(section, api_key=_key(section.api_key, section.api_key_file))
-    loaded = dataclasses.replace(loaded, server=section)
-    check_exposure(section.host, section.api_key, allow_unauthenticated=insecure)
+    def load() -> Loaded:  # at launch, and again at each reload
+        loaded = read_config(path)
+        section = _override(loaded.server, given)
+        section = dataclasses.replace(section, api_key=_key(section.api_key, section.api_key_file))
+        loaded = dataclasses.replace(loaded, server=section)
+        check_exposure(section.host, section.api_key, allow_unauthenticated=insecure)
+        return Loaded(config=loaded, plan=loaded.plan(resolved.binary))
+
+    read_config(path)  # a wrong file is reported before any build
     with BuildProgressView(
         "no llama-server is built for this machine yet: building and verifying one "
         "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
     ) as view:
         resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
-    plan = loaded.plan(resolved.binary)
+    current = load()
+    plan, section = current.plan, current.config.server
     for model in plan.models:
         info = validate_model(model.spec.model)
         what = f"{info.architecture}, {info.file_type or '?'}, {info.size_bytes / 1e6:.0f} MB"
-        console.print(
-            f"[bold]{escape(model.spec.name)}[/]: {escape(str(model.spec.model))} ({escape(what)})"
+        OUTPUT.say(
+            "model",
+            f"[bold]{escape(model.spec.name)}[/]: {escape(str(model.spec.model))} ({escape(what)})",
         )
     listener = bind_listener(section.host, section.port)
+    live = LiveConfig(file=path, load=load, current=current, watch=watch)
     with listener:
-        run_loop(_serve_plan(plan, listener))
+        run_loop(_serve_plan(plan, listener, live))
 
 
 def _access(section: ServerSection) -> dict[str, Any]:
@@ -279,9 +297,13 @@ def _access(section: ServerSection) -> dict[str, Any]:
     }
 
 
-async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
+async def _serve_plan(
+    plan: ServePlan, listener: socket.socket, live: LiveConfig | None = None
+) -> None:
     """Run the router over on-demand servers until Ctrl-C/SIGTERM; a failed model only reports."""
+    from procman.cli._live import go_live  # speed
     from procman.router import Router, RouterSettings  # speed
+    from procman.router._logs import Journal  # speed
     from procman.router.scheduler import QueueSettings, Scheduler  # speed
     from procman.supervisor import AsyncSupervisor  # speed
 
@@ -306,19 +328,29 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
         )
         scheduler.add(model.spec.name, slots)
     router = Router(supervisor, RouterSettings(**_access(plan.server)), scheduler=scheduler)
+    router.journal = Journal()
+    OUTPUT.attach(router.journal)
+    unwire = None
     try:
         await router.start(listener)
+        if live is not None:
+            unwire = await go_live(live, supervisor, scheduler, router)
         names = ", ".join(m.spec.name for m in plan.models)
-        console.print(
+        reloads = " or SIGHUP reloads the file" if live is not None else ""
+        OUTPUT.say(
+            "serving",
             f"[bold green]serving[/] {escape(names)} at [bold]{_url(router)}[/] "
-            "[dim](each model starts on its first request; Ctrl-C stops)[/]"
+            f"[dim](each model starts on its first request; `llamactl reload`{reloads}; "
+            "Ctrl-C stops)[/]",
         )
         await stop.wait()
     finally:
+        if unwire is not None:
+            await unwire()
         await router.stop()
         await supervisor.stop()
         _forget_signals(loop)
-    console.print("stopped")
+    OUTPUT.say("stopped", "stopped")
 
 
 def _url(router: Router) -> str:
@@ -337,7 +369,7 @@ def _print_budget(supervisor: AsyncSupervisor) -> None:
     ):
         shown = "unlimited" if size is None else format_bytes(size)
         parts.append(f"{what} {shown} [dim]({escape(why)})[/]")
-    console.print(f"[dim]budget:[/] {'; '.join(parts)}")
+    OUTPUT.say("budget", f"[dim]budget:[/] {'; '.join(parts)}")
 
 
 def _serve_via_daemon(
@@ -376,10 +408,7 @@ def _serve_via_daemon(
 
 
 def _print_event(event: Event) -> None:
-    stamp = datetime.fromtimestamp(event.time).strftime("%H:%M:%S")
-    style = _STATE_STYLE.get(str(event.state), "cyan")
-    what = f"{escape(event.server)} [{style}]{event.state}[/]"
-    console.print(f"[dim]{stamp}[/] {what} [dim]{escape(event.reason)}[/]")
+    OUTPUT.event(event)
 
 
 async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, Any]) -> Event | None:
@@ -419,6 +448,10 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
 
         _print_budget(supervisor)
         router = Router(supervisor, RouterSettings(**access))
+        from procman.router._logs import Journal  # speed
+
+        router.journal = Journal()
+        OUTPUT.attach(router.journal)
         await router.start(listener)  # from now on requests wait for the model, never refused
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -428,10 +461,11 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
             raise refused  # `main` prints it with its numbers and exits 1
         elif starting.exception() is None:
             record.arm(loop)
-            console.print(
+            OUTPUT.say(
+                "serving",
                 f"[bold green]ready[/] in {time.monotonic() - started:.1f} s: "
                 f"model [bold]{escape(spec.name)}[/] at [bold]{_url(router)}[/]  "
-                "[dim](Ctrl-C stops)[/]"
+                "[dim](Ctrl-C stops)[/]",
             )
             await stopping
         stopping.cancel()
@@ -443,7 +477,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
         _forget_signals(loop)
     if failed.done():
         return failed.result()
-    console.print("stopped")
+    OUTPUT.say("stopped", "stopped")
     return None
 
 
