@@ -15,9 +15,9 @@ import tomllib
 from pathlib import Path
 
 from procman.config import Config, parse_config
-from procman.errors import ConfigError
+from procman.errors import ConfigError, LlamactlError
 
-__all__ = ["line_of", "read_config"]
+__all__ = ["at_line", "line_of", "read_config"]
 
 _HEADER = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(?:#.*)?$")
 _KEY_PATH = re.compile(r"^((?:server|models)(?:\.[A-Za-z0-9_.\-]+)?):")
@@ -63,9 +63,17 @@ def read_config(path: Path) -> Config:
         raise at_line(exc, path, text) from exc
 
 
-def at_line(exc: ConfigError, path: Path, text: str) -> ConfigError:
-    """``exc`` with ``FILE:LINE:`` before its message when its key path is in ``text``."""
+def at_line(exc: LlamactlError, path: Path, text: str | None = None) -> LlamactlError:
+    """``exc`` with ``FILE:LINE:`` before its message when it starts with a key path (as
+    ``models.chat: model not found`` does) that is in the file; else ``exc`` itself."""
     found = _KEY_PATH.match(exc.message)
-    line = line_of(text, found.group(1)) if found else None
+    if found is None:
+        return exc
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            text = ""
+    line = line_of(text, found.group(1))
     where = f"{path}:{line}" if line is not None else str(path)
-    return ConfigError(f"{where}: {exc.message}", hint=exc.hint)
+    return type(exc)(f"{where}: {exc.message}", hint=exc.hint)

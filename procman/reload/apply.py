@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from procman.errors import ConfigError, LlamactlError
 from procman.events import State
+from procman.reload._read import at_line
 from procman.reload.diff import (
     ACCESS_FIELDS,
     Action,
@@ -120,7 +121,10 @@ class Reloader:
     def _prepare(self) -> tuple[ConfigDiff, Loaded]:
         from procman.models.gguf import validate_model  # speed: once per reload
 
-        new = self._load()
+        try:
+            new = self._load()
+        except LlamactlError as exc:  # `models.x: model not found` from resolving: say where
+            raise at_line(exc, self.file) from exc
         diff = diff_configs(self.current.config, new.config)
         if diff.listener:
             changed = ", ".join(str(c) for c in diff.listener)
@@ -136,9 +140,8 @@ class Reloader:
                 try:
                     validate_model(plans[model.name].spec.model)
                 except LlamactlError as exc:
-                    raise ConfigError(
-                        f"{self.file}: models.{model.name}: {exc.message}", hint=exc.hint
-                    ) from exc
+                    error = ConfigError(f"models.{model.name}: {exc.message}", hint=exc.hint)
+                    raise at_line(error, self.file) from exc
         return diff, new
 
     # -- applying ------------------------------------------------------------------------------
