@@ -81,7 +81,7 @@ class Serve:
         with self._changed:
             self._changed.notify_all()
 
-    def wait_line(self, found: Callable[[str], bool], since: int = 0, timeout: float = 120) -> str:  # noqa: ASYNC109
+    def wait_line(self, found: Callable[[str], bool], since: int = 0, timeout: float = 120) -> str:
         """The first line after ``since`` that ``found`` accepts (waits for it to be written)."""
         deadline = time.monotonic() + timeout
         with self._changed:
@@ -169,37 +169,39 @@ def summary_line(line: str) -> bool:
     return "reloaded " in line
 
 
-@pytest.mark.parametrize("trigger", ["command", "sighup", "watch"])
-async def test_reload_under_load(
-    trigger: str,
-    llama_server: Path,
-    demo_model: Path,
-    tmp_path: Path,
-    processes: Processes,
-    http: aiohttp.ClientSession,
-) -> None:
-    json_log = trigger != "sighup"  # SIGHUP's run checks the text a person reads
-    file = tmp_path / "models.toml"
-    text = CONFIG.format(key=KEY, model=json.dumps(str(demo_model)))
-    file.write_text(text)
-    env = {**os.environ, "LLAMACTL_HOME": str(tmp_path / "home"), "COLUMNS": "300"}
-    env["LLAMACTL_LOG_FORMAT"] = "json" if json_log else "text"
-    argv = [*CLI, "serve", "--config", str(file), "--server", str(llama_server)]
-    serve = Serve(processes, [*argv, *(["--watch"] if trigger == "watch" else [])], env)
-    serving = await serve.line(lambda line: "serving" in line)
-    base = re.search(r"http://127\.0\.0\.1:\d+", serving)
-    assert base is not None, serving
-    api = Api(http, base.group(0))
+class Scenario:
+    """One ``serve --config`` and the reloads the test makes it do, through ``trigger``."""
 
-    async def reload(new_text: str) -> str:
+    def __init__(self, trigger: str, file: Path, env: dict[str, str], serve: Serve) -> None:
+        self.trigger, self.file, self.env, self.serve = trigger, file, env, serve
+        self.text = file.read_text()
+        self.api: Api
+        self.first: dict[str, int | None] = {}
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        serving = await self.serve.line(lambda line: "serving" in line)
+        base = re.search(r"http://127\.0\.0\.1:\d+", serving)
+        assert base is not None, serving
+        self.api = Api(http, base.group(0))
+        for name in ("a", "b", "d"):
+            await self.api.load(name)
+        self.first = await self.api.pids()
+        assert all(self.first[name] for name in ("a", "b", "d"))
+
+    def client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=f"{self.api.base}/v1", api_key=KEY, max_retries=0, timeout=300
+        )
+
+    async def reload(self, new_text: str) -> str:
         """Apply ``new_text`` through the trigger under test; the reload's report."""
-        mark = len(serve.lines)
-        write_atomically(file, new_text)
-        if trigger == "command":
+        mark = len(self.serve.lines)
+        write_atomically(self.file, new_text)
+        if self.trigger == "command":
             done = await asyncio.to_thread(
                 subprocess.run,
-                [*CLI, "reload", "--url", api.base],
-                env={**env, "LLAMACTL_API_KEY": KEY},
+                [*CLI, "reload", "--url", self.api.base],
+                env={**self.env, "LLAMACTL_API_KEY": KEY},
                 capture_output=True,
                 text=True,
                 timeout=300,
@@ -211,93 +213,110 @@ async def test_reload_under_load(
             else:
                 assert done.returncode == 1, printed  # a refusal is an error for the command
             return printed
-        if trigger == "sighup":
-            serve.proc.send_signal(signal.SIGHUP)
-        return await serve.line(lambda line: summary_line(line) or "refused" in line, mark)
+        if self.trigger == "sighup":
+            self.serve.proc.send_signal(signal.SIGHUP)
+        return await self.serve.line(lambda line: summary_line(line) or "refused" in line, mark)
 
-    for name in ("a", "b", "d"):
-        await api.load(name)
-    first = await api.pids()
-    assert all(first[name] for name in ("a", "b", "d"))
-    clients = Clients(
-        openai.AsyncOpenAI(base_url=f"{api.base}/v1", api_key=KEY, max_retries=0, timeout=120),
-        "a",
-        4,
-    )
-    try:
-        await clients.each_finish_one_more()
-
-        # 1. b's ttl: applied in place, nothing restarts
-        text = text.replace('ttl = "10m"', 'ttl = "5m"')
-        report = await reload(text)
+    async def ttl_in_place(self) -> None:
+        self.text = self.text.replace('ttl = "10m"', 'ttl = "5m"')
+        report = await self.reload(self.text)
         assert "1 changed in place" in report and "2 unchanged" in report, report
-        assert await api.pids() == first
-        assert (await api.status())["b"]["ttl"] == 300
-        await clients.each_finish_one_more()
+        assert await self.api.pids() == self.first
+        assert (await self.api.status())["b"]["ttl"] == 300
 
-        # 2. b's ctx (b restarts), c added, d removed while one of its requests is generated
-        d_client = openai.AsyncOpenAI(
-            base_url=f"{api.base}/v1", api_key=KEY, max_retries=0, timeout=300
-        )
-        d_stream = await d_client.chat.completions.create(
+    async def restart_add_remove(self) -> None:
+        """b's ctx (b restarts), c added, d removed while one of its requests is generated."""
+        client = self.client()
+        stream = await client.chat.completions.create(
             model="d", messages=PROMPT, max_tokens=60, stream=True,
             extra_body={"ignore_eos": True},
         )  # fmt: skip
-        d_pieces = [await d_stream.__aiter__().__anext__()]  # d is generating for it now
-        text = text.replace("ctx = 512\nttl", "ctx = 1024\nttl").replace("[models.d]", "[models.c]")
-        mark = len(serve.lines)
-        reloading = asyncio.create_task(reload(text))
-        d_pieces += [chunk async for chunk in d_stream]  # finishes though d is being removed
-        finish = [c.choices[0].finish_reason for c in d_pieces if c.choices]
+        pieces = [await stream.__aiter__().__anext__()]  # d is generating for it now
+        self.text = self.text.replace("ctx = 512\nttl", "ctx = 1024\nttl")
+        self.text = self.text.replace("[models.d]", "[models.c]")
+        mark = len(self.serve.lines)
+        reloading = asyncio.create_task(self.reload(self.text))
+        pieces += [chunk async for chunk in stream]  # finishes though d is being removed
+        finish = [c.choices[0].finish_reason for c in pieces if c.choices]
         assert finish[-1] == "length", finish
         report = await reloading
         for what in ("1 restarted", "1 added", "1 removed", "1 unchanged"):
             assert what in report, report
-        after = await api.pids()
+        after, first = await self.api.pids(), self.first
         assert after["a"] == first["a"]  # untouched
         assert after["b"] is not None and after["b"] != first["b"]  # restarted
         assert "d" not in after and after["c"] is None  # removed; added, starts on demand
-        assert f"pid {first['b']} -> {after['b']}" in "\n".join(serve.lines[mark:]) + report
-        assert "1 request(s) in flight finished" in "\n".join(serve.lines[mark:]) + report
+        printed = "\n".join(self.serve.lines[mark:]) + report
+        assert f"pid {first['b']} -> {after['b']}" in printed
+        assert "1 request(s) in flight finished" in printed
         with pytest.raises(openai.NotFoundError):
-            await d_client.chat.completions.create(model="d", messages=PROMPT, max_tokens=2)
-        answer = await d_client.chat.completions.create(model="c", messages=PROMPT, max_tokens=4)
+            await client.chat.completions.create(model="d", messages=PROMPT, max_tokens=2)
+        answer = await client.chat.completions.create(model="c", messages=PROMPT, max_tokens=4)
         assert answer.choices[0].message.content is not None
-        await clients.each_finish_one_more()
 
-        # 3. a broken file changes nothing, and says where it is wrong
-        status = await api.status()
-        broken = text.replace("ctx = 1024\nparallel", 'ctx = "big"\nparallel')
+    async def broken_file(self) -> None:
+        """A wrong file changes nothing, and says where it is wrong."""
+        status = await self.api.status()
+        broken = self.text.replace("ctx = 1024\nparallel", 'ctx = "big"\nparallel')
         line = broken.splitlines().index('ctx = "big"') + 1
-        report = await reload(broken)
-        assert "refused" in report and f"{file}:{line}: models.a.ctx" in report, report
-        assert stable(await api.status()) == stable(status)
-        await clients.each_finish_one_more()
-    finally:
-        await clients.stop()
-        print("\n".join(serve.lines[-60:]))  # shown if the test fails
-    assert clients.failures == [], clients.failures
-    assert min(clients.done) >= 4, clients.done
+        report = await self.reload(broken)
+        assert "refused" in report and f"{self.file}:{line}: models.a.ctx" in report, report
+        assert stable(await self.api.status()) == stable(status)
 
-    # what serve wrote: the same lines /admin/logs serves; as JSON, every line a record
-    async with http.get(f"{api.base}/admin/logs?lines=10000", headers=api.auth) as resp:
-        assert resp.status == 200
-        journal = (await resp.text()).splitlines()
-    async with http.get(f"{api.base}/admin/logs") as resp:
-        assert resp.status == 401  # the key is needed
-    assert any(summary_line(line) for line in journal)
-    serve.proc.send_signal(signal.SIGINT)
-    assert await asyncio.to_thread(serve.proc.wait, 60) == 0
-    assert set(journal) <= set(serve.lines)
-    if json_log:
-        records = [json.loads(line) for line in serve.lines]  # every line parses
-        assert all(FIELDS <= set(r) for r in records)
+    async def check_log(self, http: aiohttp.ClientSession, json_log: bool) -> None:
+        """What serve wrote: the lines /admin/logs serves; as JSON, every line a record."""
+        auth = self.api.auth
+        async with http.get(f"{self.api.base}/admin/logs?lines=10000", headers=auth) as resp:
+            assert resp.status == 200
+            journal = (await resp.text()).splitlines()
+        async with http.get(f"{self.api.base}/admin/logs") as resp:
+            assert resp.status == 401  # the key is needed
+        assert any(summary_line(line) for line in journal)
+        self.serve.proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(self.serve.proc.wait, 60) == 0
+        assert set(journal) <= set(self.serve.lines)
+        if not json_log:
+            return
+        records = [json.loads(line) for line in self.serve.lines]  # every line parses
+        assert all(set(r) >= FIELDS for r in records)
         kinds = {r["event"] for r in records}
         assert {"spawn", "loading", "ready", "admitted", "reload", "stopping", "stopped"} <= kinds
         assert {r["event"] for r in records if r["model"] is not None} <= set(EVENT_KINDS)
         reloads = [(r["model"], r["reason"]) for r in records if r["event"] == "reload"]
         assert ("d", "reload: removed: 1 request(s) in flight finished, stopped pid "
-                f"{first['d']}") in reloads  # fmt: skip
+                f"{self.first['d']}") in reloads  # fmt: skip
+
+
+@pytest.mark.parametrize("trigger", ["command", "sighup", "watch"])
+async def test_reload_under_load(
+    trigger: str,
+    llama_server: Path,
+    demo_model: Path,
+    tmp_path: Path,
+    processes: Processes,
+    http: aiohttp.ClientSession,
+) -> None:
+    json_log = trigger != "sighup"  # SIGHUP's run checks the text a person reads
+    file = tmp_path / "models.toml"
+    file.write_text(CONFIG.format(key=KEY, model=json.dumps(str(demo_model))))
+    env = {**os.environ, "LLAMACTL_HOME": str(tmp_path / "home"), "COLUMNS": "300"}
+    env["LLAMACTL_LOG_FORMAT"] = "json" if json_log else "text"
+    argv = [*CLI, "serve", "--config", str(file), "--server", str(llama_server)]
+    serve = Serve(processes, [*argv, *(["--watch"] if trigger == "watch" else [])], env)
+    scenario = Scenario(trigger, file, env, serve)
+    await scenario.start(http)
+    clients = Clients(scenario.client(), "a", 4)
+    try:
+        await clients.each_finish_one_more()
+        for step in (scenario.ttl_in_place, scenario.restart_add_remove, scenario.broken_file):
+            await step()
+            await clients.each_finish_one_more()  # a's clients went on throughout
+    finally:
+        await clients.stop()
+        print("\n".join(serve.lines[-60:]))  # shown if the test fails
+    assert clients.failures == [], clients.failures
+    assert min(clients.done) >= 4, clients.done
+    await scenario.check_log(http, json_log)
 
 
 #: status fields that change by themselves (memory, load, samples)
