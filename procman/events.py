@@ -85,11 +85,17 @@ class Event:
     ``evicted``, ``reload``); empty for a change of state, whose kind follows from it."""
 
     @property
+    def is_note(self) -> bool:
+        """Whether the event reports something (an admission, an eviction...) rather than a
+        change of state: ``state`` is then the state the server stays in."""
+        return self.state is self.previous
+
+    @property
     def event(self) -> str:
         """The kind of event, one of :data:`EVENT_KINDS` (``note``: a state kept, unnamed)."""
         if self.kind:
             return self.kind
-        if self.state is self.previous:
+        if self.is_note:
             return "note"
         if self.state is State.READY and self.previous is State.UNHEALTHY:
             return "recovered"

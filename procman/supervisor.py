@@ -323,7 +323,7 @@ class AsyncSupervisor:
 
     def _on_event(self, event: Event) -> None:
         entry = self._entries.get(event.server)
-        if entry is None or self._limits is None:
+        if entry is None or self._limits is None or event.is_note:
             return
         if event.state is State.STARTING and event.pid is not None:
             self._limits.on_spawn(event.server, event.pid, entry.memory_limit)

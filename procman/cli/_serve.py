@@ -493,6 +493,8 @@ class _FirstStart:
         from procman.events import State  # speed
 
         _print_event(event)
+        if event.is_note:  # an admission, an eviction: no change of state
+            return
         self.ready = self.ready or event.state is State.READY
         if event.state in {State.STARTING, State.FAILED} and not self.spawned.done():
             self.spawned.set_result(None)

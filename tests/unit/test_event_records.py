@@ -45,6 +45,7 @@ def events() -> list[Event]:
 
 def test_every_kind_has_an_example_and_a_level() -> None:
     assert sorted({e.event for e in events()}) == sorted(EVENT_KINDS)
+    assert [e.is_note for e in events()] == [False] * 9 + [True] * 5
     assert set(EVENT_KINDS.values()) <= {"info", "warning", "error"}
 
 
