@@ -168,17 +168,19 @@ async def test_logs_and_events_over_http(
 
 
 @pytest.mark.parametrize("query", ["", "?follow=1"])
-async def test_a_router_without_a_journal_says_so(query: str) -> None:
+async def test_a_router_without_a_journal_or_a_config_says_so(query: str) -> None:
     async with AsyncSupervisor() as supervisor:
         router = Router(supervisor)
         await router.start(bind_listener("127.0.0.1", 0))
         assert router.address is not None
+        base = f"http://127.0.0.1:{router.address[1]}"
         try:
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"http://127.0.0.1:{router.address[1]}/admin/logs{query}") as resp,
-            ):
-                assert resp.status == 404
-                assert "keeps no log" in (await resp.json())["error"]["message"]
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{base}/admin/logs{query}") as resp:
+                    assert resp.status == 404
+                    assert "keeps no log" in (await resp.json())["error"]["message"]
+                async with http.post(f"{base}/admin/reload") as resp:
+                    assert resp.status == 404
+                    assert "serves no config file" in (await resp.json())["error"]["message"]
         finally:
             await router.stop()
