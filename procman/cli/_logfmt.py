@@ -11,7 +11,6 @@ the router's :class:`~procman.router._logs.Journal`, for ``GET /admin/logs``.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -20,7 +19,6 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
-from rich.text import Text
 
 from procman.cli._app import console
 
@@ -71,6 +69,12 @@ def message_record(event: str, reason: str, *, level: str = "info", **extra: Any
     }
 
 
+def _plain(markup: str) -> str:
+    from rich.text import Text  # speed: ~4 ms, at the first line printed rather than at import
+
+    return Text.from_markup(markup).plain
+
+
 class _JsonRecords(logging.Formatter):
     """Python's log records (warnings from the library) as the same JSON lines."""
 
@@ -79,6 +83,8 @@ class _JsonRecords(logging.Formatter):
         if record.exc_info:
             reason += "\n" + self.formatException(record.exc_info)
         level = record.levelname.lower()
+        import json  # speed: `serve` imports this module on its way to a first answer
+
         return json.dumps(message_record("log", reason, level=level, logger=record.name))
 
 
@@ -121,16 +127,18 @@ class Output:
     def say(self, event: str, markup: str, *, level: str = "info", **extra: Any) -> None:
         """A message of llamactl's own; ``markup`` is rich markup (escaped where it quotes)."""
         if self.json:
-            reason = Text.from_markup(markup).plain
+            reason = _plain(markup)
             self._write_json(message_record(event, reason, level=level, **extra))
             return
         self._write_text(markup)
 
     def _write_text(self, markup: str) -> None:
         console.print(markup)
-        self._keep(Text.from_markup(markup).plain)
+        self._keep(_plain(markup))
 
     def _write_json(self, record: dict[str, Any]) -> None:
+        import json  # speed: see _JsonRecords
+
         line = json.dumps(record)
         sys.stderr.write(line + "\n")
         sys.stderr.flush()
