@@ -233,3 +233,24 @@ async def test_a_restart_of_a_stopped_model_only_takes_the_new_spec(tmp_path: Pa
     assert a.detail == "not running: the new settings apply at its next start"
     assert fleet.supervisor.servers["a"].spec.ctx == 2048
     await fleet.supervisor.stop()
+
+
+def test_serve_refuses_watch_without_a_config_and_an_unknown_log_format(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from procman.cli._main import run
+
+    assert run(["serve", "--watch"]) == 1
+    assert "--watch reloads a config file: pass --config FILE" in capsys.readouterr().err
+    assert run(["serve", "--log-format", "xml"]) == 2
+    refused = " ".join(capsys.readouterr().err.split())  # typer draws a box around it
+    assert "xml" in refused and "--log-format" in refused
+
+
+def test_reload_without_a_router_is_an_error_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from procman.cli._main import run
+
+    assert run(["reload", "--url", "ftp://nowhere"]) == 1
+    assert "the router URL must be http(s)://" in capsys.readouterr().err
