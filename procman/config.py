@@ -28,7 +28,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from procman._units import format_duration, parse_duration, parse_size
-from procman.errors import ConfigError
+from procman.errors import ConfigError, ModelError
 from procman.models.refs import DEMO_MODEL, resolve_model
 from procman.router.scheduler import Order
 from procman.spec import GpuLayers, LogSettings, ServerSpec, check_extra_args
@@ -161,8 +161,8 @@ class Config:
                     stall_timeout=model.stall_timeout,
                     log=log or LogSettings(),
                 )
-            except ConfigError as exc:
-                raise ConfigError(f"models.{name}: {exc.message}", hint=exc.hint) from exc
+            except (ConfigError, ModelError) as exc:
+                raise type(exc)(f"models.{name}: {exc.message}", hint=exc.hint) from exc
             plans.append(
                 ModelPlan(
                     spec=spec,

@@ -15,6 +15,13 @@ States::
                                                      ├──▶ failed
                                                      └──▶ waiting_workers ──▶ starting ...
     (any) ──▶ stopping ──▶ stopped
+
+Each event also has a kind (:attr:`Event.event`): the change of state it is
+(``spawn``, ``ready``, ``crash``...), or, for an event that changes no state,
+what it reports (``admitted``, ``refused``, ``evicted``, ``reload``).
+:meth:`Event.record` is the one JSON shape an event has outside the process:
+``serve --log-format json`` writes it, one per line, and ``GET /admin/events``
+streams it.
 """
 
 from __future__ import annotations
@@ -25,11 +32,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Event", "EventBus", "State", "Subscription"]
+__all__ = ["EVENT_KINDS", "Event", "EventBus", "State", "Subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +83,84 @@ class Event:
     port: int | None = None
     log_tail: str = ""
     """The last lines of the server's output, on failures."""
+    kind: str = ""
+    """For an event that changes no state: what it reports (``admitted``, ``refused``,
+    ``evicted``, ``reload``); empty for a change of state, whose kind follows from it."""
+
+    @property
+    def is_note(self) -> bool:
+        """Whether the event reports something (an admission, an eviction...) rather than a
+        change of state: ``state`` is then the state the server stays in."""
+        return self.state is self.previous
+
+    @property
+    def event(self) -> str:
+        """The kind of event, one of :data:`EVENT_KINDS` (``note``: a state kept, unnamed)."""
+        if self.kind:
+            return self.kind
+        if self.is_note:
+            return "note"
+        if self.state is State.READY and self.previous is State.UNHEALTHY:
+            return "recovered"
+        return _TRANSITIONS[self.state]
+
+    @property
+    def level(self) -> str:
+        """How loud the event is in a log: ``info``, ``warning`` or ``error``."""
+        return EVENT_KINDS.get(self.event, "info")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = str(self.state)
         data["previous"] = str(self.previous)
         return data
+
+    def record(self) -> dict[str, Any]:
+        """The event as a log record: one line of ``--log-format json``, one ``/admin/events``
+        message. Every key is always present (None when it does not apply)."""
+        stamp = datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds")
+        return {
+            "time": stamp.replace("+00:00", "Z"),
+            "level": self.level,
+            "event": self.event,
+            "model": self.server,
+            "state": str(self.state),
+            "previous": str(self.previous),
+            "reason": self.reason,
+            "pid": self.pid,
+            "port": self.port,
+            "log_tail": self.log_tail or None,
+        }
+
+
+_TRANSITIONS = {
+    State.STARTING: "spawn",
+    State.LOADING: "loading",
+    State.READY: "ready",
+    State.UNHEALTHY: "unhealthy",
+    State.RESTARTING: "crash",
+    State.STOPPING: "stopping",
+    State.STOPPED: "stopped",
+    State.FAILED: "failed",
+}
+
+#: every kind of event the supervisor emits, with its log level
+EVENT_KINDS: dict[str, str] = {
+    "spawn": "info",  # a process was started (first life or a restart)
+    "loading": "info",  # its /health answers 503: the model loads
+    "ready": "info",
+    "unhealthy": "warning",  # health checks fail
+    "recovered": "info",  # they pass again
+    "crash": "warning",  # the process ended (or was killed); a restart follows its backoff
+    "failed": "error",  # no more restarts (or the first start failed)
+    "stopping": "info",
+    "stopped": "info",
+    "admitted": "info",  # fits the memory budget (the -ngl choice, what it evicts)
+    "refused": "warning",  # does not fit: the request that wanted it gets 503
+    "evicted": "warning",  # stopped to make room for another model
+    "reload": "info",  # what a config reload did to this model
+    "note": "info",
+}
 
 
 Callback = Callable[[Event], object]

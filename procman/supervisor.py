@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,7 +33,7 @@ from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
-from procman.errors import ConfigError
+from procman.errors import AdmissionError, ConfigError
 from procman.events import Event, EventBus, State
 from procman.memory.budget import MachineMemory, Size
 from procman.memory.enforce import LimitAction, LimitDecision, LimitSettings
@@ -266,13 +267,17 @@ class AsyncSupervisor:
         limits, name = self.limits, entry.spec.name
         prepared = await asyncio.to_thread(limits.prepare, entry.spec, entry.memory_limit)
         entry.server.spec = prepared.spec
-        if prepared.layers_reason:
-            state = entry.server.state
-            self.bus.emit(name, state, state, prepared.layers_reason)
-        reservation = limits.reserve(name, prepared.need)
+        try:
+            reservation = limits.reserve(name, prepared.need)
+        except AdmissionError as exc:
+            self._note(name, "refused", exc.message)
+            raise
+        reasons = (prepared.layers_reason, reservation.decision.reason)
+        self._note(name, "admitted", "; ".join(r for r in reasons if r))
         with reservation:
             for victim in reservation.evict:
                 why = f"evicted for {name!r}: {reservation.decision.reason}"
+                self._note(victim, "evicted", why)
                 await self._stop_entry(self._entries[victim], why)
                 limits.release(victim)
         entry.last_used = time.monotonic()
@@ -296,7 +301,13 @@ class AsyncSupervisor:
                 continue
             victim = min(idle, key=lambda e: e.last_used)
             reason = f"making room for {entry.server.name!r} (max_loaded={self.max_loaded})"
+            self._note(victim.spec.name, "evicted", reason)
             await self._stop_entry(victim, reason)
+
+    def _note(self, name: str, kind: str, reason: str) -> None:
+        """An event that changes no state (see ``procman.events.EVENT_KINDS``)."""
+        state = self._entries[name].server.state
+        self.bus.emit(name, state, state, reason, kind=kind)
 
     async def _stop_entry(self, entry: _Entry, reason: str) -> None:
         async with entry.lock:
@@ -371,7 +382,7 @@ class AsyncSupervisor:
 
     def _on_event(self, event: Event) -> None:
         entry = self._entries.get(event.server)
-        if entry is None or self._limits is None:
+        if entry is None or self._limits is None or event.is_note:
             return
         if event.state is State.STARTING and event.pid is not None:
             self._limits.on_spawn(event.server, event.pid, entry.memory_limit)
@@ -379,6 +390,12 @@ class AsyncSupervisor:
             self._limits.on_reaped(event.server)
         if event.state.is_final:
             self._limits.release(event.server)
+
+    def set_budget(self, memory_budget: Size, vram_budget: Size) -> None:
+        """New budgets (a config reload): later admissions are decided against them."""
+        self._budget_settings = (memory_budget, vram_budget, self._budget_settings[2])
+        if self._limits is not None:
+            self._limits.set_budget(memory_budget, vram_budget)
 
     def set_memory_limit(self, name: str, memory_limit: int | None) -> None:
         """Change ``name``'s limit; enforced from the next sample, checked at the next load."""
@@ -467,13 +484,36 @@ class AsyncSupervisor:
         servers = [(e.server, e.requests) for e in self._entries.values()]
         return self.limits.snapshot(servers, queue_depth or {})
 
-    async def remove(self, name: str) -> None:
+    def hide(self, name: str) -> None:
+        """Requests no longer find ``name``; those that did finish (a reload removes it)."""
+        self._servers.pop(name, None)
+
+    def retune(self, name: str, spec: ServerSpec, ttl: float | None, limit: int | None) -> None:
+        """Take ``spec`` (a reload): whole if the server is stopped, else only what needs no
+        restart (aliases, startup timeout); ``ttl`` runs again from now."""
+        entry = self._entry(name)
+        entry.spec = spec
+        server = entry.server
+        if server.state.is_final:
+            server.spec = spec
+        else:  # the running process keeps its -ngl and arguments
+            server.spec = dataclasses.replace(
+                server.spec, aliases=spec.aliases, startup_timeout=spec.startup_timeout
+            )
+        entry.ttl = ttl
+        if entry.users == 0:
+            self._arm(entry)
+        if limit != entry.memory_limit:
+            self.set_memory_limit(name, limit)
+
+    async def remove(self, name: str, reason: str = "removed") -> None:
         server = self._servers.pop(name, None)
         entry = self._entries.pop(name, None)
         if entry is not None:
             self._disarm(entry)
+            server = entry.server  # hidden first, perhaps
         if server is not None:
-            await server.stop("removed")
+            await server.stop(reason)
         if self._limits is not None:
             self._limits.release(name)
 

@@ -26,6 +26,7 @@ COMMANDS = {
     "models": "_models",
     "ps": "_ctl",
     "pull": "_models",
+    "reload": "_ctl",
     "serve": "_serve",
     "stop": "_ctl",
     "worker": "_worker",

@@ -1,4 +1,4 @@
-"""``llamactl ps``, ``stop`` and ``load``: talk to a running router's admin API.
+"""``llamactl ps``, ``stop``, ``load`` and ``reload``: talk to a running router's admin API.
 
 They reach the router over HTTP (``--url``, else ``$LLAMACTL_URL``, else
 http://127.0.0.1:8080) with ``$LLAMACTL_API_KEY`` as the bearer key, so they
@@ -25,7 +25,7 @@ from procman.cli._app import app, console, out
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["load", "ps", "stop"]
+__all__ = ["load", "ps", "reload", "stop"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -154,3 +154,33 @@ def load(
     rows = _call(url, "POST", f"/admin/load/{name}", timeout=timeout)["models"]
     state = rows[0]["state"] if rows else "?"
     console.print(f"{escape(name)}: {escape(state)}")
+
+
+@app.command()
+def reload(
+    *,
+    url: Url = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait (removed and restarted models drain first).")
+    ] = 600,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Make the running `serve --config` read its file again and apply the changes.
+
+    Unchanged models keep running untouched; added ones are served; removed
+    ones finish their requests and stop; changed ones restart only if a
+    setting of llama-server's changed (ctx, args, path...). A wrong file
+    changes nothing and the error says where. SIGHUP does the same.
+    """
+    report = _call(url, "POST", "/admin/reload", timeout=timeout)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    console.print(f"[bold]{escape(report['summary'])}[/]")
+    for model in report["models"]:
+        changes = ", ".join(change["text"] for change in model["changes"])
+        style = "" if model["ok"] else "[bold red]"
+        line = f"{model['name']}: {changes + ': ' if changes else ''}{model['detail']}"
+        console.print(f"  {style}{escape(line)}")
+    if not report["ok"]:
+        raise LlamactlError("a model failed to restart with its new settings", hint="llamactl ps")

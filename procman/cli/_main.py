@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from rich.markup import escape
+
 from buildtools.errors import BuildError, LlamactlError, VerificationError
 from procman.cli._app import app, console
 from procman.cli._commands import register
@@ -19,6 +21,12 @@ EXIT_INTERRUPTED = 130
 
 
 def _report(exc: LlamactlError) -> None:
+    from procman.cli._logfmt import OUTPUT  # speed: only on an error
+
+    if OUTPUT.json:  # `serve --log-format json`: its last line is a record too
+        tail = getattr(exc, "log_tail", "") or None
+        OUTPUT.say("error", escape(exc.message), level="error", hint=exc.hint, log_tail=tail)
+        return
     console.print(f"[bold red]error:[/] {exc.message}")
     if isinstance(exc, BuildError):
         if exc.command:

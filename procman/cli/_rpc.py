@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from procman.memory.split import SplitPlan
     from procman.models.gguf import ModelInfo
 
-__all__ = ["check_endpoints", "rpc_group", "split_for"]
+__all__ = ["check_endpoints", "checked_rpc", "rpc_fields", "rpc_group", "split_for"]
 
 
 def check_endpoints(text: str | list[str], *, trusted: bool) -> tuple[str, ...]:
@@ -102,3 +102,42 @@ def rpc_group(
                 hint="add a worker, lower --ctx, or use a smaller quantisation",
             )
     return {"rpc": endpoints, "tensor_split": shares or (), "stall_timeout": stall_timeout}
+
+
+def checked_rpc(rpc: str | None, *, trusted: bool) -> str | None:
+    """``--rpc``, parsed and checked (loopback unless the network is trusted); None: none."""
+    if rpc is None:
+        return None
+    return ",".join(check_endpoints(rpc, trusted=trusted))
+
+
+def rpc_fields(
+    resolved: Any,
+    rpc: str | None,
+    tensor_split: str | None,
+    info: Any,
+    ctx: int | None,
+    parallel: int | None,
+    stall_timeout: float,
+) -> dict[str, Any]:
+    """The ServerSpec fields for ``--rpc`` (none without it), after checking that the
+    server can use RPC workers (a cached build without GGML_RPC cannot)."""
+    if rpc is None:
+        if tensor_split is not None:
+            raise LlamactlError("--tensor-split needs --rpc", hint="e.g. --rpc 127.0.0.2:50052")
+        return {}
+    build = resolved.build
+    defines = build.manifest.get("plan", {}).get("cmake_defines", {}) if build else {}
+    if build is not None and defines.get("GGML_RPC") != "ON":
+        raise LlamactlError(
+            f"the llama-server in use ({build.key}) was built without RPC support",
+            hint="run `llamactl build` (every plan sets GGML_RPC=ON now), then serve again",
+        )
+    return rpc_group(
+        rpc,
+        tensor_split,
+        info=info,
+        ctx=ctx,
+        parallel=parallel,
+        stall_timeout=stall_timeout,
+    )

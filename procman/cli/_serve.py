@@ -20,7 +20,6 @@ import dataclasses
 import signal
 import socket
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -30,13 +29,16 @@ from rich.markup import escape
 from buildtools.errors import LlamactlError
 from procman._loop import run as run_loop
 from procman.cli._app import app, console, out
+from procman.cli._logfmt import OUTPUT, LogFormat
 from procman.cli._progress import BuildProgressView
+from procman.cli._rpc import checked_rpc, rpc_fields
 from procman.errors import AdmissionError, ServerError
 from procman.process import _early
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from procman.cli._live import LiveConfig
     from procman.config import ServePlan, ServerSection
     from procman.events import Event
     from procman.router import Router
@@ -44,14 +46,6 @@ if TYPE_CHECKING:
     from procman.supervisor import AsyncSupervisor, Fetch
 
 __all__ = ["serve"]
-
-_STATE_STYLE = {
-    "ready": "green",
-    "failed": "bold red",
-    "unhealthy": "yellow",
-    "restarting": "yellow",
-    "waiting_workers": "yellow",
-}
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -149,6 +143,17 @@ def serve(
     stall_timeout: Annotated[
         float, typer.Option(help="With --rpc: seconds before a stalled group is restarted.")
     ] = 30.0,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="With --config: reload the file when it changes.")
+    ] = False,
+    log_format: Annotated[
+        LogFormat,
+        typer.Option(
+            "--log-format",
+            envvar="LLAMACTL_LOG_FORMAT",
+            help="llamactl's own log on stderr: text, or json (one object per line).",
+        ),
+    ] = LogFormat.TEXT,
 ) -> None:
     """Serve a GGUF model at HOST:PORT (OpenAI-compatible) under supervision.
 
@@ -162,6 +167,9 @@ def serve(
 
     if config is not None or daemon:
         _early.discard()  # nothing to adopt it
+    OUTPUT.configure(log_format)
+    if watch and config is None:
+        raise LlamactlError("--watch reloads a config file: pass --config FILE with it")
     extra = list(context.args)
     if model is not None and model.startswith("-"):  # `serve -- -fa on`: click gives -fa to MODEL
         extra.insert(0, model)
@@ -179,7 +187,7 @@ def serve(
                 "--config declares the models: pass no MODEL or extra arguments with it",
                 hint="put per-model llama-server arguments in the file's `args`",
             )
-        _serve_config(config, given, binary=server, insecure=insecure)
+        _serve_config(config, given, binary=server, insecure=insecure, watch=watch)
         return
     if daemon:
         _serve_via_daemon(
@@ -202,10 +210,7 @@ def serve(
     }
     layers = parse_gpu_layers(gpu_layers)
     check_exposure(host, access["api_key"], allow_unauthenticated=insecure)
-    if rpc is not None:  # before anything is downloaded, built or bound
-        from procman.cli._rpc import check_endpoints  # speed
-
-        rpc = ",".join(check_endpoints(rpc, trusted=trusted_network))
+    rpc = checked_rpc(rpc, trusted=trusted_network)  # before anything is fetched or built
     model_path = _model_path(model)
     info = validate_model(model_path)
     with BuildProgressView(
@@ -213,7 +218,7 @@ def serve(
         "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
     ) as view:
         resolved = buildtools.resolve_server(server, build_if_missing=True, on_progress=view)
-    group = _rpc_fields(resolved, rpc, tensor_split, info, ctx_size, parallel, stall_timeout)
+    group = rpc_fields(resolved, rpc, tensor_split, info, ctx_size, parallel, stall_timeout)
     server_name = name or default_name(model_path, model)
     stem = model_path.name.removesuffix(".gguf")
     spec = ServerSpec(
@@ -232,9 +237,10 @@ def serve(
     with listener:
         size = f"{info.size_bytes / 1e6:.0f} MB"
         kind = f"{info.architecture}, {info.file_type or '?'}, {size}"
-        console.print(f"[bold]{escape(spec.name)}[/]: {escape(str(model_path))} ({escape(kind)})")
+        line = f"[bold]{escape(spec.name)}[/]: {escape(str(model_path))} ({escape(kind)})"
+        OUTPUT.say("model", line)
         binary, why = escape(str(resolved.binary)), escape(resolved.reason)
-        console.print(f"[dim]llama-server:[/] {binary} [dim]({why})[/]")
+        OUTPUT.say("binary", f"[dim]llama-server:[/] {binary} [dim]({why})[/]")
         try:
             failure = run_loop(_serve(spec, listener, access))
         finally:
@@ -253,40 +259,6 @@ def _model_path(model: str | None) -> Path:
         with PullView() as view:
             return resolve_model(model, on_progress=view)
     return resolve_model(model)
-
-
-def _rpc_fields(
-    resolved: Any,
-    rpc: str | None,
-    tensor_split: str | None,
-    info: Any,
-    ctx: int | None,
-    parallel: int | None,
-    stall_timeout: float,
-) -> dict[str, Any]:
-    """The ServerSpec fields for ``--rpc`` (none without it), after checking that the
-    server can use RPC workers (a cached build without GGML_RPC cannot)."""
-    if rpc is None:
-        if tensor_split is not None:
-            raise LlamactlError("--tensor-split needs --rpc", hint="e.g. --rpc 127.0.0.2:50052")
-        return {}
-    from procman.cli._rpc import rpc_group  # speed
-
-    build = resolved.build
-    defines = build.manifest.get("plan", {}).get("cmake_defines", {}) if build else {}
-    if build is not None and defines.get("GGML_RPC") != "ON":
-        raise LlamactlError(
-            f"the llama-server in use ({build.key}) was built without RPC support",
-            hint="run `llamactl build` (every plan sets GGML_RPC=ON now), then serve again",
-        )
-    return rpc_group(
-        rpc,
-        tensor_split,
-        info=info,
-        ctx=ctx,
-        parallel=parallel,
-        stall_timeout=stall_timeout,
-    )
 
 
 def _key(api_key: str | None, key_file: str | None) -> str | None:
@@ -314,27 +286,33 @@ def _override(section: ServerSection, given: dict[str, Any]) -> ServerSection:
 
 
 def _serve_config(
-    path: Path, given: dict[str, Any], *, binary: Path | None, insecure: bool
+    path: Path, given: dict[str, Any], *, binary: Path | None, insecure: bool, watch: bool
 ) -> None:
     """``serve --config``: validate everything, bind, then serve until Ctrl-C."""
     import buildtools  # speed
-    from procman.config import load_config  # speed
+    from procman.cli._live import LiveConfig  # speed
     from procman.models.gguf import validate_model  # speed
+    from procman.reload._read import read_config  # speed
+    from procman.reload.apply import Loaded  # speed
     from procman.router.listen import bind_listener, check_exposure  # speed
 
-    loaded = load_config(path)
-    for warning in loaded.warnings():
+    def load() -> Loaded:  # at launch, and again at each reload
+        loaded = read_config(path)
+        section = _override(loaded.server, given)
+        section = dataclasses.replace(section, api_key=_key(section.api_key, section.api_key_file))
+        loaded = dataclasses.replace(loaded, server=section)
+        check_exposure(section.host, section.api_key, allow_unauthenticated=insecure)
+        return Loaded(config=loaded, plan=loaded.plan(resolved.binary))
+
+    for warning in read_config(path).warnings():  # a wrong file is reported before any build
         console.print(f"[yellow]warning:[/] {escape(warning)}")
-    section = _override(loaded.server, given)
-    section = dataclasses.replace(section, api_key=_key(section.api_key, section.api_key_file))
-    loaded = dataclasses.replace(loaded, server=section)
-    check_exposure(section.host, section.api_key, allow_unauthenticated=insecure)
     with BuildProgressView(
         "no llama-server is built for this machine yet: building and verifying one "
         "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
     ) as view:
         resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
-    plan = loaded.plan(resolved.binary)
+    current = load()
+    plan, section = current.plan, current.config.server
     for model in plan.models:
         if model.pull is not None:
             console.print(
@@ -343,12 +321,14 @@ def _serve_config(
             continue
         info = validate_model(model.spec.model)
         what = f"{info.architecture}, {info.file_type or '?'}, {info.size_bytes / 1e6:.0f} MB"
-        console.print(
-            f"[bold]{escape(model.spec.name)}[/]: {escape(str(model.spec.model))} ({escape(what)})"
+        OUTPUT.say(
+            "model",
+            f"[bold]{escape(model.spec.name)}[/]: {escape(str(model.spec.model))} ({escape(what)})",
         )
     listener = bind_listener(section.host, section.port)
+    live = LiveConfig(file=path, load=load, current=current, watch=watch)
     with listener:
-        run_loop(_serve_plan(plan, listener))
+        run_loop(_serve_plan(plan, listener, live))
 
 
 def _access(section: ServerSection) -> dict[str, Any]:
@@ -360,9 +340,13 @@ def _access(section: ServerSection) -> dict[str, Any]:
     }
 
 
-async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
+async def _serve_plan(
+    plan: ServePlan, listener: socket.socket, live: LiveConfig | None = None
+) -> None:
     """Run the router over on-demand servers until Ctrl-C/SIGTERM; a failed model only reports."""
+    from procman.cli._live import go_live  # speed
     from procman.router import Router, RouterSettings  # speed
+    from procman.router._logs import Journal  # speed
     from procman.router.scheduler import QueueSettings, Scheduler  # speed
     from procman.supervisor import AsyncSupervisor  # speed
 
@@ -387,19 +371,29 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
         )
         scheduler.add(model.spec.name, slots)
     router = Router(supervisor, RouterSettings(**_access(plan.server)), scheduler=scheduler)
+    router.journal = Journal()
+    OUTPUT.attach(router.journal)
+    unwire = None
     try:
         await router.start(listener)
+        if live is not None:
+            unwire = await go_live(live, supervisor, scheduler, router)
         names = ", ".join(m.spec.name for m in plan.models)
-        console.print(
+        reloads = " or SIGHUP reloads the file" if live is not None else ""
+        OUTPUT.say(
+            "serving",
             f"[bold green]serving[/] {escape(names)} at [bold]{_url(router)}[/] "
-            "[dim](each model starts on its first request; Ctrl-C stops)[/]"
+            f"[dim](each model starts on its first request; `llamactl reload`{reloads}; "
+            "Ctrl-C stops)[/]",
         )
         await stop.wait()
     finally:
+        if unwire is not None:
+            await unwire()
         await router.stop()
         await supervisor.stop()
         _forget_signals(loop)
-    console.print("stopped")
+    OUTPUT.say("stopped", "stopped")
 
 
 def _fetcher(ref: str | None) -> Fetch | None:
@@ -427,7 +421,7 @@ def _print_budget(supervisor: AsyncSupervisor) -> None:
     ):
         shown = "unlimited" if size is None else format_bytes(size)
         parts.append(f"{what} {shown} [dim]({escape(why)})[/]")
-    console.print(f"[dim]budget:[/] {'; '.join(parts)}")
+    OUTPUT.say("budget", f"[dim]budget:[/] {'; '.join(parts)}")
 
 
 def _serve_via_daemon(
@@ -466,10 +460,7 @@ def _serve_via_daemon(
 
 
 def _print_event(event: Event) -> None:
-    stamp = datetime.fromtimestamp(event.time).strftime("%H:%M:%S")
-    style = _STATE_STYLE.get(str(event.state), "cyan")
-    what = f"{escape(event.server)} [{style}]{event.state}[/]"
-    console.print(f"[dim]{stamp}[/] {what} [dim]{escape(event.reason)}[/]")
+    OUTPUT.event(event)
 
 
 async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, Any]) -> Event | None:
@@ -509,6 +500,10 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
 
         _print_budget(supervisor)
         router = Router(supervisor, RouterSettings(**access))
+        from procman.router._logs import Journal  # speed
+
+        router.journal = Journal()
+        OUTPUT.attach(router.journal)
         await router.start(listener)  # from now on requests wait for the model, never refused
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -518,10 +513,11 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
             raise refused  # `main` prints it with its numbers and exits 1
         elif starting.exception() is None:
             record.arm(loop)
-            console.print(
+            OUTPUT.say(
+                "serving",
                 f"[bold green]ready[/] in {time.monotonic() - started:.1f} s: "
                 f"model [bold]{escape(spec.name)}[/] at [bold]{_url(router)}[/]  "
-                "[dim](Ctrl-C stops)[/]"
+                "[dim](Ctrl-C stops)[/]",
             )
             await stopping
         stopping.cancel()
@@ -533,7 +529,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
         _forget_signals(loop)
     if failed.done():
         return failed.result()
-    console.print("stopped")
+    OUTPUT.say("stopped", "stopped")
     return None
 
 
@@ -549,6 +545,8 @@ class _FirstStart:
         from procman.events import State  # speed
 
         _print_event(event)
+        if event.is_note:  # an admission, an eviction: no change of state
+            return
         self.ready = self.ready or event.state is State.READY
         if event.state in {State.STARTING, State.FAILED} and not self.spawned.done():
             self.spawned.set_result(None)

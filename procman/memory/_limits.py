@@ -102,6 +102,10 @@ class Limits:
         self._scraped: dict[str, tuple[float, LlamaMetrics]] = {}
         self._groups: dict[str, Path] = {}
 
+    def set_budget(self, memory_budget: Size, vram_budget: Size) -> None:
+        """New budgets (a config reload): later admissions are decided against them."""
+        self.budget = self.ledger.budget = resolve_budget(memory_budget, vram_budget, self.machine)
+
     # -- before a start ------------------------------------------------------------------------
     def prepare(self, spec: ServerSpec, memory_limit: int | None) -> Prepared:
         """Validate the model, choose ``-ngl``, estimate; blocking (reads the GGUF header).

@@ -6,6 +6,9 @@ one and answers once it is ready; ``POST /admin/unload/{name}`` (or
 ``/admin/unload`` with no name: all of them) stops it. They sit behind the
 same API key as ``/v1``, because unloading is as disruptive as using.
 
+``POST /admin/reload`` reads the config file ``serve --config`` was given
+again and applies it (:mod:`procman.reload`), answering what it did.
+
 ``GET /metrics`` is the Prometheus exposition (:mod:`procman.router.metrics`),
 behind the key too: model names and load are not for anyone on the network;
 ``GET /metrics?model=NAME`` is that model's llama-server's own.
@@ -14,7 +17,7 @@ behind the key too: model names and load are not for anyone on the network;
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -67,6 +70,26 @@ def add_admin_routes(app: web.Application, loader: Loader, scheduler: Scheduler)
     app.router.add_post("/admin/load/{name}", load)
     app.router.add_post("/admin/unload", unload)
     app.router.add_post("/admin/unload/{name}", unload)
+
+
+def add_reload_route(
+    app: web.Application, reloader: Callable[[], Callable[[], Awaitable[dict[str, Any]]] | None]
+) -> None:
+    """``POST /admin/reload``: read the config file again and apply it (``llamactl reload``)."""
+
+    async def reload(request: web.Request) -> web.Response:
+        run = reloader()
+        if run is None:
+            message = "this router serves no config file: only `serve --config FILE` reloads"
+            return _error(404, message, "no_config")
+        try:
+            report = await run()
+        except LlamactlError as exc:
+            message = f"{exc.message} ({exc.hint})" if exc.hint else exc.message
+            return _error(400, f"reload refused, nothing changed: {message}", "reload_refused")
+        return web.json_response(report)
+
+    app.router.add_post("/admin/reload", reload)
 
 
 def add_metrics_route(

@@ -90,6 +90,13 @@ class Guard:
         allowed_hosts: Iterable[str] = (),
         cors_origins: Iterable[str] = (),
     ) -> None:
+        self._bound: str | None = None
+        self.configure(api_key=api_key, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
+
+    def configure(
+        self, *, api_key: str | None, allowed_hosts: Iterable[str], cors_origins: Iterable[str]
+    ) -> None:
+        """Take new rules (a config reload); the next request is judged by them."""
         self._key = api_key.encode() if api_key else None
         hosts = [h.strip().lower().rstrip(".") for h in allowed_hosts if h.strip()]
         self._any_host = "*" in hosts
@@ -98,6 +105,8 @@ class Guard:
         self._origins = tuple(o.strip().rstrip("/") for o in cors_origins if o.strip())
         self._host_ok: dict[str, bool] = {}
         self._origin_ok: dict[tuple[str, str], bool] = {}
+        if self._bound is not None:
+            self.bind(self._bound)
 
     @property
     def needs_key(self) -> bool:
@@ -105,6 +114,7 @@ class Guard:
 
     def bind(self, host: str) -> None:
         """Also allow the address the router listens on (every local one for a wildcard)."""
+        self._bound = host
         name = _host_name(host) if host.startswith("[") else host.strip().lower()
         if name in _WILDCARDS:
             self._hosts |= local_addresses()

@@ -43,6 +43,7 @@ from procman.router._forward import (
 )
 from procman.router._front import FrontDoor, FrontSettings, Incoming
 from procman.router._guard import Guard
+from procman.router._logs import Journal, Observed, add_log_routes
 from procman.router._upstream import kept
 from procman.router.routes import (
     ROUTES,
@@ -52,7 +53,13 @@ from procman.router.routes import (
     find_route,
     form_field,
 )
-from procman.router.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
+from procman.router.scheduler import (
+    ModelQueue,
+    QueueClosedError,
+    QueueFullError,
+    QueueSettings,
+    Scheduler,
+)
 
 if TYPE_CHECKING:
     from procman.process.endpoint import Endpoint
@@ -186,10 +193,17 @@ class Router:
             if not (metered and route.method == "GET" and route.path == "/metrics"):
                 path = f"{route.path}{{rest}}" if route.path.endswith("/") else route.path
                 self.app.router.add_route(route.method, path, self._proxy)
+        self.journal: Journal | None = None
+        """llamactl's own log, if the program keeps one (``GET /admin/logs``)."""
+        self.reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+        """Reloads the config this router serves (``POST /admin/reload``), if it has one."""
         if self.loader is not None:
-            from procman.router._admin import add_admin_routes  # speed
+            from procman.router._admin import add_admin_routes, add_reload_route  # speed
 
             add_admin_routes(self.app, self.loader, self.scheduler)
+            add_reload_route(self.app, lambda: self.reload)
+        if isinstance(upstreams, Observed):
+            add_log_routes(self.app, upstreams, lambda: self.journal)
         if isinstance(upstreams, Metered):
             from procman.router._admin import add_metrics_route  # speed
 
@@ -410,6 +424,8 @@ class Router:
         except QueueFullError as exc:
             retry = (("Retry-After", str(self.settings.retry_after)),)
             return reply.fail(Failure(429, exc.message, "rate_limit_error", "queue_full", retry))
+        except QueueClosedError as exc:  # removed by a reload while this request waited
+            return reply.fail(Failure(404, exc.message, "invalid_request_error", "model_removed"))
         try:
             if self.loader is not None and self.loader.on_demand(upstream.name):
                 if upstream.retry_in() > 0:  # failed by its crashes: not retried before this

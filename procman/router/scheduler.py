@@ -11,6 +11,12 @@ dropped without the server ever seeing it.
 
 Pure asyncio, no I/O: the router holds a slot from dispatch until the last
 byte of its response is written.
+
+A config reload (:mod:`procman.reload`) changes a queue in place
+(:meth:`ModelQueue.update`), holds it while its model restarts (requests
+wait, none is refused for it) and closes the queue of a removed model
+(requests in line are answered with :class:`QueueClosedError`), each time
+waiting for the requests in flight to finish (:meth:`ModelQueue.drained`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from typing import Any
 
 from procman.errors import LlamactlError
 
-__all__ = ["ModelQueue", "Order", "QueueFullError", "QueueSettings", "Scheduler"]
+__all__ = [
+    "ModelQueue", "Order", "QueueClosedError", "QueueFullError", "QueueSettings", "Scheduler",
+]  # fmt: skip
 
 
 class Order(StrEnum):
@@ -48,6 +56,14 @@ class QueueFullError(LlamactlError):
         )
         self.name = name
         self.maxsize = maxsize
+
+
+class QueueClosedError(LlamactlError):
+    """The model was removed (a config reload) before the request's turn came."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"model {name!r} is no longer served: {reason}")
+        self.name = name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,14 +92,20 @@ class ModelQueue:
         self._waiters: deque[asyncio.Future[None]] = deque()
         #: requests in line (counted, not walked: under overload the line is long)
         self.waiting = 0
+        self._held = False
+        self._closed: str | None = None
+        self._idle: list[asyncio.Future[None]] = []
 
     async def acquire(self) -> None:
-        """Take a slot, waiting in line if none is free; raises :class:`QueueFullError`.
+        """Take a slot, waiting in line if none is free; raises :class:`QueueFullError`,
+        or :class:`QueueClosedError` once the queue is closed.
 
         Cancelling a waiting ``acquire`` removes it from the line; if the slot
         was granted in the same instant, it is passed on to the next waiter.
         """
-        if self.active < self.settings.slots and not self._waiters:
+        if self._closed is not None:
+            raise QueueClosedError(self.name, self._closed)
+        if self.active < self.settings.slots and not self._waiters and not self._held:
             self.active += 1
             return
         if self.waiting >= self.settings.maxsize:
@@ -106,7 +128,53 @@ class ModelQueue:
     def release(self) -> None:
         """Give a slot back; the next waiter (oldest or newest, per ``order``) gets it."""
         self.active -= 1
-        while self.active < self.settings.slots and self._waiters:
+        self._dispatch()
+        if self.active == 0:
+            for idle in self._idle:
+                if not idle.done():
+                    idle.set_result(None)
+            self._idle.clear()
+
+    # -- a reload: change, hold, close --------------------------------------------------------
+    def update(self, settings: QueueSettings) -> None:
+        """New slots, bound and order; requests in line keep their place."""
+        self.settings = settings
+        self._dispatch()
+
+    def hold(self) -> None:
+        """Let no request through (they wait in line) until :meth:`resume`."""
+        self._held = True
+
+    def resume(self) -> None:
+        self._held = False
+        self._dispatch()
+
+    def close(self, reason: str) -> None:
+        """Refuse every request from now on, those in line included (the model is gone)."""
+        self._closed = reason
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.waiting -= 1
+                waiter.set_exception(QueueClosedError(self.name, reason))
+
+    async def drained(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bool, not an error
+        """Wait until no request holds a slot; False if some still do after ``timeout``."""
+        if self.active == 0:
+            return True
+        idle = asyncio.get_running_loop().create_future()
+        self._idle.append(idle)
+        try:
+            await asyncio.wait_for(asyncio.shield(idle), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            if idle in self._idle:
+                self._idle.remove(idle)
+        return True
+
+    def _dispatch(self) -> None:
+        while not self._held and self.active < self.settings.slots and self._waiters:
             waiter = (
                 self._waiters.pop()
                 if self.settings.order is Order.LIFO
@@ -145,6 +213,9 @@ class Scheduler:
     def add(self, name: str, settings: QueueSettings) -> ModelQueue:
         queue = self._queues[name] = ModelQueue(name, settings)
         return queue
+
+    def remove(self, name: str) -> None:
+        self._queues.pop(name, None)
 
     def queue(self, name: str) -> ModelQueue | None:
         """The queue for ``name``; ``None`` means requests go straight through."""

@@ -65,14 +65,14 @@ class Fleet:
             return resp.status, await resp.json()
 
     def of(self, name: str, state: State) -> list[Event]:
-        return [e for e in self.events if e.server == name and e.state is state]
+        return [e for e in self.events if e.server == name and e.state is state and not e.is_note]
 
     async def until(self, name: str, state: State, timeout: float = 60) -> Event:  # noqa: ASYNC109
         async with asyncio.timeout(timeout), self.supervisor.bus.listen() as later:
             if found := self.of(name, state):
                 return found[-1]
             async for event in later:
-                if event.server == name and event.state is state:
+                if event.server == name and event.state is state and not event.is_note:
                     return event
         raise AssertionError("the event stream ended")
 

@@ -58,7 +58,11 @@ class Fleet:
         )
 
     def stopped(self, name: str) -> list[Event]:
-        return [e for e in self.events if e.server == name and e.state is State.STOPPED]
+        return [
+            e
+            for e in self.events
+            if e.server == name and e.state is State.STOPPED and not e.is_note
+        ]
 
 
 @contextlib.asynccontextmanager

@@ -52,7 +52,9 @@ async def test_a_server_over_the_budget_is_refused_before_anything_is_spawned(
         with pytest.raises(OverBudget, match=r"needs \d+ MiB of memory, 1 MiB is free") as info:
             await supervisor.load("m")
         assert info.value.resource == "memory" and info.value.budget == 1 * MiB
-        assert server.pid is None and events == []
+        assert server.pid is None
+        assert [(e.event, e.state) for e in events] == [("refused", State.STOPPED)]  # no spawn
+        assert "1 MiB is free" in events[0].reason
         assert supervisor.metrics_snapshot().refusals_total == 1
 
 

@@ -7,7 +7,13 @@ import asyncio
 import pytest
 
 from procman.config import Order
-from procman.router.scheduler import ModelQueue, QueueFullError, QueueSettings, Scheduler
+from procman.router.scheduler import (
+    ModelQueue,
+    QueueClosedError,
+    QueueFullError,
+    QueueSettings,
+    Scheduler,
+)
 
 
 async def settle() -> None:
@@ -148,3 +154,63 @@ def test_scheduler_knows_queues_by_name() -> None:
     }  # fmt: skip
     with pytest.raises(ValueError, match="slots"):
         QueueSettings(slots=0)
+
+
+# -- what a config reload does to a queue --------------------------------------------------------
+async def test_a_held_queue_lets_nothing_through_until_resumed() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=2, maxsize=8))
+    await queue.acquire()
+    queue.hold()
+    late = asyncio.create_task(queue.acquire())  # a slot is free, but the queue is held
+    await settle()
+    assert not late.done() and queue.waiting == 1
+    drained = asyncio.create_task(queue.drained(timeout=30))
+    await settle()
+    assert not drained.done()  # the request in flight still runs
+    queue.release()
+    assert await drained is True
+    assert not late.done()
+    queue.resume()
+    await late
+    assert queue.active == 1 and queue.waiting == 0
+
+
+async def test_drained_gives_up_after_its_timeout() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=1))
+    await queue.acquire()
+    assert await queue.drained(timeout=0.01) is False
+    assert queue.active == 1
+    assert await ModelQueue("idle").drained(timeout=0) is True
+
+
+async def test_a_closed_queue_answers_its_line_and_refuses_newcomers() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=1, maxsize=8))
+    await queue.acquire()
+    waiters = [asyncio.create_task(queue.acquire()) for _ in range(3)]
+    await settle()
+    queue.close("removed by a reload")
+    for waiter in waiters:
+        with pytest.raises(QueueClosedError, match="'m' is no longer served: removed by a reload"):
+            await waiter
+    assert queue.waiting == 0 and queue.active == 1  # the one in flight goes on
+    with pytest.raises(QueueClosedError):
+        await queue.acquire()
+    queue.release()
+    assert queue.active == 0
+
+
+async def test_update_takes_new_slots_and_order_keeping_the_line() -> None:
+    queue = ModelQueue("m", QueueSettings(slots=1, maxsize=8))
+    await queue.acquire()
+    waiters = [asyncio.create_task(queue.acquire()) for _ in range(3)]
+    await settle()
+    queue.update(QueueSettings(slots=3, maxsize=8, order=Order.LIFO))
+    await settle()
+    assert sum(w.done() for w in waiters) == 2 and queue.active == 3
+    assert queue.snapshot()["order"] == "lifo"
+    queue.release()
+    await asyncio.gather(*waiters)
+    scheduler = Scheduler()
+    scheduler.add("m", QueueSettings())
+    scheduler.remove("m")
+    assert scheduler.queue("m") is None
