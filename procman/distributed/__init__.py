@@ -7,11 +7,10 @@ processes, probes the workers, plans the split and restarts the group:
   first commands of ggml's RPC protocol (version, devices, free memory);
 * :mod:`~procman.distributed.worker`: :class:`ManagedWorker`, one supervised
   ``ggml-rpc-server`` (``llamactl worker``);
-* :mod:`~procman.distributed.status`: the worker's read-only status endpoint.
-
-The group logic (wait for workers, a lost worker is not a crash, the stall
-watchdog) lives in :class:`procman.process.ManagedServer`, driven by
-``ServerSpec.rpc``.
+* :mod:`~procman.distributed.status`: the worker's read-only status endpoint;
+* :mod:`~procman.distributed.group`: a server and its workers as one group (may it
+  start, a lost worker is not a crash, the stall watchdog), which
+  :class:`procman.process.ManagedServer` consults when ``ServerSpec.rpc`` is set.
 """
 
 from __future__ import annotations

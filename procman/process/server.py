@@ -36,42 +36,24 @@ if TYPE_CHECKING:
 
     import aiohttp
 
-    from procman.distributed.rpc import WorkerProbe
+    from procman.distributed.group import WorkerGroup
     from procman.process._early import EarlyServer
 
 __all__ = ["ManagedServer"]
+
+
+def _group(spec: ServerSpec) -> WorkerGroup | None:
+    if not spec.rpc:
+        return None
+    from procman.distributed.group import WorkerGroup  # speed
+
+    return WorkerGroup(spec.name, spec.rpc, spec.stall_timeout)
+
 
 log = logging.getLogger(__name__)
 
 _BIND_ATTEMPTS = 5
 _TAIL_LINES = 40
-#: seconds between probes of RPC workers a group waits for
-_WORKER_RETRY = 1.0
-_RPC_HINT = (
-    "start the worker (`llamactl worker` on its machine), check the address, and "
-    "`llamactl workers HOST:PORT` to see what answers"
-)
-
-
-def _progress(slots: object) -> tuple[tuple[int, int, int, int], ...] | None:
-    """(slot, task, prompt tokens processed, tokens decoded) of each busy slot in ``/slots``;
-    None when no slot is busy (or the answer is not what llama-server writes)."""
-    if not isinstance(slots, list):
-        return None
-    busy = []
-    for slot in slots:
-        if not isinstance(slot, dict) or not slot.get("is_processing"):
-            continue
-        decoded = sum(int(t.get("n_decoded", 0)) for t in slot.get("next_token") or [])
-        busy.append(
-            (
-                int(slot.get("id", -1)),
-                int(slot.get("id_task", -1)),
-                int(slot.get("n_prompt_tokens_processed", 0)),
-                decoded,
-            )
-        )
-    return tuple(busy) or None
 
 
 class _End(Enum):
@@ -115,13 +97,8 @@ class ManagedServer:
         self._recycle: asyncio.Future[str] | None = None
         self._offered: EarlyServer | None = None
         self.restarts = 0
-        #: the stall watchdog's last reading of /slots, and since when it is unchanged
-        self._progress: tuple[tuple[int, int, int, int], ...] | None = None
-        self._progress_since = 0.0
-        #: RPC worker endpoint -> what was last known of it (see workers_status)
-        self._workers: dict[str, dict[str, Any]] = {
-            e: {"endpoint": e, "up": None, "error": "", "lost": 0} for e in spec.rpc
-        }
+        #: the RPC workers that hold part of the model (see procman.distributed.group)
+        self._group = _group(spec)
         self.last_reason = "not started"
         self.ready_since: float | None = None
         self.failed_until = 0.0
@@ -179,18 +156,10 @@ class ManagedServer:
         return self._tail.text()
 
     def workers_status(self) -> list[dict[str, Any]]:
-        """Each RPC worker: ``up`` (None: not probed yet), the last ``error``, and how many
-        times the group has ``lost`` it. While the group is ready, its workers are up: they
-        are serving its leader (and a probe would wait behind it)."""
-        serving = self._state in {State.READY, State.UNHEALTHY}
-        return [{**w, "up": True if serving else w["up"]} for w in self._workers.values()]
-
-    def _note_probes(self, probes: list[WorkerProbe], *, lost: bool = False) -> None:
-        for found in probes:
-            known = self._workers[found.endpoint]
-            known["up"], known["error"] = found.usable, found.error
-            if lost and not found.usable:
-                known["lost"] += 1
+        """The RPC workers' state (see :meth:`WorkerGroup.status`); empty without workers."""
+        if self._group is None:
+            return []
+        return self._group.status(serving=self._state in {State.READY, State.UNHEALTHY})
 
     def retry_in(self, now: float | None = None) -> float:
         """Seconds until a server failed by its crashes may be started again (0: now)."""
@@ -325,13 +294,13 @@ class ManagedServer:
     async def _supervise(self, first: asyncio.Future[None]) -> None:
         try:
             while True:
-                if self.spec.rpc and (refused := await self._workers_answer()) is not None:
+                if self._group is not None and (refused := await self._workers_answer(self._group)):
                     self._set(State.FAILED, refused, log_tail=self._tail.text())
                     if not first.done():
-                        first.set_exception(ServerError(refused, hint=_RPC_HINT))
+                        first.set_exception(ServerError(refused, hint=self._group.hint))
                     return
                 end, reason = await self._one_life(first)
-                lost = await self._lost_workers() if self.spec.rpc else ""
+                lost = await self._group.lost() if self._group is not None else ""
                 if lost:  # llama-server aborts when a worker goes: the worker's fault, not its
                     reason = f"{reason}; {lost}"
                 tail = self._tail.text()
@@ -373,43 +342,13 @@ class ManagedServer:
             self.ready_since = None
             self._log.close()
 
-    async def _workers_answer(self) -> str | None:
-        """Wait until every RPC worker answers; None then, else why the group cannot start.
-
-        Before the group has ever been ready (this start), a worker that does
-        not answer fails the start at once: nothing is spawned, so llama-server
-        never aborts on it. Once it has served, a worker that is down or busy
-        is waited for (``waiting_workers``), probed every second, and the leader
-        is not respawned until it answers: no crash loop. A worker that speaks
-        another protocol version is never waited for.
-        """
-        from procman.distributed.rpc import probe_all  # speed
-
-        waited = False
-        while True:
-            probes = await probe_all(self.spec.rpc)
-            self._note_probes(probes)
-            bad = [p for p in probes if not p.usable]
-            if not bad:
-                if waited:
-                    log.info("%s: every RPC worker answers again", self.name)
-                return None
-            what = "; ".join(f"RPC worker {p.endpoint}: {p.error}" for p in bad)
-            if any(p.answered for p in bad) or not self._ever_ready:
-                return what
-            if not waited or self.last_reason != what:
-                self._set(State.WAITING_WORKERS, what)
-            waited = True
-            await asyncio.sleep(_WORKER_RETRY)  # a timed re-probe; stop() cancels it
-
-    async def _lost_workers(self) -> str:
-        """After llama-server ended: which workers no longer answer ("" if all do)."""
-        from procman.distributed.rpc import probe_all  # speed
-
-        probes = await probe_all(self.spec.rpc)
-        self._note_probes(probes, lost=True)
-        bad = [p for p in probes if not p.usable]
-        return "; ".join(f"RPC worker {p.endpoint} lost ({p.error})" for p in bad)
+    async def _workers_answer(self, group: WorkerGroup) -> str | None:
+        """Until every RPC worker answers (None), or why the group cannot start."""
+        return await group.answer(
+            served=self._ever_ready,
+            waiting=lambda why: self._set(State.WAITING_WORKERS, why),
+            current=lambda: self.last_reason,
+        )
 
     async def _one_life(self, first: asyncio.Future[None]) -> tuple[_End, str]:
         """Spawn, run until the process ends or must be killed; always reaps it."""
@@ -549,7 +488,8 @@ class ManagedServer:
         """Watch a ready server until it exits, is recycled, hangs or stalls."""
         health = self.spec.health
         failures = 0
-        self._progress = None
+        if self._group is not None:
+            self._group.ready()
         recycle = self._recycle = asyncio.get_running_loop().create_future()
         try:
             while True:
@@ -563,7 +503,11 @@ class ManagedServer:
                     code = child.exited.result()
                     why = f"llama-server {describe_exit(code)}"
                     return (_End.EXITED if is_crash(code) else _End.ENDED), why, True
-                if self.spec.rpc and (stalled := await self._stalled(session, health_url)):
+                if self._group is not None and (
+                    stalled := await self._group.stalled(
+                        session, health_url.removesuffix("/health")
+                    )
+                ):
                     return _End.UNHEALTHY, stalled, True
                 failures, detail = await self._check(session, health_url, failures)
                 if failures >= health.restart_after:
@@ -576,39 +520,6 @@ class ManagedServer:
             self._recycle = None
             if not recycle.done():
                 recycle.cancel()
-
-    async def _stalled(self, session: aiohttp.ClientSession, health_url: str) -> str:
-        """The stall watchdog of an RPC group: "" while requests progress, else why the group
-        is restarted (see ``ServerSpec.stall_timeout``).
-
-        A silent worker blocks llama-server's decode, yet its HTTP threads go on
-        answering ``/health``, ``/slots`` and ``/metrics`` (measured at b11312).
-        ``/slots`` says how far each busy slot has got (prompt tokens processed,
-        tokens decoded): a request in flight whose progress has not moved for
-        ``stall_timeout`` seconds is a stall; so is ``/slots`` not answering.
-        """
-        import aiohttp  # speed
-
-        url = health_url.removesuffix("/health") + "/slots"
-        limit = self.spec.stall_timeout
-        try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=limit)) as resp:
-                slots = await resp.json() if resp.status == 200 else None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            if isinstance(exc, TimeoutError):
-                return f"/slots did not answer within {limit:g} s: llama-server is stalled; killed"
-            return ""  # refused or malformed: the health checks and the exit watcher judge that
-        progress = _progress(slots)
-        now = time.monotonic()
-        if not progress or progress != self._progress:
-            self._progress, self._progress_since = progress, now
-            return ""
-        if now - self._progress_since < limit:
-            return ""
-        return (
-            f"no progress for {now - self._progress_since:.0f} s on a request in flight: "
-            "llama-server is stalled (an RPC worker went silent); killed"
-        )
 
     async def _check(
         self, session: aiohttp.ClientSession, health_url: str, failures: int

@@ -265,7 +265,7 @@ def test_the_spec_owns_rpc_and_keeps_slots_for_the_watchdog(tmp_path: Path) -> N
 
 
 def test_progress_is_read_from_busy_slots() -> None:
-    from procman.process.server import _progress
+    from procman.distributed.group import progress as _progress
 
     slots = [
         {"id": 0, "is_processing": True, "id_task": 7, "n_prompt_tokens_processed": 31,
@@ -311,3 +311,44 @@ def test_the_worker_output_says_protocol_devices_and_leader() -> None:
     assert status.leader_since is not None and status.to_json()["busy"]
     lines.feed(b"Client connection closed\n")
     assert status.leader_since is None and status.connections == 1
+
+
+async def test_a_group_fails_its_first_start_but_waits_once_it_has_served(
+    fake: Callable[..., Awaitable[str]],
+) -> None:
+    from procman.distributed.group import WorkerGroup
+
+    up = await fake(worker_speaking(PROTOCOL, [(GiB, GiB)]))
+    with socket.socket() as gone:
+        gone.bind(("127.0.0.1", 0))
+        down = f"127.0.0.1:{gone.getsockname()[1]}"
+    group = WorkerGroup("m", (up, down), stall_timeout=5)
+    waits: list[str] = []
+    refused = await group.answer(served=False, waiting=waits.append, current=lambda: "")
+    assert refused is not None and down in refused and "unreachable" in refused and not waits
+    # once served: waits (reporting why), and goes on when the worker comes back
+    waiting = asyncio.ensure_future(
+        group.answer(served=True, waiting=waits.append, current=lambda: waits[-1] if waits else "")
+    )
+    await asyncio.sleep(0.3)
+    assert not waiting.done() and len(waits) == 1 and down in waits[0]
+    host, port = parse_endpoint(down)
+    back = await asyncio.start_server(worker_speaking(PROTOCOL, [(GiB, GiB)]), host, port)
+    try:
+        assert await asyncio.wait_for(waiting, 5) is None
+    finally:
+        back.close()
+        await back.wait_closed()
+    assert [w["up"] for w in group.status(serving=False)] == [True, True]
+    assert "lost" in await group.lost() and group.status(serving=False)[1]["lost"] == 1
+
+
+async def test_a_worker_of_another_version_is_never_waited_for(
+    fake: Callable[..., Awaitable[str]],
+) -> None:
+    from procman.distributed.group import WorkerGroup
+
+    other = await fake(worker_speaking((8, 0, 0), []))
+    group = WorkerGroup("m", (other,), stall_timeout=5)
+    refused = await group.answer(served=True, waiting=lambda why: None, current=lambda: "")
+    assert refused is not None and "8.0.0" in refused
