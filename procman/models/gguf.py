@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import gguf
     import numpy.typing as npt
 
-__all__ = ["ModelInfo", "validate_model"]
+__all__ = ["REPACKED_TYPES", "ModelInfo", "validate_model"]
 
 _GGUF_MAGIC = b"GGUF"
 #: llama.cpp b11312 reads v2 and v3 (v1 was dropped long ago); gguf-py agrees
@@ -48,6 +48,14 @@ _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")
 _OUTPUT_TENSORS = frozenset(
     {"output.weight", "output.bias", "output_norm.weight", "output_norm.bias"}
 )
+
+#: tensor types ggml's CPU backend copies into a ``CPU_REPACK`` buffer (interleaved rows
+#: for its int8 kernels) when a matrix multiplication uses them and the row count is a
+#: multiple of 8: ggml/src/ggml-cpu/repack.cpp ``ggml_repack_get_optimal_repack_type``
+#: at b11312 on x86-64 (Q4_0, Q4_K, IQ4_NL, MXFP4 with AVX2; Q2_K with AVX-512). ARM
+#: with i8mm repacks Q5_K, Q6_K and Q8_0 as well; they are not counted here.
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"})
+_REPACK_ROWS = 8
 
 #: (default pattern period, dense_first, default window) for architectures whose
 #: sliding-window layout is hard-coded in llama.cpp b11312 src/models/*.cpp when
@@ -301,22 +309,33 @@ def _describe(path: Path, size: int, version: int, reader: gguf.GGUFReader) -> M
     swa_window, swa_layers = _swa_layout(arch, n_layers, key)
 
     layer_bytes = [0] * n_layers
-    input_bytes = output_bytes = 0
+    layer_repack = [0] * n_layers
+    input_bytes = output_bytes = output_repack = 0
     types: Counter[str] = Counter()
+    names = {t.name for t in tensors}
     for t in tensors:
         n_bytes = int(t.n_bytes)
         types[t.tensor_type.name] += n_bytes
+        repacked = (
+            t.tensor_type.name in REPACKED_TYPES
+            and len(t.shape) >= 2
+            and int(t.shape[1]) % _REPACK_ROWS == 0
+        )
         m = _BLOCK_TENSOR.match(t.name)
         if m:
             il = int(m.group(1))
             if il >= len(layer_bytes):
                 layer_bytes.extend([0] * (il + 1 - len(layer_bytes)))
+                layer_repack.extend([0] * (il + 1 - len(layer_repack)))
             layer_bytes[il] += n_bytes
+            layer_repack[il] += n_bytes if repacked else 0
         elif t.name in _OUTPUT_TENSORS:
             output_bytes += n_bytes
+            output_repack += n_bytes if repacked else 0
         else:
             input_bytes += n_bytes
-    names = {t.name for t in tensors}
+            if t.name == "token_embd.weight" and "output.weight" not in names and repacked:
+                output_repack += n_bytes
 
     n_vocab = _as_int(key("vocab_size")) or _array_len(fields.get("tokenizer.ggml.tokens"))
     return ModelInfo(
@@ -351,6 +370,8 @@ def _describe(path: Path, size: int, version: int, reader: gguf.GGUFReader) -> M
         output_tensor_bytes=output_bytes,
         tied_embeddings="output.weight" not in names,
         header_bytes=int(reader.data_offset),
+        layer_repack_bytes=tuple(layer_repack),
+        output_repack_bytes=output_repack,
     )
 
 

@@ -63,6 +63,12 @@ class ModelInfo:
     tied_embeddings: bool
     #: bytes before the tensor data (metadata, vocabulary)
     header_bytes: int
+    #: bytes of ``blk.N.*`` matrices the CPU backend repacks into a buffer of its own
+    #: (see :data:`procman.models.gguf.REPACKED_TYPES`), indexed by N
+    layer_repack_bytes: tuple[int, ...] = ()
+    #: bytes of the output head the CPU backend repacks (a tied token_embd counts:
+    #: the output layer gets its own copy while the input keeps the mapped one)
+    output_repack_bytes: int = 0
 
     @property
     def head_dim(self) -> int:
