@@ -31,12 +31,9 @@ from procman.memory.estimate import estimate
 from procman.models.gguf import validate_model
 from procman.process._sockets import pick_free_port
 from tests.corpus import BENCH, CI, Spec, model_path
-from tests.oracle import Setting, buffers, fill_slots, fit_print, peak_rss
+from tests.oracle import Setting, buffers, fill_slots, fit_print, peak_rss, within
 
 MiB = 1024 * 1024
-#: the issue's one-sided bound: (fraction, floor in bytes) below and above the peak
-UNDER = (0.01, 16 * MiB)
-OVER = (0.05, 128 * MiB)
 
 #: settings every model of the corpus runs with
 BASE: tuple[Setting, ...] = (
@@ -52,13 +49,6 @@ WIDE: tuple[Setting, ...] = (
     Setting(ctx=16384, parallel=1, flash_attn=False),
     Setting(ctx=32768, parallel=8),
 )
-
-
-def within(est: int, peak: int) -> bool:
-    """The one-sided bound: never much below the peak, never far above it."""
-    low = peak - max(UNDER[0] * peak, UNDER[1])
-    high = peak + max(OVER[0] * peak, OVER[1])
-    return low <= est <= high
 
 
 def _healthy(url: str) -> bool:
@@ -85,6 +75,18 @@ def _server(binary: Path, model: Path, setting: Setting, log: Path) -> Iterator[
         yield proc.pid, url
 
 
+DEMO = Spec(name="demo", quant="Q4_1")
+
+
+def _path(spec: Spec) -> Path:
+    """The corpus file, or the real demo model (SmolLM2-135M-Instruct Q4_1)."""
+    if spec == DEMO:
+        from buildtools.demo import demo_model_path
+
+        return demo_model_path()
+    return model_path(spec)
+
+
 def measure(
     binary: Path, fit_params: Path, spec: Spec, setting: Setting, work: Path, *, fill: bool = True
 ) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def measure(
     """
     import dataclasses
 
-    model = model_path(spec)
+    model = _path(spec)
     info = validate_model(model)
     est = estimate(info, **setting.estimate_args())
     # llama-fit-params loads without mmap: compare its model bytes with that estimate
@@ -126,8 +128,8 @@ def measure(
 
 def sweep(quick: bool, full: bool) -> list[tuple[Spec, Setting]]:
     """The corpus x settings to run: the CI corpus always, the real shapes unless quick."""
-    cases = [(spec, s) for spec in CI for s in BASE]
-    cases += [(spec, s) for spec in CI[:1] for s in WIDE]
+    cases = [(spec, s) for spec in (DEMO, *CI) for s in BASE]
+    cases += [(spec, s) for spec in (DEMO, CI[0]) for s in WIDE]
     if not quick:
         cases += [(spec, s) for spec in BENCH for s in BASE[:2]]
     if full:

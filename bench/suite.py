@@ -39,11 +39,11 @@ from _common import (  # first: it puts the repository on sys.path
     cmdline,
     fmt,
 )
+from memory import memory_corpus
 from router import router_overhead
 from sections import (
     _build_time,
     _footprint,
-    _memory,
     _startup,
     inference,
 )
@@ -183,7 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = _machine()
     machine_label = f"{info['cpu']}, {info['cores']} cores, {info['platform']}"
     model = args.model or demo_model_path()
-    binary = args.server or build_default().build.binary
+    build = build_default().build
+    binary = args.server or build.binary
+    fit_params = build.fit_params  # llama.cpp's dry run, the memory section's oracle
     version = (
         subprocess.run(
             [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=30
@@ -199,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("startup", lambda w: asyncio.run(_startup(binary, model, w, args.quick))),
         ("swap", lambda w: asyncio.run(swap(binary, model, w, args.quick))),
         ("footprint", lambda w: asyncio.run(_footprint(binary, model, w, args.quick))),
-        ("memory", lambda w: asyncio.run(_memory(binary, model, w, args.quick))),
+        ("memory", lambda w: memory_corpus(binary, fit_params, w, args.quick, args.full)),
         ("build", lambda w: _build_time(w, args.full, args.quick)),
     ]
     with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp:

@@ -26,9 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Setting", "buffers", "fill_slots", "fit_print", "peak_rss"]
+__all__ = ["OVER", "UNDER", "Setting", "buffers", "fill_slots", "fit_print", "peak_rss", "within"]
 
 MiB = 1024 * 1024
+#: the one-sided bound (issue #21): (fraction, floor in bytes) the estimate may be below
+#: the measured peak, and above it
+UNDER = (0.01, 16 * MiB)
+OVER = (0.05, 128 * MiB)
+
+
+def within(est: int, peak: int) -> bool:
+    """Never below the peak by more than max(1 %, 16 MiB), never above by max(5 %, 128 MiB)."""
+    low = peak - max(UNDER[0] * peak, UNDER[1])
+    high = peak + max(OVER[0] * peak, OVER[1])
+    return low <= est <= high
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,6 +44,12 @@ def estimate(
     cache_ram: Annotated[
         int, typer.Option(help="prompt-cache limit in MiB (--cache-ram); counts as growth")
     ] = 0,
+    ctx_checkpoints: Annotated[
+        int, typer.Option(help="SWA checkpoints per slot (--ctx-checkpoints); beyond 2: growth")
+    ] = 32,
+    mmap: Annotated[
+        bool, typer.Option(help="--no-mmap for llama-server's --load-mode none")
+    ] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="machine-readable output on stdout")
     ] = False,
@@ -71,6 +77,8 @@ def estimate(
         flash_attn={"auto": None, "on": True, "off": False}[flash_attn.value],
         kv_unified=kv_unified,
         cache_ram=cache_ram * 1024 * 1024,
+        ctx_checkpoints=ctx_checkpoints,
+        mmap=mmap,
     )
     if as_json:
         doc = est.to_json()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from procman.memory.estimate import MiB, estimate
 from procman.models.gguf import validate_model
@@ -90,3 +91,49 @@ def test_compute_buffer_is_never_below_the_server(row: dict[str, Any]) -> None:
     est, srv = _estimate(row)["compute"], row["server"]["compute"]
     assert est >= srv - ROUNDING
     assert est <= srv * 1.25 + 2 * MiB
+
+
+# -- the repack copies, the flags that move them ----------------------------------------------
+def _info(name: str, quant: str) -> Any:
+    return validate_model(model_path(Spec(name=name, quant=quant)))
+
+
+def test_mmap_holds_repacked_weights_twice_and_no_mmap_once() -> None:
+    info = _info("llama-tiny", "Q4_0")
+    repacked = sum(info.layer_repack_bytes) + info.output_repack_bytes
+    assert repacked > 0
+    mapped = estimate(info, ctx=512).breakdown["weights"]["host"]
+    plain = estimate(info, ctx=512, mmap=False).breakdown["weights"]["host"]
+    assert mapped - plain == repacked
+    assert estimate(info, ctx=512, repack=False).breakdown["weights"]["host"] == plain
+    # F16 and Q8_0 are not repacked on x86-64: mmap changes nothing
+    f16 = _info("llama-tiny", "F16")
+    assert sum(f16.layer_repack_bytes) == 0
+    assert estimate(f16, ctx=512).host_bytes == estimate(f16, ctx=512, mmap=False).host_bytes
+
+
+def test_server_flags_that_change_the_estimate_are_read_from_extra_args() -> None:
+    from procman.memory._limits import flags_from_args
+
+    assert flags_from_args([]) == (True, 32)
+    assert flags_from_args(["--load-mode", "none", "--ctx-checkpoints", "4"]) == (False, 4)
+    assert flags_from_args(["-lm=mmap", "-ctxcp=0"]) == (True, 0)
+    assert flags_from_args(["--load-mode", "dio"]) == (False, 32)
+
+
+def test_cli_no_mmap_and_checkpoints() -> None:
+    from procman.cli import _commands, _estimate  # noqa: F401
+    from procman.cli._app import app
+
+    path = str(model_path(Spec(name="gemma3-tiny", quant="Q4_0")))
+    runner = CliRunner()
+    mapped = runner.invoke(app, ["estimate", path, "--ctx", "2048", "--json"])
+    plain = runner.invoke(app, ["estimate", path, "--ctx", "2048", "--no-mmap", "--json"])
+    few = runner.invoke(
+        app, ["estimate", path, "--ctx", "2048", "--ctx-checkpoints", "2", "--json"]
+    )
+    docs = [json.loads(r.stdout) for r in (mapped, plain, few)]
+    assert docs[0]["host_bytes"] > docs[1]["host_bytes"]
+    assert docs[1]["settings"]["mmap"] is False
+    assert docs[0]["growth"]["checkpoints"] > 0 == docs[2]["growth"]["checkpoints"]
+    assert docs[0]["breakdown"]["checkpoints"] == docs[2]["breakdown"]["checkpoints"]
