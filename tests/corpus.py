@@ -62,6 +62,14 @@ class Shape:
     qkv_bias: bool = False
     qk_norm: bool = False
     fused_qkv: bool = False
+    #: multi-head latent attention (deepseek2): the ranks and head parts; 0 = none
+    q_lora: int = 0
+    kv_lora: int = 0
+    rope_dim: int = 0
+    v_head: int = 0
+    #: deepseek2: dense layers before the mixture of experts, and shared experts
+    n_dense_lead: int = 0
+    n_expert_shared: int = 0
 
 
 SHAPES: dict[str, Shape] = {
@@ -89,6 +97,12 @@ SHAPES: dict[str, Shape] = {
         arch="phi3", source="microsoft/Phi-3-mini-4k-instruct (4 layers)", n_layer=4,
         n_embd=3072, n_ff=8192, n_head=32, n_head_kv=32, head_dim=96, n_vocab=32064,
         n_ctx_train=4096, tied=False, sliding_window=2047, fused_qkv=True),
+    # DeepSeek-V2's attention and dense-layer shapes, 2 of its 60 layers
+    "deepseek2-2l": Shape(
+        arch="deepseek2", source="deepseek-ai/DeepSeek-V2 (2 dense layers)", n_layer=2,
+        n_embd=5120, n_ff=12288, n_head=128, n_head_kv=1, head_dim=192, n_vocab=102400,
+        n_ctx_train=163840, tied=False, q_lora=1536, kv_lora=512, rope_dim=64, v_head=128,
+        n_dense_lead=2),
 }  # fmt: skip
 
 
@@ -105,6 +119,9 @@ TINY: dict[str, Shape] = {
                         n_head_kv=2, head_dim=64, n_vocab=8192),
     "gemma3-tiny": _tiny("gemma3-270m", n_layer=6, n_embd=256, n_ff=512, n_head=2,
                          n_head_kv=1, head_dim=128, n_vocab=8192, sliding_window=128),
+    "mla-tiny": _tiny("deepseek2-2l", n_layer=3, n_embd=256, n_ff=512, n_head=4, q_lora=64,
+                      kv_lora=64, rope_dim=32, head_dim=64, v_head=32, n_vocab=4096,
+                      n_dense_lead=1, n_expert=4, n_expert_used=2, n_expert_shared=1),
     "moe-tiny": _tiny("granitemoe-1b", n_layer=3, n_embd=256, n_ff=256, n_head=4,
                       n_head_kv=2, n_expert=8, n_expert_used=2, n_vocab=4096),
 }  # fmt: skip
@@ -134,6 +151,7 @@ CI: tuple[Spec, ...] = (
     Spec(name="qwen3-tiny", quant="Q8_0"),
     Spec(name="gemma3-tiny", quant="Q4_0"),
     Spec(name="moe-tiny", quant="Q4_K_M"),
+    Spec(name="mla-tiny", quant="Q8_0"),
 )
 #: the bench corpus: real shapes, ~135M to ~1.3B parameters
 BENCH: tuple[Spec, ...] = (
@@ -150,9 +168,14 @@ def corpus_dir() -> Path:
     return Path(os.environ.get("LLAMACTL_CORPUS_DIR") or Path.home() / ".cache/llamactl-corpus")
 
 
+_MLA_FIELDS = ("q_lora", "kv_lora", "rope_dim", "v_head", "n_dense_lead", "n_expert_shared")
+
+
 def model_path(spec: Spec) -> Path:
     """The file for *spec*, written on first use (atomically: a rename)."""
-    key = json.dumps([_VERSION, asdict(spec.shape), spec.quant], sort_keys=True)
+    # the MLA fields came later: left out at 0 so that the other files keep their names
+    shape = {k: v for k, v in asdict(spec.shape).items() if v or k not in _MLA_FIELDS}
+    key = json.dumps([_VERSION, shape, spec.quant], sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     path = corpus_dir() / f"{spec.name}-{spec.quant}-{digest}.gguf"
     if not path.is_file():
@@ -230,6 +253,9 @@ def _write(spec: Spec, path: Path) -> None:  # noqa: PLR0915 - one tensor list, 
     for il in range(s.n_layer):
         blk = f"blk.{il}."
         add(blk + "attn_norm.weight", (embd,))
+        if s.kv_lora:
+            _mla_layer(s, blk, il, add)
+            continue
         if s.fused_qkv:
             add(blk + "attn_qkv.weight", (q_dim + 2 * kv_dim, embd), "attn_qkv", il)
         else:
@@ -268,6 +294,33 @@ def _write(spec: Spec, path: Path) -> None:  # noqa: PLR0915 - one tensor list, 
     w.close()
 
 
+def _mla_layer(s: Shape, blk: str, il: int, add: Any) -> None:
+    """deepseek2's layer as llama.cpp b11312 reads it (src/models/deepseek2.cpp), split k_b/v_b."""
+    embd, nope = s.n_embd, s.head_dim - s.rope_dim
+    add(blk + "attn_q_a_norm.weight", (s.q_lora,))
+    add(blk + "attn_kv_a_norm.weight", (s.kv_lora,))
+    add(blk + "attn_q_a.weight", (s.q_lora, embd), "attn_q", il)
+    add(blk + "attn_q_b.weight", (s.n_head * s.head_dim, s.q_lora), "attn_q", il)
+    add(blk + "attn_kv_a_mqa.weight", (s.kv_lora + s.rope_dim, embd), "attn_k", il)
+    add(blk + "attn_k_b.weight", (s.n_head, s.kv_lora, nope), "attn_k", il)
+    add(blk + "attn_v_b.weight", (s.n_head, s.v_head, s.kv_lora), "attn_v", il)
+    add(blk + "attn_output.weight", (embd, s.n_head * s.v_head), "attn_output", il)
+    add(blk + "ffn_norm.weight", (embd,))
+    if il < s.n_dense_lead:
+        add(blk + "ffn_gate.weight", (s.n_ff, embd), "ffn_gate", il)
+        add(blk + "ffn_up.weight", (s.n_ff, embd), "ffn_up", il)
+        add(blk + "ffn_down.weight", (embd, s.n_ff), "ffn_down", il)
+        return
+    ff, shared = s.n_ff // 2, s.n_ff // 2 * s.n_expert_shared
+    add(blk + "ffn_gate_inp.weight", (s.n_expert, embd), "ffn_gate_inp", il)
+    add(blk + "ffn_gate_exps.weight", (s.n_expert, ff, embd), "ffn_gate", il)
+    add(blk + "ffn_up_exps.weight", (s.n_expert, ff, embd), "ffn_up", il)
+    add(blk + "ffn_down_exps.weight", (s.n_expert, embd, ff), "ffn_down", il)
+    add(blk + "ffn_gate_shexp.weight", (shared, embd), "ffn_gate", il)
+    add(blk + "ffn_up_shexp.weight", (shared, embd), "ffn_up", il)
+    add(blk + "ffn_down_shexp.weight", (embd, shared), "ffn_down", il)
+
+
 _FILE_TYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "IQ4_NL": 25}
 
 
@@ -280,8 +333,9 @@ def _metadata(w: Any, s: Shape, quant: str) -> None:
     w.add_feed_forward_length(s.n_ff)
     w.add_head_count(s.n_head)
     w.add_head_count_kv(s.n_head_kv)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
+    if not s.kv_lora:
+        w.add_key_length(s.head_dim)
+        w.add_value_length(s.head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     if s.sliding_window:
@@ -291,6 +345,17 @@ def _metadata(w: Any, s: Shape, quant: str) -> None:
         w.add_expert_used_count(s.n_expert_used)
     if s.arch == "granitemoe":
         w.add_logit_scale(1.0)
+    if s.kv_lora:  # MLA: the cache holds the compressed latent and the rope part, no V
+        w.add_key_length(s.kv_lora + s.rope_dim)
+        w.add_value_length(s.kv_lora)
+        w.add_key_length_mla(s.head_dim)
+        w.add_value_length_mla(s.v_head)
+        w.add_rope_dimension_count(s.rope_dim)
+        w.add_q_lora_rank(s.q_lora)
+        w.add_kv_lora_rank(s.kv_lora)
+        w.add_leading_dense_block_count(s.n_dense_lead)
+        w.add_expert_feed_forward_length(s.n_ff // 2)
+        w.add_expert_shared_count(s.n_expert_shared)
     # phi3's vocabulary loader looks <|endoftext|> up by name
     tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "<|endoftext|>"]
     n_special = len(tokens)

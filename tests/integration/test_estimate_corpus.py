@@ -39,6 +39,8 @@ CASES = [
     (Spec(name="moe-tiny", quant="Q4_K_M"), Setting(ctx=2048, mmap=False)),
     # a quantised KV cache
     (Spec(name="qwen3-tiny", quant="Q8_0"), Setting(ctx=4096, cache_type="q8_0")),
+    # multi-head latent attention (deepseek2): one compressed K row a cell, no V
+    (Spec(name="mla-tiny", quant="Q8_0"), Setting(ctx=2048, parallel=4)),
 ]
 
 

@@ -5,7 +5,8 @@ build, x86-64 with AVX2) reported for every file of the CI corpus: the
 buffers llama-server logged at load (``-lv 4``, 0.01 MiB) and the dry run of
 ``llama-fit-params --fit-print on`` (whole MiB), for every file
 (``tests/corpus.py``: llama F16/Q8_0/Q4_0/Q4_K_M/IQ4_NL, qwen3, gemma3 with
-sliding-window layers, a granitemoe mixture of experts) under every setting
+sliding-window layers, a granitemoe mixture of experts, deepseek2's multi-head
+latent attention) under every setting
 of ``bench/memory.py``'s ``BASE`` sweep; ``python bench/memory.py
 --oracle-table`` rewrites it. The corpus files are generated
 here (a few MB, cached), so the estimate reads the same headers llama.cpp read.
