@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from _common import HOST, Section, cmdline, launched, server_argv  # first: sys.path
+from _common import HOST, RESULTS, Section, cmdline, launched, server_argv  # first: sys.path
 
 from procman.memory.estimate import estimate
 from procman.models.gguf import validate_model
@@ -87,28 +87,37 @@ def _path(spec: Spec) -> Path:
     return model_path(spec)
 
 
-def measure(
+def observe(
     binary: Path, fit_params: Path, spec: Spec, setting: Setting, work: Path, *, fill: bool = True
 ) -> dict[str, Any]:
-    """One row: the estimate, llama.cpp's dry run, the server's own buffers and its peak.
+    """What llama.cpp did: its dry run, the server's own buffers and (``fill``) its peak.
 
-    ``fill`` False stops the server as soon as it is ready (buffers only, no peak).
+    ``fill`` False stops the server as soon as it is ready (buffers only).
     """
+    model = _path(spec)
+    n_ctx_train = validate_model(model).n_ctx_train
+    fit = fit_print(fit_params, model, setting)
+    log = work / f"{model.stem}-{setting.label.replace(', ', '_').replace(' ', '')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    with _server(binary, model, setting, log) as (pid, url):
+        evaluated = fill_slots(url, setting, n_ctx_train=n_ctx_train) if fill else 0
+        peak = peak_rss(pid)
+    server = buffers(log.read_text(errors="replace"))
+    return {"file": model.name, "fit": fit, "server": server, "peak": peak, "tokens": evaluated}
+
+
+def row(spec: Spec, setting: Setting, seen: dict[str, Any]) -> dict[str, Any]:
+    """One row of the table: the estimate now, beside what llama.cpp did."""
     import dataclasses
 
-    model = _path(spec)
-    info = validate_model(model)
+    info = validate_model(_path(spec))
     est = estimate(info, **setting.estimate_args())
     # llama-fit-params loads without mmap: compare its model bytes with that estimate
     plain = estimate(info, **(setting.estimate_args() | {"mmap": False}))
-    fit = fit_print(fit_params, model, setting)
-    log = work / f"{model.stem}-{setting.label.replace(', ', '_').replace(' ', '')}.log"
-    log.unlink(missing_ok=True)
-    with _server(binary, model, setting, log) as (pid, url):
-        evaluated = fill_slots(url, setting) if fill else 0
-        peak = peak_rss(pid)
-    server = buffers(log.read_text(errors="replace"))
+    peak = seen["peak"]
     return {
+        **seen,
         "model": spec.name,
         "quant": spec.quant,
         "setting": dataclasses.asdict(setting),
@@ -117,23 +126,24 @@ def measure(
         "breakdown": {k: v["host"] for k, v in est.breakdown.items()},
         "weights_no_mmap": plain.breakdown["weights"]["host"],
         "growth": est.host_growth_bytes,
-        "fit": fit,
-        "server": server,
-        "peak": peak,
-        "tokens": evaluated,
         "error": 100 * (est.host_bytes - peak) / peak,
         "within": within(est.host_bytes, peak),
     }
 
 
 def sweep(quick: bool, full: bool) -> list[tuple[Spec, Setting]]:
-    """The corpus x settings to run: the CI corpus always, the real shapes unless quick."""
+    """The corpus x settings to run, cheapest first.
+
+    Always the demo model and the CI corpus under every BASE setting; unless
+    ``quick`` the real shapes at ctx 512 and the wide settings on the demo and
+    llama-tiny; with ``full`` the real shapes under every BASE setting.
+    """
     cases = [(spec, s) for spec in (DEMO, *CI) for s in BASE]
-    cases += [(spec, s) for spec in (DEMO, CI[0]) for s in WIDE]
     if not quick:
-        cases += [(spec, s) for spec in BENCH for s in BASE[:2]]
+        cases += [(spec, s) for spec in (CI[0], DEMO) for s in WIDE]
+        cases += [(spec, BASE[0]) for spec in BENCH]
     if full:
-        cases += [(spec, s) for spec in BENCH for s in BASE[2:]]
+        cases += [(spec, s) for spec in BENCH for s in BASE[1:]]
     return cases
 
 
@@ -179,12 +189,36 @@ HEADER = [
 ]
 
 
+#: observations kept between runs (what llama.cpp did does not change with the estimator,
+#: so a rerun after changing it only recomputes the estimates): one JSON object a line
+OBSERVED = RESULTS / "memory-observed.jsonl"
+
+
+def _observed(binary: Path) -> dict[str, dict[str, Any]]:
+    seen: dict[str, dict[str, Any]] = {}
+    if OBSERVED.is_file():
+        for line in OBSERVED.read_text().splitlines():
+            doc = json.loads(line)
+            if doc.get("binary") == str(binary):
+                seen[doc["key"]] = doc
+    return seen
+
+
 def memory_corpus(binary: Path, fit_params: Path, work: Path, quick: bool, full: bool) -> Section:
+    """The section: every case of the sweep, measured once (see OBSERVED) and estimated now."""
     raw = []
+    seen = _observed(binary)
     for spec, setting in sweep(quick, full):
-        print(f"[memory] {spec.label}: {setting.label}", file=sys.stderr, flush=True)
+        key = f"{_path(spec).name} | {setting.label}"
         try:
-            raw.append(measure(binary, fit_params, spec, setting, work))
+            if key not in seen:
+                print(f"[memory] {spec.label}: {setting.label}", file=sys.stderr, flush=True)
+                seen[key] = {"key": key, "binary": str(binary)}
+                seen[key] |= observe(binary, fit_params, spec, setting, work)
+                OBSERVED.parent.mkdir(parents=True, exist_ok=True)
+                with OBSERVED.open("a") as fh:
+                    fh.write(json.dumps(seen[key]) + "\n")
+            raw.append(row(spec, setting, seen[key]))
         except (RuntimeError, TimeoutError, OSError) as exc:
             raw.append({"model": spec.name, "quant": spec.quant, "label": setting.label,
                         "failed": str(exc)})  # fmt: skip
@@ -239,11 +273,16 @@ ORACLE_TABLE = Path(__file__).resolve().parents[1] / "tests" / "unit" / "estimat
 
 def oracle_table(binary: Path, fit_params: Path, work: Path) -> dict[str, Any]:
     """The per-component reference for the CI corpus x BASE settings (servers load, no fill)."""
+    import dataclasses
+
     rows = []
     for spec in CI:
         for setting in BASE:
-            r = measure(binary, fit_params, spec, setting, work, fill=False)
-            rows.append({k: r[k] for k in ("model", "quant", "setting", "fit", "server")})
+            seen = observe(binary, fit_params, spec, setting, work, fill=False)
+            rows.append(
+                {"model": spec.name, "quant": spec.quant, "setting": dataclasses.asdict(setting)}
+                | {"fit": seen["fit"], "server": seen["server"]}
+            )
     return {
         "command": "python bench/memory.py --oracle-table",
         "fit": cmdline([fit_params, "-m", "MODEL", "FLAGS...", "--fit-print", "on", "-lv", "4"]),

@@ -175,14 +175,18 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         return doc
 
 
-def fill_slots(base_url: str, setting: Setting, *, timeout: float = 600) -> int:
+def fill_slots(
+    base_url: str, setting: Setting, *, n_ctx_train: int = 0, timeout: float = 600
+) -> int:
     """Fill every slot at once with a prompt as long as the slot allows; the tokens evaluated.
 
     Token ids are sent, not text, so the prompt length does not depend on the
-    vocabulary. A slot holds ``ctx / parallel`` cells; a few are left for the
-    generated tokens.
+    vocabulary. A slot holds ``ctx / parallel`` cells, but llama-server caps
+    what a slot accepts at the training context (the KV cache is allocated in
+    full all the same); a few are left for the generated tokens.
     """
     per_slot = setting.ctx // setting.parallel
+    per_slot = min(per_slot, n_ctx_train) if n_ctx_train > 0 else per_slot
     body = {"prompt": [300 + i % 200 for i in range(per_slot - 8)], "n_predict": 2}
     body |= {"cache_prompt": False, "temperature": 0}
     url = f"{base_url}/completion"
