@@ -210,21 +210,18 @@ def estimate(
         kv.add(cells * row, device=on_gpu[il])
         swa_row_bytes += row if swa else 0
 
-    compute_args: dict[str, Any] = {
-        "n_ubatch": lay.n_ubatch,
-        "n_kv_swa": lay.cells_swa,
-        "flash_attn": fa,
-        "n_out": parallel,
-    }
-    compute_full = _compute_bytes(info, n_kv=lay.n_ctx_seq, **compute_args)
-    # llama-server caps a slot at the training context (server-context.cpp "capping"), so
-    # with one stream a slot the attention never spans more cells than that: the host
-    # buffer is reserved in full but its pages past that are never touched (RSS); a
-    # device buffer is resident in full
-    n_kv_used = lay.n_ctx_seq
-    if lay.n_stream == parallel and info.n_ctx_train:
-        n_kv_used = min(lay.n_ctx_seq, _pad(info.n_ctx_train))
-    compute = _Split(host=_compute_bytes(info, n_kv=n_kv_used, **compute_args))
+    compute_full = _compute_bytes(
+        info,
+        n_ubatch=lay.n_ubatch,
+        n_kv=lay.n_ctx_seq,
+        n_kv_swa=lay.cells_swa,
+        flash_attn=fa,
+        n_out=parallel,
+    )
+    # reserved for the whole context even past n_ctx_train, where llama-server caps a
+    # slot: the pages are resident all the same (llama-tiny at -c 16384, trained on
+    # 8192, without flash attention peaked with all 163 MiB of its compute buffer)
+    compute = _Split(host=compute_full)
     if ngl > 0:
         compute.device = compute_full
         if all(on_gpu) and output_on_gpu:

@@ -138,14 +138,3 @@ def test_cli_no_mmap_and_checkpoints() -> None:
     assert docs[1]["settings"]["mmap"] is False
     assert docs[0]["growth"]["checkpoints"] > 0 == docs[2]["growth"]["checkpoints"]
     assert docs[0]["breakdown"]["checkpoints"] == docs[2]["breakdown"]["checkpoints"]
-
-
-def test_attention_past_the_training_context_is_reserved_but_never_touched() -> None:
-    """llama-server caps a slot at n_ctx_train: the KQ scores never span more cells."""
-    info = _info("llama-tiny", "F16")  # trained on 8192
-    at_train = estimate(info, ctx=8192, flash_attn=False)
-    past = estimate(info, ctx=16384, flash_attn=False)
-    assert past.breakdown["kv_cache"]["host"] == 2 * at_train.breakdown["kv_cache"]["host"]
-    assert past.breakdown["compute"]["host"] == at_train.breakdown["compute"]["host"]
-    offloaded = estimate(info, ctx=16384, flash_attn=False, gpu_layers=2)
-    assert offloaded.breakdown["compute"]["device"] > past.breakdown["compute"]["host"]
