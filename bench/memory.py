@@ -255,7 +255,8 @@ def memory_corpus(binary: Path, fit_params: Path, work: Path, quick: bool, full:
             f"{high['model']} {high['quant']} ({high['label']}) "
             f"{_mib(high['estimate'] - high['peak'])}.",
             "Peak = VmHWM after every slot was filled at once with a prompt of "
-            "ctx/np - 8 token ids (2 tokens generated), so each slot's whole KV cache and "
+            "min(ctx/np, n_ctx_train) - 8 token ids (2 generated; llama-server caps a slot at "
+            "the training context), so each slot's KV cells and "
             "the full compute graph were used. `server` = the buffers llama-server logged "
             "(-lv 4, 0.01 MiB); `fit` = llama-fit-params' dry run (whole MiB, Host + "
             "CPU_REPACK rows of its breakdown). The dry run loads without mmap (compare its "
