@@ -135,16 +135,17 @@ def sweep(quick: bool, full: bool) -> list[tuple[Spec, Setting]]:
     """The corpus x settings to run, cheapest first.
 
     Always the demo model and the CI corpus under every BASE setting; unless
-    ``quick`` the real shapes at ctx 512 and the wide settings on the demo and
-    llama-tiny; with ``full`` the real shapes under every BASE setting.
+    ``quick`` the real shapes at ctx 512 (1 slot) and 2048 (4 slots) and the
+    wide settings on the demo and llama-tiny; with ``full`` the real shapes
+    under every BASE setting.
     """
     cases = [(spec, s) for spec in (DEMO, *CI) for s in BASE]
     if not quick:
         # the demo at 32768 x 8 slots takes over 10 minutes to fill on 2 shared cores
         cases += [(CI[0], s) for s in WIDE] + [(DEMO, s) for s in WIDE[:2]]
-        cases += [(spec, BASE[0]) for spec in BENCH]
+        cases += [(spec, s) for s in BASE[:2] for spec in BENCH]
     if full:
-        cases += [(spec, s) for spec in BENCH for s in BASE[1:]]
+        cases += [(spec, s) for spec in BENCH for s in BASE[2:]]
     return cases
 
 
