@@ -41,12 +41,12 @@ from _common import (  # first: it puts the repository on sys.path
     fmt,
 )
 from desktop import desktop_start
+from memory import memory_corpus
 from router import router_overhead
 from rpc import rpc_split
 from sections import (
     _build_time,
     _footprint,
-    _memory,
     _startup,
     inference,
 )
@@ -159,6 +159,14 @@ def _compile_bytecode() -> None:
         compileall.compile_dir(ROOT / package, quiet=1)
 
 
+def _binaries(server: Path | None) -> tuple[Path, Path, Path]:
+    """llama-server (``--server`` or the default build), the RPC worker beside it, and the
+    default build's llama-fit-params (the memory section's oracle)."""
+    build = build_default().build
+    binary = server or build.binary
+    return binary, binary.with_name("ggml-rpc-server"), build.fit_params
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (~3 min)")
@@ -186,8 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = _machine()
     machine_label = f"{info['cpu']}, {info['cores']} cores, {info['platform']}"
     model = args.model or demo_model_path()
-    binary = args.server or build_default().build.binary
-    worker = binary.with_name("ggml-rpc-server")
+    binary, worker, fit_params = _binaries(args.server)
     version = (
         subprocess.run(
             [str(binary), "--version"], capture_output=True, text=True, check=False, timeout=30
@@ -203,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("startup", lambda w: asyncio.run(_startup(binary, model, w, args.quick))),
         ("swap", lambda w: asyncio.run(swap(binary, model, w, args.quick))),
         ("footprint", lambda w: asyncio.run(_footprint(binary, model, w, args.quick))),
-        ("memory", lambda w: asyncio.run(_memory(binary, model, w, args.quick))),
+        ("memory", lambda w: memory_corpus(binary, fit_params, w, args.quick, args.full)),
         ("build", lambda w: _build_time(w, args.full, args.quick)),
         ("rpc", lambda w: asyncio.run(rpc_split(binary, worker, model, w, args.quick))),
         ("desktop", lambda w: desktop_start(binary, model, w, args.quick)),

@@ -53,6 +53,12 @@ def estimate(
     tensor_split: Annotated[
         str | None, typer.Option(help="with --rpc: shares per worker, e.g. 1,3 (default auto)")
     ] = None,
+    ctx_checkpoints: Annotated[
+        int, typer.Option(help="SWA checkpoints per slot (--ctx-checkpoints); beyond 2: growth")
+    ] = 32,
+    mmap: Annotated[
+        bool, typer.Option(help="--no-mmap for llama-server's --load-mode none")
+    ] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="machine-readable output on stdout")
     ] = False,
@@ -81,6 +87,8 @@ def estimate(
         flash_attn={"auto": None, "on": True, "off": False}[flash_attn.value],
         kv_unified=kv_unified,
         cache_ram=cache_ram * 1024 * 1024,
+        ctx_checkpoints=ctx_checkpoints,
+        mmap=mmap,
     )
     if rpc is not None:
         _print_split(

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Limits", "Prepared", "is_cuda_build"]
+__all__ = ["Limits", "Prepared", "flags_from_args", "is_cuda_build"]
 
 
 def is_cuda_build(binary: Path) -> bool:
@@ -136,12 +136,15 @@ class Limits:
             if free is None:
                 layers = 0  # a CPU build offloads nothing, whatever -ngl says
             spec = dataclasses.replace(spec, gpu_layers=choice.layers)
+        mapped, checkpoints = flags_from_args(spec.extra_args)
         est = estimate(
             info,
             ctx=spec.ctx or 0,
             parallel=spec.parallel,
             gpu_layers=layers,
             cache_ram=spec.cache_ram_bytes,
+            mmap=mapped,
+            ctx_checkpoints=checkpoints,
         )
         self.set_limit(spec.name, memory_limit)
         try:
@@ -304,3 +307,26 @@ class Limits:
 
     def close(self) -> None:
         self.meter.close()
+
+
+#: --load-mode values that map the file (llama-server's default, auto, maps it too)
+_MAPPED = frozenset({"auto", "mmap", "mmap+mlock"})
+
+
+def flags_from_args(args: Iterable[str]) -> tuple[bool, int]:
+    """The estimate's ``mmap`` and ``ctx_checkpoints`` from llama-server arguments.
+
+    Only what changes the estimate is read; the server itself parses them.
+    Defaults are llama-server's: mapped, 32 checkpoints a slot.
+    """
+    mmap, checkpoints = True, 32
+    argv = list(args)
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if flag in ("-lm", "--load-mode"):
+            mmap = value in _MAPPED
+        elif flag in ("-ctxcp", "--ctx-checkpoints", "--swa-checkpoints") and value.isdigit():
+            checkpoints = int(value)
+    return mmap, checkpoints

@@ -41,8 +41,10 @@ from procman.models.gguf import ModelInfo
 __all__ = [
     "CACHE_TYPES",
     "COMPONENTS",
+    "COMPUTE_SLACK",
     "DEVICE_OVERHEAD",
     "HOST_OVERHEAD_BASE",
+    "HOST_OVERHEAD_PER_SLOT_VOCAB_TOKEN",
     "HOST_OVERHEAD_PER_VOCAB_TOKEN",
     "Estimate",
     "MiB",
@@ -66,7 +68,7 @@ CACHE_TYPES: dict[str, tuple[int, int]] = {
 }
 
 #: breakdown keys, in display order
-COMPONENTS = ("weights", "kv_cache", "compute", "output", "overhead")
+COMPONENTS = ("weights", "kv_cache", "compute", "output", "checkpoints", "overhead")
 
 #: peak RSS of the CPU llama-server (b11312, static build) minus its model,
 #: KV, compute and output buffers was 28-43 MiB across ctx 512..8192, -np 1/4
@@ -75,12 +77,26 @@ COMPONENTS = ("weights", "kv_cache", "compute", "output", "overhead")
 #: the vocabulary) is an assumption: no second vocabulary size was measured.
 HOST_OVERHEAD_BASE = 24 * MiB
 HOST_OVERHEAD_PER_VOCAB_TOKEN = 256
+#: each slot's sampler holds candidate arrays over the whole vocabulary (common/sampling.cpp
+#: ``cur``, 12 bytes a token, and the chain's own copies): 20 B a token a slot was measured
+#: on the 151,936-token qwen2 shape (peak RSS at -np 4 less -np 1, tests/corpus.py)
+HOST_OVERHEAD_PER_SLOT_VOCAB_TOKEN = 24
+#: context checkpoints one prompt creates in a slot (server-context.cpp
+#: ``checkpoint_offsets = {4 + n_ubatch, 4}``): held from the first request on
+FIRST_PROMPT_CHECKPOINTS = 2
 #: device memory a GPU process takes before any buffer (CUDA context, loaded
 #: kernels, cuBLAS workspace). Measured on an H200 (CUDA 13.0, driver 580, the
 #: default CUDA build for sm_90): NVML's figure for llama-server less the
 #: estimated buffers was 591 MiB with 5/5 layers offloaded and 592 with 2/5
 #: (tests/integration/test_cuda.py). Smaller GPUs may take somewhat less.
 DEVICE_OVERHEAD = 592 * MiB
+
+#: the live-set model below matched SmolLM2 to 0.01 MiB but read 0.5-0.8 MiB low on
+#: gemma3 shapes (gemma-3-270m 18.01 vs 18.77 MiB; 7.01 vs 7.51 without flash attention
+#: at 8 streams): post-norms and ggml-alloc's first-fit fragmentation. An estimate that
+#: is low is an OOM, one that is high only leaves memory unused, so the model is scaled
+#: by this factor (checked against every corpus row, tests/unit/test_estimate_corpus.py)
+COMPUTE_SLACK = 1.08
 
 _LLAMA_MAX_SEQ = 256
 
@@ -138,6 +154,8 @@ def estimate(
     ctx_checkpoints: int = 32,
     host_overhead: int | None = None,
     device_overhead: int = DEVICE_OVERHEAD,
+    mmap: bool = True,
+    repack: bool = True,
 ) -> Estimate:
     """Predict host and device bytes for ``llama-server -m info.path`` with these flags.
 
@@ -149,7 +167,9 @@ def estimate(
     to on. ``cache_ram`` is the prompt-cache limit in bytes (``--cache-ram``
     takes MiB) and ``ctx_checkpoints`` is ``--ctx-checkpoints``; both only
     feed ``host_growth_bytes``. ``host_overhead`` defaults to the measured
-    CPU-build overhead.
+    CPU-build overhead. ``mmap`` False is ``--load-mode none`` (``--no-mmap``);
+    ``repack`` False is a CPU that repacks nothing (no AVX2, or
+    ``--no-repack``): the default counts the repack copies x86-64 with AVX2 makes.
     """
     k_block = _cache_type(cache_type_k, "--cache-type-k")
     v_block = _cache_type(cache_type_v, "--cache-type-v")
@@ -179,6 +199,8 @@ def estimate(
     if info.tied_embeddings and output_on_gpu:
         # token_embd (nearly all of the input bytes) is copied for the output head
         weights.device += info.input_tensor_bytes
+    repacked = _repack_bytes(info, on_gpu, output_on_gpu, mmap=mmap) if repack else 0
+    weights.host += repacked
 
     kv = _Split()
     swa_row_bytes = 0
@@ -196,6 +218,9 @@ def estimate(
         flash_attn=fa,
         n_out=parallel,
     )
+    # reserved for the whole context even past n_ctx_train, where llama-server caps a
+    # slot: the pages are resident all the same (llama-tiny at -c 16384, trained on
+    # 8192, without flash attention peaked with all 163 MiB of its compute buffer)
     compute = _Split(host=compute_full)
     if ngl > 0:
         compute.device = compute_full
@@ -205,19 +230,26 @@ def estimate(
             compute.host = lay.n_ubatch * (4 * info.n_embd + 24)
 
     if host_overhead is None:
-        host_overhead = HOST_OVERHEAD_BASE + HOST_OVERHEAD_PER_VOCAB_TOKEN * info.n_vocab
+        host_overhead = HOST_OVERHEAD_BASE + info.n_vocab * (
+            HOST_OVERHEAD_PER_VOCAB_TOKEN + HOST_OVERHEAD_PER_SLOT_VOCAB_TOKEN * parallel
+        )
+    # a checkpoint saves one slot's sliding-window cells (server-context.cpp create_checkpoint)
+    # in host memory; the first prompt of each slot makes up to two, more prompts up to
+    # --ctx-checkpoints
+    checkpoint = min(lay.n_ctx_seq, info.sliding_window + lay.n_ubatch) * swa_row_bytes
+    n_checkpoints = max(ctx_checkpoints, 0)
+    first = min(n_checkpoints, FIRST_PROMPT_CHECKPOINTS)
     parts = {
         "weights": weights,
         "kv_cache": kv,
         "compute": compute,
         "output": _Split(host=4 * info.n_vocab * parallel),  # logits of one token per slot
+        "checkpoints": _Split(host=parallel * first * checkpoint),
         "overhead": _Split(host=host_overhead, device=device_overhead if ngl > 0 else 0),
     }
-    # a checkpoint saves one slot's sliding-window cells (server-context.cpp create_checkpoint)
-    checkpoint = min(lay.n_ctx_seq, info.sliding_window + lay.n_ubatch) * swa_row_bytes
     growth = {
         "prompt_cache": max(cache_ram, 0),
-        "checkpoints": parallel * max(ctx_checkpoints, 0) * checkpoint,
+        "checkpoints": parallel * (n_checkpoints - first) * checkpoint,
     }
     settings: dict[str, Any] = {
         "n_ctx": lay.n_ctx,
@@ -235,6 +267,8 @@ def estimate(
         "kv_cells": lay.n_ctx_seq * lay.n_stream,
         "kv_cells_swa": lay.cells_swa * lay.n_stream if info.n_swa_layers else 0,
         "swa_layers": info.n_swa_layers,
+        "mmap": mmap,
+        "repack_bytes": repacked,
     }
     return Estimate(
         host_bytes=sum(s.host for s in parts.values()),
@@ -287,6 +321,25 @@ def _layout(
         seqs_per_stream = parallel if n_stream == 1 else 1
         cells_swa = _pad(min(n_ctx_seq, info.sliding_window * seqs_per_stream + n_ubatch))
     return _Layout(n_ctx, n_ctx_seq, n_stream, n_batch, n_ubatch, cells_swa)
+
+
+def _repack_bytes(info: ModelInfo, on_gpu: list[bool], output_on_gpu: bool, *, mmap: bool) -> int:
+    """Host bytes the CPU backend's repack copies add to the weights.
+
+    A repacked matrix lives in a ``CPU_REPACK`` buffer of its own size. With
+    mmap, its bytes were read through the mapping to convert them, and those
+    file pages stay resident and mapped (llama-model-loader.cpp only unmaps the
+    ranges before the first and after the last mapped tensor), so the weights
+    are held twice. Without mmap the repack buffer replaces the plain one,
+    except for a tied output head, whose copy sits beside the input's.
+    """
+    tied = info.output_repack_bytes if info.tied_embeddings and not output_on_gpu else 0
+    if not mmap:
+        return tied
+    layers = sum(
+        n for il, n in enumerate(info.layer_repack_bytes) if not (il < len(on_gpu) and on_gpu[il])
+    )
+    return layers + (0 if output_on_gpu else info.output_repack_bytes)
 
 
 def _placement(info: ModelInfo, gpu_layers: int) -> tuple[int, list[bool], bool]:
@@ -360,13 +413,15 @@ def _compute_bytes(
     bytes for ub 64..2048 and n_kv 256..8192 (exact to 0.01 MiB), i.e. the
     feed-forward block's live f32 tensors (3 x n_ff + 4 x n_embd) plus the
     f16 KQ mask; without it ``6.38 MiB + ub x n_kv x 4 x (n_head + 1)``, the
-    f32 KQ scores and mask. Other architectures reuse the same shape.
+    f32 KQ scores and mask. Other architectures reuse the same shape, scaled
+    by :data:`COMPUTE_SLACK` so that it is never below the server's buffer.
     """
     ub = n_ubatch
     n_q = info.n_head * info.head_dim_k or info.n_embd
     n_kv_dim = info.n_head_kv * (info.head_dim_k + info.head_dim_v)
     if info.n_expert and info.n_expert_used:
-        ffn_width = info.n_ff_expert * info.n_expert_used + info.n_expert
+        # granitemoe states the experts' width as feed_forward_length
+        ffn_width = (info.n_ff_expert or info.n_ff) * info.n_expert_used + info.n_expert
     else:
         ffn_width = info.n_ff
     inputs = 24 * ub  # token ids, positions, KV slot indices
@@ -381,4 +436,4 @@ def _compute_bytes(
         peak = max(ffn, attn + 4 * ub * n_kv * (info.n_head + 1))
     # the output head runs last, when only the final hidden states are alive
     logits = 4 * (info.n_vocab * n_out + 2 * ub * info.n_embd)
-    return max(peak, logits) + mask + inputs
+    return int((max(peak, logits) + mask + inputs) * COMPUTE_SLACK)

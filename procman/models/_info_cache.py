@@ -78,7 +78,7 @@ def lookup(key: FileKey) -> ModelInfo | None:
         return None
 
 
-_TUPLES = ("layer_n_head_kv", "swa_layers", "layer_tensor_bytes")
+_TUPLES = ("layer_n_head_kv", "swa_layers", "layer_tensor_bytes", "layer_repack_bytes")
 
 
 def remember(key: FileKey, info: ModelInfo) -> None:

@@ -25,6 +25,7 @@ import re
 import stat
 import struct
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     import gguf
     import numpy.typing as npt
 
-__all__ = ["ModelInfo", "validate_model"]
+__all__ = ["REPACKED_TYPES", "ModelInfo", "validate_model"]
 
 _GGUF_MAGIC = b"GGUF"
 #: llama.cpp b11312 reads v2 and v3 (v1 was dropped long ago); gguf-py agrees
@@ -48,6 +49,14 @@ _BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.")
 _OUTPUT_TENSORS = frozenset(
     {"output.weight", "output.bias", "output_norm.weight", "output_norm.bias"}
 )
+
+#: tensor types ggml's CPU backend copies into a ``CPU_REPACK`` buffer (interleaved rows
+#: for its int8 kernels) when a matrix multiplication uses them and the row count is a
+#: multiple of 8: ggml/src/ggml-cpu/repack.cpp ``ggml_repack_get_optimal_repack_type``
+#: at b11312 on x86-64 (Q4_0, Q4_K, IQ4_NL, MXFP4 with AVX2; Q2_K with AVX-512). ARM
+#: with i8mm repacks Q5_K, Q6_K and Q8_0 as well; they are not counted here.
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4", "Q2_K"})
+_REPACK_ROWS = 8
 
 #: (default pattern period, dense_first, default window) for architectures whose
 #: sliding-window layout is hard-coded in llama.cpp b11312 src/models/*.cpp when
@@ -300,24 +309,7 @@ def _describe(path: Path, size: int, version: int, reader: gguf.GGUFReader) -> M
     head_v = _as_int(key("attention.value_length")) or default_dim
     swa_window, swa_layers = _swa_layout(arch, n_layers, key)
 
-    layer_bytes = [0] * n_layers
-    input_bytes = output_bytes = 0
-    types: Counter[str] = Counter()
-    for t in tensors:
-        n_bytes = int(t.n_bytes)
-        types[t.tensor_type.name] += n_bytes
-        m = _BLOCK_TENSOR.match(t.name)
-        if m:
-            il = int(m.group(1))
-            if il >= len(layer_bytes):
-                layer_bytes.extend([0] * (il + 1 - len(layer_bytes)))
-            layer_bytes[il] += n_bytes
-        elif t.name in _OUTPUT_TENSORS:
-            output_bytes += n_bytes
-        else:
-            input_bytes += n_bytes
-    names = {t.name for t in tensors}
-
+    tally = _tally(tensors, n_layers)
     n_vocab = _as_int(key("vocab_size")) or _array_len(fields.get("tokenizer.ggml.tokens"))
     return ModelInfo(
         path=path,
@@ -325,7 +317,7 @@ def _describe(path: Path, size: int, version: int, reader: gguf.GGUFReader) -> M
         gguf_version=version,
         architecture=arch,
         name=_opt_str(_value(fields, "general.name")),
-        file_type=_file_type(_value(fields, "general.file_type"), types),
+        file_type=_file_type(_value(fields, "general.file_type"), tally.types),
         n_layers=n_layers,
         n_ctx_train=n_ctx_train,
         n_embd=n_embd,
@@ -345,14 +337,61 @@ def _describe(path: Path, size: int, version: int, reader: gguf.GGUFReader) -> M
         n_ff_expert=_max_int(key("expert_feed_forward_length")),
         mla=key("attention.key_length_mla") is not None,
         tensor_count=len(tensors),
-        tensor_bytes=sum(types.values()),
-        layer_tensor_bytes=tuple(layer_bytes),
-        input_tensor_bytes=input_bytes,
-        output_tensor_bytes=output_bytes,
-        tied_embeddings="output.weight" not in names,
+        tensor_bytes=sum(tally.types.values()),
+        layer_tensor_bytes=tuple(tally.layer_bytes),
+        input_tensor_bytes=tally.input_bytes,
+        output_tensor_bytes=tally.output_bytes,
+        tied_embeddings=tally.tied,
         header_bytes=int(reader.data_offset),
         n_params=sum(int(t.n_elements) for t in tensors),
+        layer_repack_bytes=tuple(tally.layer_repack),
+        output_repack_bytes=tally.output_repack,
     )
+
+
+@dataclass
+class _Tally:
+    """Tensor bytes by where they go: each layer, the input, the output head; and what of it
+    the CPU backend repacks (see REPACKED_TYPES); bytes by tensor type."""
+
+    layer_bytes: list[int]
+    layer_repack: list[int]
+    input_bytes: int = 0
+    output_bytes: int = 0
+    output_repack: int = 0
+    tied: bool = False
+    types: Counter[str] = field(default_factory=Counter)
+
+
+def _tally(tensors: list[Any], n_layers: int) -> _Tally:
+    tally = _Tally(layer_bytes=[0] * n_layers, layer_repack=[0] * n_layers)
+    names = {t.name for t in tensors}
+    tally.tied = "output.weight" not in names
+    layer_bytes, layer_repack, types = tally.layer_bytes, tally.layer_repack, tally.types
+    for t in tensors:
+        n_bytes = int(t.n_bytes)
+        types[t.tensor_type.name] += n_bytes
+        repacked = (
+            t.tensor_type.name in REPACKED_TYPES
+            and len(t.shape) >= 2
+            and int(t.shape[1]) % _REPACK_ROWS == 0
+        )
+        m = _BLOCK_TENSOR.match(t.name)
+        if m:
+            il = int(m.group(1))
+            if il >= len(layer_bytes):
+                layer_bytes.extend([0] * (il + 1 - len(layer_bytes)))
+                layer_repack.extend([0] * (il + 1 - len(layer_repack)))
+            layer_bytes[il] += n_bytes
+            layer_repack[il] += n_bytes if repacked else 0
+        elif t.name in _OUTPUT_TENSORS:
+            tally.output_bytes += n_bytes
+            tally.output_repack += n_bytes if repacked else 0
+        else:
+            tally.input_bytes += n_bytes
+            if t.name == "token_embd.weight" and tally.tied and repacked:
+                tally.output_repack += n_bytes
+    return tally
 
 
 def _check_end(path: Path, tensors: list[Any], size: int) -> None:

@@ -65,6 +65,12 @@ class ModelInfo:
     header_bytes: int
     #: weights: the elements of every tensor in this file (one part of a split model)
     n_params: int = 0
+    #: bytes of ``blk.N.*`` matrices the CPU backend repacks into a buffer of its own
+    #: (see :data:`procman.models.gguf.REPACKED_TYPES`), indexed by N
+    layer_repack_bytes: tuple[int, ...] = ()
+    #: bytes of the output head the CPU backend repacks (a tied token_embd counts:
+    #: the output layer gets its own copy while the input keeps the mapped one)
+    output_repack_bytes: int = 0
 
     @property
     def head_dim(self) -> int:

@@ -108,7 +108,8 @@ def test_matches_llama_server_buffer_sizes(
     est = estimate(info, ctx=ctx, parallel=parallel, n_ubatch=ubatch, flash_attn=fa)
     kv, compute = measured
     assert mib(est.breakdown["kv_cache"]["host"]) == pytest.approx(kv, abs=0.01)
-    assert mib(est.breakdown["compute"]["host"]) == pytest.approx(compute, rel=0.01, abs=0.01)
+    # one-sided: never below the server's buffer, at most the slack above it
+    assert compute - 0.01 <= mib(est.breakdown["compute"]["host"]) <= compute * 1.10 + 0.01
 
 
 def test_smollm2_weights_and_output_buffer() -> None:
@@ -194,8 +195,15 @@ def test_sliding_window_layers_keep_window_plus_ubatch_cells() -> None:
 def test_checkpoints_and_prompt_cache_are_growth_not_start_up() -> None:
     est = estimate(GEMMA3_TINY, ctx=4096, parallel=2, cache_ram=64 * MiB)
     assert est.growth["prompt_cache"] == 64 * MiB
-    # 2 slots x 32 checkpoints x (128 + 512) cells x 10 SWA layers x 512 bytes
-    assert est.growth["checkpoints"] == 2 * 32 * 640 * 10 * 512
+    # a checkpoint: (128 + 512) cells x 10 SWA layers x 512 bytes; the first prompt of
+    # each slot makes two (held from the start), later prompts up to 32 a slot
+    checkpoint = 640 * 10 * 512
+    assert est.breakdown["checkpoints"]["host"] == 2 * 2 * checkpoint
+    assert est.growth["checkpoints"] == 2 * 30 * checkpoint
+    assert estimate(GEMMA3_TINY, ctx=4096, ctx_checkpoints=0).breakdown["checkpoints"] == {
+        "host": 0,
+        "device": 0,
+    }
     assert est.host_growth_bytes == sum(est.growth.values())
     assert estimate(SMOLLM2, ctx=4096).host_growth_bytes == 0
     assert est.host_bytes == sum(part["host"] for part in est.breakdown.values())
@@ -335,5 +343,5 @@ def test_no_parallel_means_llama_servers_auto_slots() -> None:
     assert (est.settings["parallel"], est.settings["kv_unified"]) == (4, True)
     # measured: -c 8192 without -np gave 180 MiB KV, 21.51 MiB compute, 0.75 MiB output
     assert mib(est.breakdown["kv_cache"]["host"]) == pytest.approx(180.0, abs=0.01)
-    assert mib(est.breakdown["compute"]["host"]) == pytest.approx(21.51, abs=0.01)
+    assert 21.51 <= mib(est.breakdown["compute"]["host"]) <= 21.51 * 1.10
     assert mib(est.breakdown["output"]["host"]) == pytest.approx(0.75, abs=0.01)
