@@ -80,7 +80,7 @@ def anthropic_client(f: Fleet) -> anthropic.AsyncAnthropic:
 async def post(f: Fleet, path: str, body: dict[str, object]) -> tuple[int, dict[str, object]]:
     async with (
         aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as http,
-        http.post(f"{f.base}{path}", json=body, timeout=aiohttp.ClientTimeout(total=90)) as r,
+        http.post(f"{f.base}{path}", json=body, timeout=aiohttp.ClientTimeout(total=240)) as r,
     ):
         return r.status, await r.json(content_type=None)
 
@@ -189,7 +189,9 @@ async def test_infill_with_lifo_serves_the_newest_and_drops_the_abandoned(served
 
     queue = served.scheduler.queue("fim")
     assert queue is not None
-    holder = asyncio.create_task(post(served, "/infill", {**fim, "n_predict": 400,
+    # long enough to hold the only slot while four keystrokes queue behind it (each queued
+    # one is awaited below), short enough for a loaded 2-core machine
+    holder = asyncio.create_task(post(served, "/infill", {**fim, "n_predict": 160,
                                                           "ignore_eos": True}))  # fmt: skip
     await until(lambda: queue.active == 1)
     finished: list[int] = []
@@ -207,7 +209,7 @@ async def test_infill_with_lifo_serves_the_newest_and_drops_the_abandoned(served
     await asyncio.gather(*typed[:2], return_exceptions=True)
     await until(lambda: queue.waiting == 2)  # they left the queue without reaching llama-server
     started = time.monotonic()
-    await asyncio.wait_for(asyncio.gather(holder, *typed[2:]), 120)
+    await asyncio.wait_for(asyncio.gather(holder, *typed[2:]), 300)
     assert finished == [3, 2], "newest first; the abandoned ones never answered"
     print(f"\nqueued infill answered {time.monotonic() - started:.1f} s after the burst")
 
