@@ -35,9 +35,10 @@ from procman.errors import AdmissionError, ServerError
 from procman.process import _early
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from procman.config import ServePlan, ServerSection
+    from procman.distributed.remote import RemoteSection
     from procman.events import Event
     from procman.router import Router
     from procman.spec import ServerSpec
@@ -329,12 +330,17 @@ def _serve_config(
     section = dataclasses.replace(section, api_key=_key(section.api_key, section.api_key_file))
     loaded = dataclasses.replace(loaded, server=section)
     check_exposure(section.host, section.api_key, allow_unauthenticated=insecure)
-    with BuildProgressView(
-        "no llama-server is built for this machine yet: building and verifying one "
-        "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
-    ) as view:
-        resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
-    plan = loaded.plan(resolved.binary)
+    if loaded.models:
+        with BuildProgressView(
+            "no llama-server is built for this machine yet: building and verifying one "
+            "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
+        ) as view:
+            resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
+        plan = loaded.plan(resolved.binary)
+    else:  # only [remote.NAME] models: this machine runs no llama-server
+        plan = loaded.plan(Path("llama-server"))
+    for name, remote in loaded.remote.items():
+        console.print(f"[bold]{escape(name)}[/]: {len(remote.replicas)} replicas, {remote.pick}")
     for model in plan.models:
         if model.pull is not None:
             console.print(
@@ -348,7 +354,7 @@ def _serve_config(
         )
     listener = bind_listener(section.host, section.port)
     with listener:
-        run_loop(_serve_plan(plan, listener))
+        run_loop(_serve_plan(plan, listener, loaded.remote))
 
 
 def _access(section: ServerSection) -> dict[str, Any]:
@@ -360,7 +366,9 @@ def _access(section: ServerSection) -> dict[str, Any]:
     }
 
 
-async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
+async def _serve_plan(
+    plan: ServePlan, listener: socket.socket, remote: Mapping[str, RemoteSection] | None = None
+) -> None:
     """Run the router over on-demand servers until Ctrl-C/SIGTERM; a failed model only reports."""
     from procman.router import Router, RouterSettings  # speed
     from procman.router.scheduler import QueueSettings, Scheduler  # speed
@@ -386,10 +394,16 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
             slots=model.spec.parallel or 1, maxsize=model.queue, order=model.order
         )
         scheduler.add(model.spec.name, slots)
-    router = Router(supervisor, RouterSettings(**_access(plan.server)), scheduler=scheduler)
+    from procman.router.replicas import ReplicaSets  # speed
+
+    replicas = ReplicaSets.configured(remote or {}, scheduler)
+    router = Router(
+        supervisor, RouterSettings(**_access(plan.server)), scheduler=scheduler, replicas=replicas
+    )
     try:
+        await replicas.start()
         await router.start(listener)
-        names = ", ".join(m.spec.name for m in plan.models)
+        names = ", ".join([*(m.spec.name for m in plan.models), *(remote or {})])
         console.print(
             f"[bold green]serving[/] {escape(names)} at [bold]{_url(router)}[/] "
             "[dim](each model starts on its first request; Ctrl-C stops)[/]"
@@ -397,6 +411,7 @@ async def _serve_plan(plan: ServePlan, listener: socket.socket) -> None:
         await stop.wait()
     finally:
         await router.stop()
+        await replicas.stop()
         await supervisor.stop()
         _forget_signals(loop)
     console.print("stopped")
