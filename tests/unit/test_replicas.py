@@ -80,7 +80,10 @@ def test_a_key_from_the_environment_admits_a_remote_replica(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("LLAMACTL_TEST_REPLICA_KEY", "s3cret")
-    toml = '[remote.c]\nreplicas = ["http://10.0.0.2:1"]\nreplica_api_key_env = "LLAMACTL_TEST_REPLICA_KEY"'
+    toml = (
+        '[remote.c]\nreplicas = ["http://10.0.0.2:1"]\n'
+        'replica_api_key_env = "LLAMACTL_TEST_REPLICA_KEY"'
+    )
     section = config(toml)["c"]
     assert replica_key("c", section) == "s3cret"
     remote = ReplicaSet("c", section, api_key="s3cret")
