@@ -39,6 +39,7 @@ from _common import (  # first: it puts the repository on sys.path
     cmdline,
     fmt,
 )
+from replicas import replicas_section
 from router import router_overhead
 from rpc import rpc_split
 from sections import (
@@ -204,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("memory", lambda w: asyncio.run(_memory(binary, model, w, args.quick))),
         ("build", lambda w: _build_time(w, args.full, args.quick)),
         ("rpc", lambda w: asyncio.run(rpc_split(binary, worker, model, w, args.quick))),
+        ("replicas", lambda w: asyncio.run(replicas_section(binary, model, w, args.quick))),
     ]
     with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp:
         for name, run in runs:
