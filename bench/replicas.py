@@ -78,7 +78,7 @@ async def _throughput(base: str, clients: int = 16, each: int = 4) -> float:
 
 
 async def _cache_run(
-    base: str, replicas: list[str], tag: str, conversations: int = 4, turns: int = 3
+    base: str, replicas: list[str], tag: str, conversations: int = 3, turns: int = 3
 ) -> tuple[float, list[float]]:
     """Interleaved conversations through ``base``: the replicas' cache hit rate (counter
     deltas) and the first-token latencies of the later turns."""
@@ -115,7 +115,8 @@ async def _cache_run(
                     latencies.append(first or 0.0)
                 history[c].append({"role": "assistant", "content": "blue"})
         after = await counters(http)
-    return (after[1] - before[1]) / max(after[0] - before[0], 1), latencies
+    cached, evaluated = after[1] - before[1], after[0] - before[0]
+    return cached / max(cached + evaluated, 1), latencies
 
 
 async def replicas_section(binary: Path, model: Path, work: Path, quick: bool) -> Section:
@@ -194,8 +195,9 @@ async def replicas_section(binary: Path, model: Path, work: Path, quick: bool) -
             "Both replicas and every router share this machine's cores: two CPU replicas "
             "here split the same cores, so the two-replica throughput shows the spread works, "
             "not a speed-up (that needs two machines, or a GPU each).",
-            "Hit rate: llama-server's own `prompt_tokens_cached_total` / `prompt_tokens_total` "
-            "deltas over 4 interleaved conversations x 3 turns, each with a ~350-token system "
+            "Hit rate: llama-server's own `prompt_tokens_cached_total` / (that + "
+            "`prompt_tokens_total`: llama.cpp counts evaluated and cached tokens apart), "
+            "deltas over 3 interleaved conversations x 3 turns, each with a ~350-token system "
             "prompt, on 2 replicas with 2 slots and `--cache-ram 256` each.",
         ],
     }

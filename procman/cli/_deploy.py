@@ -126,26 +126,21 @@ def entrypoint(
 
     leader: ``llamactl deploy entrypoint leader -- serve MODEL ...``; worker: no arguments.
     """
-    from procman.deploy.entry import (  # speed
-        leader_argv,
-        wait_for_workers,
-        worker_argv,
-        worker_names,
-    )
+    from procman.deploy import entry  # speed
 
     env = dict(os.environ)
     match role:
         case "worker":
-            argv = worker_argv(env, rpc_port)
+            argv = entry.worker_argv(env, rpc_port)
         case "leader":
             serve = list(context.args)
             if not serve or serve[0] != "serve":
                 raise LlamactlError(
                     "the leader runs `serve`: deploy entrypoint leader -- serve ..."
                 )
-            names = worker_names(env, rpc_port)
+            names = entry.worker_names(env, rpc_port)
             console.print(f"waiting for {len(names)} RPC workers: {escape(', '.join(names))}")
-            argv = leader_argv(serve, wait_for_workers(names, wait))
+            argv = entry.leader_argv(serve, entry.wait_for_workers(names, wait))
         case _:
             raise LlamactlError(f"unknown role {role!r}", hint="leader or worker")
     console.print(f"[dim]llamactl {escape(' '.join(argv))}[/]")

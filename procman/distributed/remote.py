@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+from procman.distributed.discovery import Discovery, parse_discovery
 from procman.errors import ConfigError
 from procman.router.scheduler import Order
 
@@ -44,6 +45,8 @@ class RemoteSection:
 
     replicas: tuple[str, ...] = ()
     """The replicas' base URLs, e.g. ``["http://10.0.0.2:8080", "http://10.0.0.3:8080"]`` (plain HTTP: put TLS in front on untrusted networks)."""  # noqa: E501
+    discovery: Discovery | None = None
+    """Find the replicas in DNS instead: ``{ kind = "dns", name = "chat-pods.llm.svc.cluster.local", port = 8080, interval = "5s" }`` (a headless Service: one A/AAAA record per ready pod; ``nameserver = "IP:PORT"`` to ask a given server). Needs ``replica_api_key_env`` and the ``dns`` extra."""  # noqa: E501
     pick: Pick = Pick.LEAST_LOADED
     """Which replica gets a request: ``"least_loaded"`` (fewest in flight), ``"prefix"`` (the same conversation to the same replica, for its prompt cache), ``"round_robin"`` or ``"session"`` (by the ``session_header`` header or the body's ``user``)."""  # noqa: E501
     replica_api_key_env: str | None = None
@@ -58,8 +61,8 @@ class RemoteSection:
     """Which waiting request goes next: ``"fifo"`` or ``"lifo"``."""
     health_interval: float = 0.5
     """Seconds between two ``/health`` probes of each replica."""
-    health_timeout: float = 1.0
-    """Seconds a probe may take before it counts as missed."""
+    health_timeout: float = 0.75
+    """Seconds a probe may take before it counts as missed (a silent replica is ejected after about ``eject_after`` x (``health_interval`` + this))."""  # noqa: E501
     eject_after: int = 2
     """Missed probes in a row after which a replica gets no requests (a refused connection or a 5xx ejects at once)."""  # noqa: E501
     readmit_after: int = 2
@@ -144,6 +147,7 @@ def _keys() -> dict[str, Any]:
 
     return {
         "replicas": _urls,
+        "discovery": parse_discovery,
         "pick": _pick,
         "replica_api_key_env": _string,
         "aliases": _strings,
@@ -163,8 +167,9 @@ def _keys() -> dict[str, Any]:
 
 #: the config reference's type column for these keys
 KINDS = {
-    "replicas": "list of URLs", "pick": "string", "replica_api_key_env": "string",
-    "parallel": "integer", "health_interval": "duration", "health_timeout": "duration",
+    "replicas": "list of URLs", "discovery": "table", "pick": "string",
+    "replica_api_key_env": "string", "parallel": "integer", "health_interval": "duration",
+    "health_timeout": "duration",
     "eject_after": "integer", "readmit_after": "integer", "ramp": "seconds",
     "prefix_bytes": "integer", "load_factor": "number", "session_header": "string",
 }  # fmt: skip
@@ -182,14 +187,38 @@ def parse_remote(tables: Any, env: Mapping[str, str] | None = None) -> dict[str,
         if not _NAME.match(name):
             raise ConfigError(f"remote.{name}: invalid model name")
         section = RemoteSection(**_section(table, f"remote.{name}.", _keys()))
-        if not section.replicas:
+        if not section.replicas and section.discovery is None:
             raise ConfigError(
                 f"remote.{name}.replicas: missing",
-                hint='e.g. replicas = ["http://10.0.0.2:8080", "http://10.0.0.3:8080"]',
+                hint='e.g. replicas = ["http://10.0.0.2:8080", "http://10.0.0.3:8080"], or '
+                'discovery = { kind = "dns", name = "chat-pods.llm.svc.cluster.local" }',
             )
+        if section.replicas and section.discovery is not None:
+            raise ConfigError(
+                f"remote.{name}: give replicas or discovery, not both",
+                hint="a headless Service's records already list every ready pod",
+            )
+        if section.discovery is not None:
+            _check_discovery(name, section)
         replica_key(name, section, env)  # refused now, not at the first request
         remote[name] = section
     return remote
+
+
+def _check_discovery(name: str, section: RemoteSection) -> None:
+    if section.replica_api_key_env is None:
+        raise ConfigError(
+            f"remote.{name}.discovery: replicas found in DNS may be anywhere: a key is required",
+            hint="name the environment variable that holds it: replica_api_key_env = "
+            '"LLAMACTL_REPLICA_KEY"',
+        )
+    try:
+        import dns.asyncresolver  # noqa: F401  # speed: only to say it is missing, early
+    except ImportError:
+        raise ConfigError(
+            f"remote.{name}.discovery: DNS discovery needs the dnspython package",
+            hint="pip install 'llamactl[dns]'",
+        ) from None
 
 
 def replica_key(

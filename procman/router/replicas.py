@@ -102,10 +102,12 @@ class Replica:
 
     @property
     def hit_rate(self) -> float | None:
-        """Prompt tokens served from llama-server's cache, of all its prompt tokens."""
-        if not self.prompt_tokens or self.prompt_tokens_cached is None:
+        """Prompt tokens served from llama-server's cache, of all its prompt tokens (its
+        ``prompt_tokens_total`` counts the tokens it evaluated, the cached ones apart)."""
+        if self.prompt_tokens is None or self.prompt_tokens_cached is None:
             return None
-        return self.prompt_tokens_cached / self.prompt_tokens
+        total = self.prompt_tokens + self.prompt_tokens_cached
+        return self.prompt_tokens_cached / total if total else None
 
     def eject(self, reason: str) -> None:
         self.last_error = reason
@@ -140,13 +142,30 @@ class ReplicaSet:
 
     def __post_init__(self) -> None:
         self.replicas = []
-        for text in self.section.replicas:
-            url = parse_replica_url(text)
-            endpoint = Endpoint(host=url.host, port=url.port, api_key=self.api_key)
-            self.replicas.append(Replica(str(url), endpoint, ramp=self.section.ramp))
-        self.picker = Picker([r.url for r in self.replicas])
+        self.picker = Picker([])
+        self.set_urls(self.section.replicas, ramp=False)
         self._prober: asyncio.Task[None] | None = None
+        self._finder: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+
+    def set_urls(self, urls: Iterable[str], *, ramp: bool = True) -> None:
+        """The replicas are now ``urls``: known ones keep their state and counts, new ones
+        start with a ramp (discovered: a Service lists only ready pods), gone ones go."""
+        known = {r.url: r for r in self.replicas}
+        replicas = []
+        for text in urls:
+            url = str(parse_replica_url(text))
+            replica = known.get(url)
+            if replica is None:
+                where = parse_replica_url(url)
+                endpoint = Endpoint(host=where.host, port=where.port, api_key=self.api_key)
+                replica = Replica(url, endpoint, ramp=self.section.ramp)
+                replica.readmitted_at = time.monotonic() if ramp else None
+                log.info("replica %s of %s added", url, self.name)
+            replicas.append(replica)
+        if [r.url for r in replicas] != [r.url for r in self.replicas]:
+            self.replicas = replicas  # one assignment: a request in flight keeps its replica
+            self.picker = Picker([r.url for r in replicas])
 
     @property
     def aliases(self) -> tuple[str, ...]:
@@ -256,10 +275,33 @@ class ReplicaSet:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.section.health_timeout)
             )
+            if self.section.discovery is not None:
+                await self.discover()
+                self._finder = asyncio.create_task(self._discover_forever())
             await self.probe_all()
             self._prober = asyncio.create_task(self._probe_forever())
 
+    async def discover(self) -> None:
+        """Look the replicas up again (``discovery``); a failed lookup keeps the last list."""
+        from procman.distributed.discovery import resolve_replicas  # speed
+
+        if self.section.discovery is not None:
+            urls = await resolve_replicas(self.section.discovery)
+            if urls is not None:
+                self.set_urls(urls)
+
+    async def _discover_forever(self) -> None:
+        interval = self.section.discovery.interval if self.section.discovery else 5.0
+        while True:
+            await asyncio.sleep(interval)  # a period: DNS has no push
+            await self.discover()
+
     async def stop(self) -> None:
+        if self._finder is not None:
+            self._finder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._finder
+            self._finder = None
         if self._prober is not None:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -398,8 +440,8 @@ class ReplicaSets:
             "requests_total": ("counter", "requests sent to the replica", []),
             "failures_total": ("counter", "requests that failed at the replica", []),
             "ejections_total": ("counter", "times the replica was ejected", []),
-            "prompt_tokens_total": ("counter", "llama-server's prompt tokens", []),
-            "prompt_tokens_cached_total": ("counter", "of which served from its cache", []),
+            "prompt_tokens_total": ("counter", "llama-server's prompt tokens evaluated", []),
+            "prompt_tokens_cached_total": ("counter", "and those served from its cache", []),
         }
         for s in self.sets:
             for r in s.replicas:

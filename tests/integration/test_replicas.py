@@ -32,6 +32,7 @@ import aiohttp
 import openai
 import pytest
 
+from procman.distributed.discovery import Discovery
 from procman.distributed.remote import Pick, RemoteSection
 from procman.router import Router, RouterSettings
 from procman.router.listen import bind_listener
@@ -53,6 +54,18 @@ def free_port(host: str) -> int:
     port = int(sock.getsockname()[1])
     sock.close()
     return port
+
+
+def same_free_port(*hosts: str) -> int:
+    """A port free on every one of ``hosts`` right now."""
+    while True:
+        port = free_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                bind_listener(host, port).close()
+        except OSError:
+            continue
+        return port
 
 
 def health(url: str) -> int | None:
@@ -104,8 +117,8 @@ def pair(
     """Two replicas kept for the module (each start costs seconds on 2 cores)."""
     home = tmp_path_factory.mktemp("replicas")
     shared = Processes()
-    replicas = [Replica("127.0.0.2", free_port("127.0.0.2")),
-                Replica("127.0.0.3", free_port("127.0.0.3"))]  # fmt: skip
+    port = same_free_port("127.0.0.2", "127.0.0.3")  # as pods: one port, one address each
+    replicas = [Replica("127.0.0.2", port), Replica("127.0.0.3", port)]
     try:
         for each in replicas:
             start(each, llama_server, demo_model, home, shared.popen, shared=True)
@@ -130,7 +143,7 @@ async def front(urls: list[str], **settings: object) -> AsyncIterator[Front]:
     section = RemoteSection(replicas=tuple(urls), replica_api_key_env=KEY_ENV, **settings)  # type: ignore[arg-type]
     sets = ReplicaSets.configured({"chat": section}, scheduler := Scheduler())
     remote = sets.sets[0]
-    assert remote.replicas[0].endpoint.auth() == [("Authorization", f"Bearer {REPLICA_KEY}")]
+    assert remote.api_key == REPLICA_KEY  # from the environment variable the section names
     supervisor = AsyncSupervisor()
     router = Router(supervisor, RouterSettings(api_key=KEY), scheduler=scheduler, replicas=sets)
     try:
@@ -224,11 +237,12 @@ async def test_status_metrics_and_ps_show_each_replica(pair: list[Replica]) -> N
 
 
 async def hit_rate(
-    fr: Front, tag: str, conversations: int = 4, turns: int = 3
+    fr: Front, tag: str, conversations: int = 3, turns: int = 3
 ) -> tuple[float, float]:
     """Interleaved conversations with long system prompts: the share of prompt tokens the
     replicas' engines served from their caches (their counters' deltas), and the mean
-    first-token latency of the later turns."""
+    first-token latency of the later turns. An odd number of conversations, so that round
+    robin sends a conversation's next turn to the other replica."""
     await fr.remote.probe_all()
     before = [(r.prompt_tokens or 0, r.prompt_tokens_cached or 0) for r in fr.remote.replicas]
     client = fr.client()
@@ -261,10 +275,10 @@ async def hit_rate(
             history[c].append({"role": "assistant", "content": text})
     await fr.remote.probe_all()
     after = [(r.prompt_tokens or 0, r.prompt_tokens_cached or 0) for r in fr.remote.replicas]
-    total = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    evaluated = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
     cached = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
-    assert total > 0
-    return cached / total, sum(latencies) / len(latencies)
+    assert evaluated > 0
+    return cached / (evaluated + cached), sum(latencies) / len(latencies)
 
 
 async def test_prefix_picking_keeps_conversations_on_their_cache(pair: list[Replica]) -> None:
@@ -318,7 +332,8 @@ async def test_a_sigkilled_replica_fails_no_request_and_comes_back(
                 Replica("127.0.0.3", free_port("127.0.0.3"))]  # fmt: skip
     for each in replicas:
         start(each, llama_server, demo_model, tmp_path, processes.popen, shared=False)
-    async with front([r.url for r in replicas]) as fr:
+    # ramp = 0: a readmitted replica takes a full share at once (the ramp is a unit test's)
+    async with front([r.url for r in replicas], ramp=0) as fr:
         client = fr.client()
         failures: list[BaseException] = []
         done = 0
@@ -379,3 +394,32 @@ async def test_a_silent_replica_is_ejected_and_readmitted(
         print(f"silent replica ejected after {silent_for * 1000:.0f} ms")
         assert silent_for <= 3.0
         assert "probes missed" in watched.last_error
+
+
+async def test_dns_discovery_follows_a_headless_services_records(pair: list[Replica]) -> None:
+    """A DNS server this test runs answers for the name, as a headless Service would: one
+    record per ready pod. Replicas join and leave with the records."""
+    from tests.dns_server import start_dns
+
+    server = await start_dns()
+    name = "chat-pods.llm.svc.test"
+    server.records[name] = [pair[0].host]
+    discovery = Discovery(name=name, port=pair[0].port, interval=0.2,
+                          nameserver=server.nameserver)  # fmt: skip
+    try:
+        async with front([], discovery=discovery) as fr:
+            assert [r.url for r in fr.remote.replicas] == [pair[0].url]
+            assert await ask(fr.client())
+            server.records[name] = [pair[0].host, pair[1].host]
+            await until(lambda: len(fr.remote.replicas) == 2, 10)
+            client = fr.client()
+            await asyncio.gather(*(ask(client, f"Question {i}.") for i in range(12)))
+            assert all(r.requests > 0 for r in fr.remote.replicas)
+            del server.records[name]  # every pod gone: NXDOMAIN
+            await until(lambda: not fr.remote.replicas, 10)
+            with pytest.raises(openai.APIStatusError) as caught:
+                await ask(client)
+            assert caught.value.status_code == 503
+    finally:
+        assert server.transport is not None
+        server.transport.close()

@@ -206,8 +206,8 @@ def test_sets_find_by_alias_and_export_metrics() -> None:
     assert found is not None
     assert found.name == "chat"
     assert sets.find("other") is None
-    found.replicas[0].prompt_tokens, found.replicas[0].prompt_tokens_cached = 100.0, 75.0
-    assert found.replicas[0].hit_rate == 0.75
+    found.replicas[0].prompt_tokens, found.replicas[0].prompt_tokens_cached = 25.0, 75.0
+    assert found.replicas[0].hit_rate == 0.75  # llama.cpp counts evaluated and cached apart
     text = sets.metrics()
     assert f'llamactl_replica_up{{model="chat",replica="{URLS[0]}"}} 1' in text
     assert "llamactl_replica_prompt_tokens_cached_total" in text
@@ -215,3 +215,62 @@ def test_sets_find_by_alias_and_export_metrics() -> None:
 
     names = {f.name for f in text_string_to_metric_families(text)}
     assert "llamactl_replica_ejections" in names
+
+
+# -- DNS discovery (a real DNS server on loopback UDP, in this process) ----------------------------
+@pytest.mark.parametrize(
+    ("table", "fragment"),
+    [
+        ('discovery = { kind = "kubernetes", name = "x" }', "only 'dns'"),
+        ('discovery = { kind = "dns" }', "name"),
+        ('discovery = { name = "x", nameserver = "dns.example" }', "not an IP"),
+        ('discovery = { name = "x", colour = 1 }', "unknown keys"),
+        ('discovery = { name = "x" }', "a key is required"),
+        ('discovery = { name = "x" }\nreplicas = ["http://127.0.0.1:1"]', "not both"),
+    ],
+)
+def test_bad_discovery_tables(table: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(tomllib.loads(f"[remote.c]\n{table}"))
+    assert fragment in f"{caught.value.message} {caught.value.hint}"
+
+
+async def test_dns_discovery_follows_the_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    from procman.distributed.discovery import Discovery, resolve_replicas
+    from tests.dns_server import start_dns
+
+    server = await start_dns()
+    try:
+        server.records["chat-pods.llm.test"] = ["127.0.0.3", "127.0.0.2", "::1"]
+        found = Discovery(name="chat-pods.llm.test", port=8081, nameserver=server.nameserver)
+        assert await resolve_replicas(found) == [
+            "http://127.0.0.2:8081", "http://127.0.0.3:8081", "http://[::1]:8081"]  # fmt: skip
+        gone = Discovery(name="gone.llm.test", nameserver=server.nameserver)
+        assert await resolve_replicas(gone) == []  # NXDOMAIN: no pod
+        server.silent = True
+        assert await resolve_replicas(found, lifetime=0.3) is None  # a failure keeps the list
+        server.silent = False
+        monkeypatch.setenv("K", "k")
+        toml = (
+            f'[remote.chat]\nreplica_api_key_env = "K"\ndiscovery = {{ name = '
+            f'"chat-pods.llm.test", port = 8081, nameserver = "{server.nameserver}" }}'
+        )
+        section = parse_config(tomllib.loads(toml)).remote["chat"]
+        remote = ReplicaSet("chat", section, api_key="k")
+        assert remote.replicas == []
+        await remote.discover()
+        first = remote.replicas[0]
+        assert [r.url for r in remote.replicas][:2] == ["http://127.0.0.2:8081",
+                                                        "http://127.0.0.3:8081"]  # fmt: skip
+        assert first.weight < 1  # new replicas ramp up
+        first.requests = 7
+        server.records["chat-pods.llm.test"] = ["127.0.0.2"]
+        await remote.discover()
+        assert [r.url for r in remote.replicas] == ["http://127.0.0.2:8081"]
+        assert remote.replicas[0] is first  # kept, with its counts
+        server.silent = True
+        await remote.discover()  # the server times out: the list stays
+        assert [r.url for r in remote.replicas] == ["http://127.0.0.2:8081"]
+    finally:
+        assert server.transport is not None
+        server.transport.close()
