@@ -11,8 +11,9 @@ Objects, as plain dicts (``render``), written one file per model
 (``write``):
 
 * the router: a ConfigMap holding its ``models.toml`` (every model a
-  ``[remote.NAME]`` whose replica is the model's Service), a Deployment and a
-  Service;
+  ``[remote.NAME]`` whose replicas are the model's pods, found in its headless
+  Service's DNS records; an RPC model's group leader behind its Service), a
+  Deployment and a Service;
 * a model: a Deployment (``llamactl serve`` on 0.0.0.0 with the key from the
   ``llamactl`` Secret), its Service, and a headless Service (one DNS record
   per ready pod);
@@ -235,14 +236,18 @@ def _model(
 
 
 def router_config(config: Config, namespace: str) -> str:
-    """The router's ``models.toml``: each model a ``[remote.NAME]`` served by its Service."""
+    """The router's ``models.toml``: each model a ``[remote.NAME]`` served by its pods."""
     import tomli_w  # speed
 
     remote: dict[str, Any] = {}
     for name, model in config.models.items():
-        remote[name] = {"replicas": [f"http://{name}.{namespace}.svc:{PORT}"],
-                        "replica_api_key_env": "LLAMACTL_REPLICA_KEY",
+        remote[name] = {"replica_api_key_env": "LLAMACTL_REPLICA_KEY",
                         "aliases": list(model.aliases), "queue": model.queue}  # fmt: skip
+        if model.rpc:  # one group: its leader, behind the model's Service
+            remote[name]["replicas"] = [f"http://{name}.{namespace}.svc:{PORT}"]
+        else:  # every ready pod, from the headless Service's records: prefix picking works
+            host = f"{name}-pods.{namespace}.svc.cluster.local"
+            remote[name]["discovery"] = {"kind": "dns", "name": host, "port": PORT}
     for name, section in config.remote.items():
         remote[name] = {"replicas": list(section.replicas), "pick": str(section.pick),
                         "aliases": list(section.aliases)}  # fmt: skip

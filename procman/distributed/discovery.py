@@ -25,14 +25,28 @@ class Discovery:
     """Where a remote model's replicas are looked up."""
 
     kind: str = "dns"
+    """``"dns"`` (a name's A/AAAA records) or ``"kubernetes"`` (EndpointSlices, see
+    :mod:`procman.distributed.kube`)."""
     name: str = ""
-    """The DNS name whose A/AAAA records are the replicas, e.g. ``chat-pods.llm.svc.cluster.local``."""  # noqa: E501
-    port: int = 8080
-    """The replicas' port."""
+    """dns: the name whose A/AAAA records are the replicas, e.g. ``chat-pods.llm.svc.cluster.local``."""  # noqa: E501
+    port: int | None = None
+    """The replicas' port (dns: default 8080; kubernetes: default the slices' own)."""
     interval: float = 5.0
-    """Seconds between two lookups."""
+    """dns: seconds between two lookups."""
     nameserver: str | None = None
-    """``IP`` or ``IP:PORT`` of the DNS server to ask; unset: the system's (``/etc/resolv.conf``)."""  # noqa: E501
+    """dns: ``IP`` or ``IP:PORT`` of the DNS server to ask; unset: the system's."""
+    namespace: str | None = None
+    """kubernetes: the namespace of the EndpointSlices."""
+    selector: str | None = None
+    """kubernetes: their label selector, e.g. ``kubernetes.io/service-name=chat``."""
+    port_name: str | None = None
+    """kubernetes: the slice port to use, by name (default: the first)."""
+    api: str | None = None
+    """kubernetes: the API server's URL; unset: the pod's own (service account)."""
+
+    @property
+    def port_number(self) -> int | None:
+        return self.port
 
 
 def parse_discovery(value: Any) -> Discovery:
@@ -41,21 +55,18 @@ def parse_discovery(value: Any) -> Discovery:
 
     if not isinstance(value, dict):
         raise TypeError(f'expected a table such as {{ kind = "dns", name = "..." }}, got {value!r}')
+    kind = value.get("kind", "dns")
+    if kind == "kubernetes":
+        return _kubernetes(value)
+    if kind != "dns":
+        raise ValueError(f"kind {kind!r}: expected 'dns' or 'kubernetes'")
     known = {"kind", "name", "port", "interval", "nameserver"}
     unknown = sorted(set(value) - known)
     if unknown:
         raise ValueError(f"unknown keys {unknown} (known: {sorted(known)})")
-    kind = value.get("kind", "dns")
-    if kind != "dns":
-        raise ValueError(
-            f"kind {kind!r} is not supported: only 'dns' (a headless Service's records); "
-            "Kubernetes EndpointSlice discovery is not built yet"
-        )
-    name, port = value.get("name"), value.get("port", 8080)
+    name, port = value.get("name"), _port(value.get("port", 8080))
     if not isinstance(name, str) or not name:
         raise ValueError("name: the DNS name whose records are the replicas is missing")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"port: expected a port number, got {port!r}")
     interval = parse_duration(value.get("interval", 5.0))
     if interval <= 0:
         raise ValueError("interval must be longer than zero")
@@ -63,6 +74,40 @@ def parse_discovery(value: Any) -> Discovery:
     if nameserver is not None:
         _nameserver(nameserver)
     return Discovery(kind=kind, name=name, port=port, interval=interval, nameserver=nameserver)
+
+
+def _port(port: Any) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError(f"port: expected a port number, got {port!r}")
+    return port
+
+
+def _kubernetes(value: dict[str, Any]) -> Discovery:
+    known = {"kind", "namespace", "selector", "port", "port_name", "api"}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} (known: {sorted(known)})")
+    texts = {k: value.get(k) for k in ("namespace", "selector", "port_name", "api")}
+    for key, text in texts.items():
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"{key}: expected a string, got {text!r}")
+    if not texts["namespace"] or not texts["selector"]:
+        raise ValueError(
+            'namespace and selector are needed, e.g. { kind = "kubernetes", namespace = '
+            '"llm", selector = "kubernetes.io/service-name=chat" }'
+        )
+    api = texts["api"]
+    if api is not None and not api.startswith("https://"):
+        from urllib.parse import urlsplit  # speed
+
+        host = urlsplit(api).hostname or ""
+        if not (api.startswith("http://") and host in ("127.0.0.1", "localhost", "::1")):
+            raise ValueError(f"api: {api!r}: the API server is reached over https")
+    port = value.get("port")
+    return Discovery(
+        kind="kubernetes", namespace=texts["namespace"], selector=texts["selector"],
+        port=None if port is None else _port(port), port_name=texts["port_name"], api=api,
+    )  # fmt: skip
 
 
 def _nameserver(text: Any) -> tuple[str, int]:
@@ -105,5 +150,5 @@ async def resolve_replicas(discovery: Discovery, lifetime: float = 2.0) -> list[
     urls = []
     for address in addresses:
         host = f"[{address}]" if ":" in address else address
-        urls.append(f"http://{host}:{discovery.port}")
+        urls.append(f"http://{host}:{discovery.port or 8080}")
     return sorted(urls)

@@ -46,7 +46,7 @@ class RemoteSection:
     replicas: tuple[str, ...] = ()
     """The replicas' base URLs, e.g. ``["http://10.0.0.2:8080", "http://10.0.0.3:8080"]`` (plain HTTP: put TLS in front on untrusted networks)."""  # noqa: E501
     discovery: Discovery | None = None
-    """Find the replicas in DNS instead: ``{ kind = "dns", name = "chat-pods.llm.svc.cluster.local", port = 8080, interval = "5s" }`` (a headless Service: one A/AAAA record per ready pod; ``nameserver = "IP:PORT"`` to ask a given server). Needs ``replica_api_key_env`` and the ``dns`` extra."""  # noqa: E501
+    """Find the replicas instead: in DNS, ``{ kind = "dns", name = "chat-pods.llm.svc.cluster.local", port = 8080, interval = "5s" }`` (a headless Service: one A/AAAA record per ready pod; ``nameserver = "IP:PORT"`` asks a given server; the ``dns`` extra), or in Kubernetes, ``{ kind = "kubernetes", namespace = "llm", selector = "kubernetes.io/service-name=chat" }`` (the ready endpoints of its EndpointSlices, watched; ``port``/``port_name``, ``api``). Needs ``replica_api_key_env``."""  # noqa: E501
     pick: Pick = Pick.LEAST_LOADED
     """Which replica gets a request: ``"least_loaded"`` (fewest in flight), ``"prefix"`` (the same conversation to the same replica, for its prompt cache), ``"round_robin"`` or ``"session"`` (by the ``session_header`` header or the body's ``user``)."""  # noqa: E501
     replica_api_key_env: str | None = None
@@ -212,6 +212,8 @@ def _check_discovery(name: str, section: RemoteSection) -> None:
             hint="name the environment variable that holds it: replica_api_key_env = "
             '"LLAMACTL_REPLICA_KEY"',
         )
+    if section.discovery is not None and section.discovery.kind == "kubernetes":
+        return
     try:
         import dns.asyncresolver  # noqa: F401  # speed: only to say it is missing, early
     except ImportError:

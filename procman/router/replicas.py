@@ -275,7 +275,13 @@ class ReplicaSet:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.section.health_timeout)
             )
-            if self.section.discovery is not None:
+            found = self.section.discovery
+            if found is not None and found.kind == "kubernetes":
+                from procman.distributed.kube import KubeWatcher  # speed
+
+                watcher = KubeWatcher(found, self.set_urls)
+                self._finder = asyncio.create_task(watcher.run())
+            elif found is not None:
                 await self.discover()
                 self._finder = asyncio.create_task(self._discover_forever())
             await self.probe_all()

@@ -163,7 +163,10 @@ def test_the_router_config_parses_and_serves_every_model(monkeypatch: pytest.Mon
     text = router_config(parse_config(tomllib.loads(CONFIG)), "llm")
     parsed = parse_config(tomllib.loads(text))
     assert set(parsed.remote) == {"chat", "big"}
-    assert parsed.remote["chat"].replicas == ("http://chat.llm.svc:8080",)
+    chat = parsed.remote["chat"].discovery
+    assert chat is not None
+    assert (chat.kind, chat.name, chat.port) == ("dns", "chat-pods.llm.svc.cluster.local", 8080)
+    assert parsed.remote["big"].replicas == ("http://big.llm.svc:8080",)
     assert parsed.remote["chat"].aliases == ("default",)
 
 

@@ -7,11 +7,15 @@ affinity against llama-server's cache counters) are in
 
 from __future__ import annotations
 
+import asyncio
+import json
 import tomllib
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from procman.config import parse_config
 from procman.distributed.remote import Pick, RemoteSection, parse_replica_url, replica_key
@@ -221,7 +225,14 @@ def test_sets_find_by_alias_and_export_metrics() -> None:
 @pytest.mark.parametrize(
     ("table", "fragment"),
     [
-        ('discovery = { kind = "kubernetes", name = "x" }', "only 'dns'"),
+        ('discovery = { kind = "consul", name = "x" }', "'kubernetes'"),
+        ('discovery = { kind = "kubernetes", name = "x" }', "unknown keys"),
+        ('discovery = { kind = "kubernetes", namespace = "n" }', "selector are needed"),
+        (
+            'discovery = { kind = "kubernetes", namespace = "n", selector = "a=b", '
+            'api = "http://10.0.0.1:6443" }',
+            "https",
+        ),
         ('discovery = { kind = "dns" }', "name"),
         ('discovery = { name = "x", nameserver = "dns.example" }', "not an IP"),
         ('discovery = { name = "x", colour = 1 }', "unknown keys"),
@@ -274,3 +285,99 @@ async def test_dns_discovery_follows_the_records(monkeypatch: pytest.MonkeyPatch
     finally:
         assert server.transport is not None
         server.transport.close()
+
+
+# -- Kubernetes discovery: a stub API server with recorded EndpointSlices ------------------------
+def endpoint_slice(name: str, addresses: list[str], *, ready: bool = True) -> dict[str, object]:
+    """An EndpointSlice as the API server returns it (fields as recorded from Kubernetes 1.30)."""
+    return {
+        "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1", "addressType": "IPv4",
+        "metadata": {"name": name, "namespace": "llm", "resourceVersion": "100",
+                     "labels": {"kubernetes.io/service-name": "chat"}},
+        "endpoints": [{"addresses": [a], "conditions": {"ready": ready, "serving": ready,
+                                                        "terminating": False}}
+                      for a in addresses],
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+    }  # fmt: skip
+
+
+class StubApi:
+    """The two GETs of the Kubernetes API discovery makes: a list, and a watch that streams
+    the events a test puts, or answers 410 for an expired version."""
+
+    def __init__(self) -> None:
+        self.lists = 0
+        self.watches: list[str] = []
+        self.events: asyncio.Queue[dict[str, object] | None] = asyncio.Queue()
+        self.items = [endpoint_slice("chat-a", ["10.0.0.2"])]
+        self.version = "100"
+
+    async def slices(self, request: web.Request) -> web.StreamResponse:
+        assert request.match_info["ns"] == "llm"
+        assert request.query["labelSelector"] == "kubernetes.io/service-name=chat"
+        if "watch" not in request.query:
+            self.lists += 1
+            body = {"kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
+                    "metadata": {"resourceVersion": self.version}, "items": self.items}  # fmt: skip
+            return web.json_response(body)
+        self.watches.append(request.query["resourceVersion"])
+        if request.query["resourceVersion"] == "gone":
+            return web.json_response({"kind": "Status", "code": 410}, status=410)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        while (event := await self.events.get()) is not None:
+            await response.write(json.dumps(event).encode() + b"\n")
+        return response
+
+    async def start(self) -> tuple[web.AppRunner, str]:
+        app = web.Application()
+        app.router.add_get("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", self.slices)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def until(check: object) -> None:
+    for _ in range(500):
+        if callable(check) and check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached")
+
+
+async def test_kubernetes_discovery_lists_watches_and_relists_after_410() -> None:
+    from procman.distributed.discovery import Discovery
+    from procman.distributed.kube import KubeWatcher
+
+    stub = StubApi()
+    runner, api = await stub.start()
+    seen: list[list[str]] = []
+    selector = "kubernetes.io/service-name=chat"
+    found = Discovery(kind="kubernetes", namespace="llm", selector=selector, api=api)
+    watcher = KubeWatcher(found, seen.append, root=Path("/nonexistent"), env={})
+    task = asyncio.create_task(watcher.run())
+    events = stub.events
+    try:
+        await until(lambda: seen == [["http://10.0.0.2:8080"]] and stub.watches == ["100"])
+        # a second slice, a pod not ready yet, then ready; a slice deleted
+        unready = endpoint_slice("chat-b", ["10.0.0.3"], ready=False)
+        await events.put({"type": "ADDED", "object": unready})
+        await events.put({"type": "MODIFIED", "object": endpoint_slice("chat-b", ["10.0.0.3"])})
+        await until(lambda: seen[-1] == ["http://10.0.0.2:8080", "http://10.0.0.3:8080"])
+        assert ["http://10.0.0.2:8080"] in seen[1:]  # the not-ready pod was left out
+        await events.put({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "7"}}})
+        await events.put({"type": "DELETED", "object": endpoint_slice("chat-a", ["10.0.0.2"])})
+        await until(lambda: seen[-1] == ["http://10.0.0.3:8080"])
+        # the watch's version expired: an ERROR event with 410, then a 410 status; relisted
+        stub.items, stub.version = [endpoint_slice("chat-c", ["10.0.0.4"])], "gone"
+        expired = {"kind": "Status", "code": 410, "message": "too old resource version"}
+        await events.put({"type": "ERROR", "object": expired})
+        await until(lambda: watcher.lists >= 3)  # relisted after the event and after the 410
+        assert seen[-1] == ["http://10.0.0.4:8080"]
+        assert "gone" in stub.watches
+        assert stub.lists == watcher.lists
+    finally:
+        task.cancel()
+        await events.put(None)
+        await runner.cleanup()
