@@ -53,6 +53,8 @@ class RemoteSection:
     """Environment variable holding the key sent to the replicas (``Authorization: Bearer``); required for a replica beyond loopback. The client's key is never passed on."""  # noqa: E501
     aliases: tuple[str, ...] = ()
     """Other names clients may send for this model."""
+    shared: bool = False
+    """Other routers send to these replicas too: ``least_loaded`` then adds each replica's own count of waiting requests (llama-server's ``requests_deferred``, read at each probe) to this router's in-flight count. Off: this router's count alone (the gauge would count its own requests twice, late)."""  # noqa: E501
     parallel: int = 32
     """Requests sent to the replicas at once; more wait in the queue, and a replica is picked when one leaves it."""  # noqa: E501
     queue: int = 256
@@ -143,7 +145,7 @@ def _urls(value: Any) -> tuple[str, ...]:
 
 
 def _keys() -> dict[str, Any]:
-    from procman.config import _duration, _integer, _order, _string, _strings  # cycle
+    from procman.config import _boolean, _duration, _integer, _order, _string, _strings  # cycle
 
     return {
         "replicas": _urls,
@@ -151,6 +153,7 @@ def _keys() -> dict[str, Any]:
         "pick": _pick,
         "replica_api_key_env": _string,
         "aliases": _strings,
+        "shared": _boolean,
         "parallel": _integer(1),
         "queue": _integer(0),
         "order": _order,
@@ -168,8 +171,8 @@ def _keys() -> dict[str, Any]:
 #: the config reference's type column for these keys
 KINDS = {
     "replicas": "list of URLs", "discovery": "table", "pick": "string",
-    "replica_api_key_env": "string", "parallel": "integer", "health_interval": "duration",
-    "health_timeout": "duration",
+    "replica_api_key_env": "string", "shared": "boolean", "parallel": "integer",
+    "health_interval": "duration", "health_timeout": "duration",
     "eject_after": "integer", "readmit_after": "integer", "ramp": "seconds",
     "prefix_bytes": "integer", "load_factor": "number", "session_header": "string",
 }  # fmt: skip

@@ -17,7 +17,8 @@ once more to another replica: nothing had reached the client yet. The same
 probe reads llama-server's counters (``/metrics?model=NAME``: a llamactl
 replica passes it to the model's server, which needs ``--metrics``): the
 prompt tokens served from its cache, and its deferred-requests gauge, which
-``least_loaded`` adds to the requests this router has in flight there.
+``least_loaded`` adds to the requests this router has in flight there when the
+replicas are ``shared`` with other routers.
 """
 
 from __future__ import annotations
@@ -86,9 +87,12 @@ class Replica:
     def available(self) -> bool:
         return self.up
 
+    shared: bool = False
+    """Other routers use it too: their waiting requests (``deferred``) count as load."""
+
     @property
     def load(self) -> int:
-        return self.in_flight + self.deferred
+        return self.in_flight + self.deferred if self.shared else self.in_flight
 
     @property
     def weight(self) -> float:
@@ -159,7 +163,7 @@ class ReplicaSet:
             if replica is None:
                 where = parse_replica_url(url)
                 endpoint = Endpoint(host=where.host, port=where.port, api_key=self.api_key)
-                replica = Replica(url, endpoint, ramp=self.section.ramp)
+                replica = Replica(url, endpoint, ramp=self.section.ramp, shared=self.section.shared)
                 replica.readmitted_at = time.monotonic() if ramp else None
                 log.info("replica %s of %s added", url, self.name)
             replicas.append(replica)
