@@ -5,9 +5,11 @@ model, keyed with a key the clients do not know: the router must put the
 replicas' key in place of the client's. Checked: the share of each replica
 under 16 concurrent clients, prefix affinity against llama-server's own
 prompt-cache counters (vs round robin), a replica SIGKILLed under load (no
-failed request, ejected at once, readmitted when it is back), a replica that
-goes silent (SIGSTOP: it accepts connections and answers nothing), two router
-processes agreeing on the replica for 1,000 prefixes, and ``ps``/``/metrics``.
+failed request, ejected at once, a stream on it ended with an error event,
+readmitted when it is back), a replica that goes silent (SIGSTOP: it accepts
+connections and answers nothing, as behind a link that went down), two router
+processes agreeing on the replica for 1,000 prefixes, DNS discovery against a
+DNS server the test runs, and ``ps``/``/metrics``.
 The router's added latency and the picking cost are the bench's (``python
 bench/suite.py --only replicas``).
 """
@@ -333,7 +335,7 @@ async def test_a_sigkilled_replica_fails_no_request_and_comes_back(
     for each in replicas:
         start(each, llama_server, demo_model, tmp_path, processes.popen, shared=False)
     # ramp = 0: a readmitted replica takes a full share at once (the ramp is a unit test's)
-    async with front([r.url for r in replicas], ramp=0) as fr:
+    async with front([r.url for r in replicas], ramp=0) as fr, front([replicas[0].url]) as solo:
         client = fr.client()
         failures: list[BaseException] = []
         done = 0
@@ -352,8 +354,19 @@ async def test_a_sigkilled_replica_fails_no_request_and_comes_back(
         await until(lambda: done >= 8, 60)
         victim, watched = replicas[0], fr.remote.replicas[0]
         assert victim.proc is not None
+        # a stream on the victim alone (its own router): cut mid-way, it must end cleanly
+        body = {"model": "chat", "messages": [{"role": "user", "content": "Tell a story."}],
+                "max_tokens": 2000, "stream": True, "ignore_eos": True}  # fmt: skip
+        http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"})
+        stream = await http.post(f"{solo.base}/v1/chat/completions", json=body)
+        assert stream.status == 200
+        first = await stream.content.readany()
+        assert first.startswith(b"data: ")
         killed_at = time.monotonic()
         os.killpg(victim.proc.pid, signal.SIGKILL)
+        rest = await asyncio.wait_for(stream.content.read(), 30)  # no payload error: it ended
+        await http.close()
+        assert b'"code": "upstream_error"' in rest[-400:]  # the error event, then the end
         await until(lambda: not watched.up, 10)
         ejected_after = time.monotonic() - killed_at
         settled = done
