@@ -127,7 +127,7 @@ async def replicas_section(binary: Path, model: Path, work: Path, quick: bool) -
     urls = [f"http://{h}:{p}" for h, p in zip(hosts, ports, strict=True)]
     replica_argv = [
         [*LLAMACTL, "serve", str(model), "--host", h, "--port", str(p), "--ctx", "4096",
-         "--parallel", "2", "--metrics", "--cache-ram", "256"]  # as in the tests
+         "--parallel", "2", "--metrics", "--cache-ram", "256"]
         for h, p in zip(hosts, ports, strict=True)
     ]  # fmt: skip
     fronts = {}

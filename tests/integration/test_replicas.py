@@ -94,11 +94,15 @@ class Replica:
 def start(
     replica: Replica, llama_server: Path, model: Path, home: Path, popen: object, *, shared: bool
 ) -> None:
-    """``llamactl serve`` on the replica's address, keyed, with llama-server's ``--metrics``."""
+    """``llamactl serve`` on the replica's address, keyed, with llama-server's ``--metrics``,
+    a prompt cache in RAM, and one thread: two replicas on two cores then run at the same
+    speed (``least_loaded`` rightly gives a faster replica more, which is not what the share
+    test is about)."""
     env = {**os.environ, "LLAMACTL_HOME": str(home), "LLAMACTL_LOG": "WARNING",
            "LLAMACTL_SERVER": str(llama_server), "LLAMACTL_API_KEY": REPLICA_KEY}  # fmt: skip
     argv = [*CLI, "serve", str(model), "--host", replica.host, "--port", str(replica.port),
-            "--ctx", "4096", "--parallel", "2", "--metrics", "--cache-ram", "256"]  # fmt: skip
+            "--ctx", "4096", "--parallel", "2", "--metrics", "--cache-ram", "256",
+            "--threads", "1"]  # fmt: skip
     log = (home / f"serve-{replica.host}.log").open("ab")
     replica.proc = popen(  # type: ignore[operator]
         argv, cwd=REPO, env=shared_env(env) if shared else env, stdout=log, stderr=log
@@ -186,14 +190,15 @@ async def test_sixteen_clients_share_two_replicas_evenly(pair: list[Replica]) ->
         client = fr.client()
 
         async def worker(i: int) -> None:
-            for turn in range(2):
+            for turn in range(3):
                 assert await ask(client, f"Client {i}, turn {turn}: count to three.")
 
         await asyncio.gather(*(worker(i) for i in range(16)))
         counts = [r.requests for r in fr.remote.replicas]
-        assert sum(counts) == 32
+        print(f"requests per replica, 16 clients x 3: {counts}")
+        assert sum(counts) == 48
         for count in counts:
-            assert 0.40 <= count / 32 <= 0.60, counts
+            assert 0.40 <= count / 48 <= 0.60, counts
         assert all(r.failures == 0 and r.up for r in fr.remote.replicas)
         # the replicas did the work: their engines' own counters say so
         await fr.remote.probe_all()
