@@ -127,7 +127,7 @@ async def replicas_section(binary: Path, model: Path, work: Path, quick: bool) -
     urls = [f"http://{h}:{p}" for h, p in zip(hosts, ports, strict=True)]
     replica_argv = [
         [*LLAMACTL, "serve", str(model), "--host", h, "--port", str(p), "--ctx", "4096",
-         "--parallel", "2", "--metrics", "--cache-ram", "256"]
+         "--parallel", "2", "--metrics", "--cache-ram", "256", "--threads", "1"]
         for h, p in zip(hosts, ports, strict=True)
     ]  # fmt: skip
     fronts = {}
@@ -201,9 +201,9 @@ async def replicas_section(binary: Path, model: Path, work: Path, quick: bool) -
             "two_tps": twos,
         },
         "notes": [
-            "Both replicas and every router share this machine's cores: two CPU replicas "
-            "here split the same cores, so the two-replica throughput shows the spread works, "
-            "not a speed-up (that needs two machines, or a GPU each).",
+            "Each replica's llama-server runs one thread (`--threads 1`), so on this "
+            "2-core machine two replicas have a core each, as on two machines; the routers "
+            "and other jobs on the machine share those cores too.",
             "Hit rate: llama-server's own `prompt_tokens_cached_total` / (that + "
             "`prompt_tokens_total`: llama.cpp counts evaluated and cached tokens apart), "
             "deltas over 3 interleaved conversations x 3 turns, each with a ~350-token system "
