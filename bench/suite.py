@@ -42,6 +42,7 @@ from _common import (  # first: it puts the repository on sys.path
 )
 from desktop import desktop_start
 from memory import memory_corpus
+from replicas import replicas_section
 from router import router_overhead
 from rpc import rpc_split
 from sections import (
@@ -214,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("build", lambda w: _build_time(w, args.full, args.quick)),
         ("rpc", lambda w: asyncio.run(rpc_split(binary, worker, model, w, args.quick))),
         ("desktop", lambda w: desktop_start(binary, model, w, args.quick)),
+        ("replicas", lambda w: asyncio.run(replicas_section(binary, model, w, args.quick))),
     ]
     with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp:
         for name, run in runs:

@@ -33,6 +33,10 @@ from procman.models.refs import DEMO_MODEL, resolve_model
 from procman.router.scheduler import Order
 from procman.spec import GpuLayers, LogSettings, ServerSpec, check_extra_args
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from procman.distributed.remote import RemoteSection
+
 __all__ = [
     "Budget",
     "Config",
@@ -129,6 +133,8 @@ class Config:
     server: ServerSection = field(default_factory=ServerSection)
     models: Mapping[str, ModelSection] = field(default_factory=lambda: MappingProxyType({}))
     workers: Mapping[str, WorkerSection] = field(default_factory=lambda: MappingProxyType({}))
+    remote: Mapping[str, RemoteSection] = field(default_factory=lambda: MappingProxyType({}))
+    """``[remote.NAME]``: models other servers serve (see :mod:`procman.distributed.remote`)."""
 
     def warnings(self) -> list[str]:
         """What is allowed but risky, for the command line to print."""
@@ -368,15 +374,16 @@ def _section(table: Any, path: str, converters: dict[str, Convert]) -> dict[str,
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Validate parsed TOML (a dict); raises :class:`ConfigError` naming the key path."""
     for key in data:
-        if key not in ("server", "models", "workers"):
-            raise _unknown("", key, ["server", "models", "workers"])
+        if key not in ("server", "models", "workers", "remote"):
+            raise _unknown("", key, ["server", "models", "workers", "remote"])
     server = ServerSection(**_section(data.get("server", {}), "server.", _SERVER_KEYS))
     workers = _workers(data.get("workers", {}))
     tables = data.get("models", {})
-    if not isinstance(tables, dict) or not tables:
+    remote = _remote(data.get("remote", {}))
+    if not isinstance(tables, dict) or not (tables or remote):
         raise ConfigError("models: declare at least one [models.NAME] table")
     models: dict[str, ModelSection] = {}
-    taken: dict[str, str] = {}
+    taken = {a: f"remote.{n}" for n, r in remote.items() for a in (n, *r.aliases)}
     for name, table in tables.items():
         if not _NAME.match(name):
             raise ConfigError(
@@ -390,7 +397,28 @@ def parse_config(data: Mapping[str, Any]) -> Config:
             taken[alias] = f"models.{name}"
         models[name] = model
     _check_groups(models, workers)
-    return Config(server=server, models=MappingProxyType(models), workers=MappingProxyType(workers))
+    return Config(
+        server=server,
+        models=MappingProxyType(models),
+        workers=MappingProxyType(workers),
+        remote=MappingProxyType(remote),
+    )
+
+
+def _remote(tables: Any) -> dict[str, RemoteSection]:
+    """The ``[remote.NAME]`` tables, their names unique among them."""
+    if not tables:
+        return {}
+    from procman.distributed.remote import parse_remote  # cycle: it uses this module's parsers
+
+    remote = parse_remote(tables)
+    taken: dict[str, str] = {}
+    for name, section in remote.items():
+        for alias in (name, *section.aliases):
+            if alias in taken:
+                raise ConfigError(f"remote.{name}: the name {alias!r} is taken by {taken[alias]}")
+            taken[alias] = f"remote.{name}"
+    return remote
 
 
 def _workers(tables: Any) -> dict[str, WorkerSection]:
@@ -517,10 +545,14 @@ def reference() -> str:
     ]
     import inspect  # speed: docs only
 
+    from procman.distributed.remote import KINDS, RemoteSection  # cycle
+
+    kinds = {**KINDS, **_KINDS}
     tables = (
         ("[server]", ServerSection),
         ("[models.NAME]", ModelSection),
         ("[workers.NAME]", WorkerSection),
+        ("[remote.NAME]", RemoteSection),
     )
     for table, cls in tables:
         lines += ["", f"### `{table}`", "", (inspect.getdoc(cls) or "").replace("``", "`"), ""]
@@ -529,7 +561,7 @@ def reference() -> str:
         for item in fields(cls):
             default = item.default if item.default is not MISSING else None
             shown = _show_default(item.name, default)
-            lines.append(f"| `{item.name}` | {_KINDS[item.name]} | {shown} | {docs[item.name]} |")
+            lines.append(f"| `{item.name}` | {kinds[item.name]} | {shown} | {docs[item.name]} |")
     return "\n".join(lines) + "\n"
 
 

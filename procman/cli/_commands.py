@@ -19,6 +19,7 @@ COMMANDS = {
     "builds": "_build",
     "config": "_config",
     "daemon": "_daemon",
+    "deploy": "_deploy",
     "detect": "_detect",
     "estimate": "_estimate",
     "load": "_ctl",

@@ -97,6 +97,24 @@ def _workers(workers: list[dict[str, Any]]) -> str:
     )
 
 
+def _remote_table(remote: list[dict[str, Any]]) -> Table:
+    """Models served by replicas: each replica's state, in flight, ejections, cache hits."""
+    from rich.table import Table  # speed
+
+    table = Table("remote", "pick", "replica", "state", "in flight", "requests", "ejections",
+                  "cache hits", "last error")  # fmt: skip
+    colour = {"up": "green", "ejected": "red"}
+    for row in remote:
+        for r in row["replicas"]:
+            hits = "-" if r["hit_rate"] is None else f"{100 * r['hit_rate']:.0f}%"
+            table.add_row(
+                escape(row["name"]), row["pick"], escape(r["url"]),
+                f"[{colour[r['state']]}]{r['state']}[/]", str(r["in_flight"]),
+                str(r["requests"]), str(r["ejections"]), hits, escape(r["last_error"]),
+            )  # fmt: skip
+    return table
+
+
 @app.command()
 def ps(
     *,
@@ -112,12 +130,15 @@ def ps(
     CPU, VRAM and tokens per second are the router's last sample (every few
     seconds; tokens per second only for servers run with ``--metrics``).
     """
-    models: list[dict[str, Any]] = _call(url, "GET", "/admin/status")["models"]
+    status = _call(url, "GET", "/admin/status")
+    models: list[dict[str, Any]] = status["models"]
     if as_json:
-        out.print_json(json.dumps(models))
+        out.print_json(json.dumps(models + status.get("remote", [])))
         return
     if watch is None:
         out.print(_table(models))
+        if status.get("remote"):
+            out.print(_remote_table(status["remote"]))
         return
     import time  # speed
 

@@ -36,10 +36,11 @@ from procman.errors import AdmissionError, ServerError
 from procman.process import _early
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from procman.cli._live import LiveConfig
     from procman.config import ServePlan, ServerSection
+    from procman.distributed.remote import RemoteSection
     from procman.events import Event
     from procman.router import Router
     from procman.spec import ServerSpec
@@ -302,17 +303,23 @@ def _serve_config(
         section = dataclasses.replace(section, api_key=_key(section.api_key, section.api_key_file))
         loaded = dataclasses.replace(loaded, server=section)
         check_exposure(section.host, section.api_key, allow_unauthenticated=insecure)
-        return Loaded(config=loaded, plan=loaded.plan(resolved.binary))
+        # only [remote.NAME] models: this machine runs no llama-server
+        server = resolved.binary if resolved is not None else Path("llama-server")
+        return Loaded(config=loaded, plan=loaded.plan(server))
 
     for warning in read_config(path).warnings():  # a wrong file is reported before any build
         console.print(f"[yellow]warning:[/] {escape(warning)}")
-    with BuildProgressView(
-        "no llama-server is built for this machine yet: building and verifying one "
-        "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
-    ) as view:
-        resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
+    resolved = None
+    if read_config(path).models:
+        with BuildProgressView(
+            "no llama-server is built for this machine yet: building and verifying one "
+            "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
+        ) as view:
+            resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
     current = load()
     plan, section = current.plan, current.config.server
+    for name, remote in current.config.remote.items():
+        console.print(f"[bold]{escape(name)}[/]: {len(remote.replicas)} replicas, {remote.pick}")
     for model in plan.models:
         if model.pull is not None:
             console.print(
@@ -328,7 +335,7 @@ def _serve_config(
     listener = bind_listener(section.host, section.port)
     live = LiveConfig(file=path, load=load, current=current, watch=watch)
     with listener:
-        run_loop(_serve_plan(plan, listener, live))
+        run_loop(_serve_plan(plan, listener, live, current.config.remote))
 
 
 def _access(section: ServerSection) -> dict[str, Any]:
@@ -341,7 +348,10 @@ def _access(section: ServerSection) -> dict[str, Any]:
 
 
 async def _serve_plan(
-    plan: ServePlan, listener: socket.socket, live: LiveConfig | None = None
+    plan: ServePlan,
+    listener: socket.socket,
+    live: LiveConfig | None = None,
+    remote: Mapping[str, RemoteSection] | None = None,
 ) -> None:
     """Run the router over on-demand servers until Ctrl-C/SIGTERM; a failed model only reports."""
     from procman.cli._live import go_live  # speed
@@ -370,15 +380,21 @@ async def _serve_plan(
             slots=model.spec.parallel or 1, maxsize=model.queue, order=model.order
         )
         scheduler.add(model.spec.name, slots)
-    router = Router(supervisor, RouterSettings(**_access(plan.server)), scheduler=scheduler)
+    from procman.router.replicas import ReplicaSets  # speed
+
+    replicas = ReplicaSets.configured(remote or {}, scheduler)
+    router = Router(
+        supervisor, RouterSettings(**_access(plan.server)), scheduler=scheduler, replicas=replicas
+    )
     router.journal = Journal()
     OUTPUT.attach(router.journal)
     unwire = None
     try:
+        await replicas.start()
         await router.start(listener)
         if live is not None:
             unwire = await go_live(live, supervisor, scheduler, router)
-        names = ", ".join(m.spec.name for m in plan.models)
+        names = ", ".join([*(m.spec.name for m in plan.models), *(remote or {})])
         reloads = " or SIGHUP reloads the file" if live is not None else ""
         OUTPUT.say(
             "serving",
@@ -391,6 +407,7 @@ async def _serve_plan(
         if unwire is not None:
             await unwire()
         await router.stop()
+        await replicas.stop()
         await supervisor.stop()
         _forget_signals(loop)
     OUTPUT.say("stopped", "stopped")

@@ -26,6 +26,7 @@ from procman.errors import AdmissionError, ConfigError, LlamactlError
 if TYPE_CHECKING:
     from procman.router._router import Loader, Metered
     from procman.router.metrics import MetricsExporter
+    from procman.router.replicas import ReplicaSets
     from procman.router.scheduler import Scheduler
 
 __all__ = ["add_admin_routes", "add_metrics_route"]
@@ -36,12 +37,21 @@ def _error(status: int, message: str, code: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
-def add_admin_routes(app: web.Application, loader: Loader, scheduler: Scheduler) -> None:
+def add_admin_routes(
+    app: web.Application,
+    loader: Loader,
+    scheduler: Scheduler,
+    replicas: ReplicaSets | None = None,
+) -> None:
     def status() -> list[dict[str, object]]:
         queues = scheduler.snapshot()
         return [{**row, "queue": queues.get(str(row["name"]))} for row in loader.status()]
 
     async def get_status(request: web.Request) -> web.Response:
+        if replicas:
+            queues = scheduler.snapshot()
+            remote = [{**r, "queue": queues.get(str(r["name"]))} for r in replicas.status()]
+            return web.json_response({"models": status(), "remote": remote})
         return web.json_response({"models": status()})
 
     async def load(request: web.Request) -> web.Response:
@@ -70,6 +80,10 @@ def add_admin_routes(app: web.Application, loader: Loader, scheduler: Scheduler)
     app.router.add_post("/admin/load/{name}", load)
     app.router.add_post("/admin/unload", unload)
     app.router.add_post("/admin/unload/{name}", unload)
+    if replicas:
+        from procman.router.replicas import add_pick_route  # speed
+
+        add_pick_route(app, replicas)
 
 
 def add_reload_route(
@@ -98,6 +112,7 @@ def add_metrics_route(
     scheduler: Scheduler,
     *,
     per_model: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None,
+    extra: Callable[[], str] | None = None,
 ) -> None:
     """``GET /metrics``: llamactl's own; with ``?model=NAME``, that server's (``per_model``)."""
     from procman.router.metrics import Snapshot  # speed
@@ -119,6 +134,8 @@ def add_metrics_route(
             exporters.append(MetricsExporter(_WithQueues()))
         exporter = exporters[0]
         body = exporter.render()
+        if extra is not None:  # the replicas of remote models (procman.router.replicas)
+            body += extra().encode()
         response = web.Response(body=body)
         response.headers["Content-Type"] = exporter.content_type
         return response

@@ -175,7 +175,7 @@ class Forwarder:
                 request = reply.request
                 if request is None:  # pragma: no cover - the lean front takes HTTP/1.1 only
                     raise RuntimeError("an HTTP/1.0 stream needs aiohttp's request")
-                return cast(R, await self._stream_http10(request, endpoint, incoming.body))
+                return cast(R, await self.stream_http10(request, endpoint, incoming.body))
             except (aiohttp.ClientConnectorError, ConnectionRefusedError, FileNotFoundError,
                     TimeoutError):  # fmt: skip
                 # nothing reached the server (it died after we saw it ready):
@@ -210,7 +210,7 @@ class Forwarder:
         retry = (("Retry-After", str(self.settings.retry_after)),)
         return Failure(503, message, "server_error", "model_not_ready", retry)
 
-    async def _stream_http10(
+    async def stream_http10(
         self, request: web.Request, endpoint: Endpoint, body: bytes
     ) -> web.StreamResponse:
         """A stream for an HTTP/1.0 client, re-framed by aiohttp's client and server (rare:

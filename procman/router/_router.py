@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import parse_qs
 
 from aiohttp import web
@@ -64,6 +64,7 @@ from procman.router.scheduler import (
 if TYPE_CHECKING:
     from procman.process.endpoint import Endpoint
     from procman.router.metrics import Snapshot
+    from procman.router.replicas import ReplicaSet, ReplicaSets
 
 __all__ = ["Loader", "Metered", "Router", "RouterSettings", "Upstream", "Upstreams"]
 
@@ -161,8 +162,11 @@ class Router:
         settings: RouterSettings | None = None,
         *,
         scheduler: Scheduler | None = None,
+        replicas: ReplicaSets | None = None,
     ) -> None:
         self.upstreams = upstreams
+        self.replicas = replicas
+        """Models served by replicas elsewhere (``[remote.NAME]``), checked before upstreams."""
         self.settings = settings or RouterSettings()
         self.scheduler = scheduler or Scheduler()
         self.loader = upstreams if isinstance(upstreams, Loader) else None
@@ -200,14 +204,17 @@ class Router:
         if self.loader is not None:
             from procman.router._admin import add_admin_routes, add_reload_route  # speed
 
-            add_admin_routes(self.app, self.loader, self.scheduler)
+            add_admin_routes(self.app, self.loader, self.scheduler, replicas)
             add_reload_route(self.app, lambda: self.reload)
         if isinstance(upstreams, Observed):
             add_log_routes(self.app, upstreams, lambda: self.journal)
         if isinstance(upstreams, Metered):
             from procman.router._admin import add_metrics_route  # speed
 
-            add_metrics_route(self.app, upstreams, self.scheduler, per_model=self._proxy)
+            extra = replicas.metrics if replicas else None
+            add_metrics_route(
+                self.app, upstreams, self.scheduler, per_model=self._proxy, extra=extra
+            )
 
     async def _close_pool(self, app: web.Application) -> None:
         self.forwarder.pool.close()
@@ -322,11 +329,13 @@ class Router:
                 and loader.on_demand(server.name)
             )
 
-        ok = bool(servers) and all(fine(s) for s in servers)
-        body = {
-            "status": "ok" if ok else "unavailable",
-            "models": {s.name: {"state": str(s.state), "reason": s.last_reason} for s in servers},
-        }
+        remote = self.replicas.sets if self.replicas else []
+        ok = bool(servers or remote) and all(fine(s) for s in servers)
+        ok = ok and all(r.ready for r in remote)
+        models = {s.name: {"state": str(s.state), "reason": s.last_reason} for s in servers}
+        for r in remote:
+            models[r.name] = {"state": "ready" if r.ready else "unavailable", "reason": ""}
+        body = {"status": "ok" if ok else "unavailable", "models": models}
         return web.json_response(body, status=200 if ok else 503)
 
     async def _models(self, request: web.Request) -> web.Response:
@@ -336,17 +345,24 @@ class Router:
              "aliases": list(s.aliases), "state": str(s.state)}
             for s in self.upstreams.upstreams()
         ]  # fmt: skip
+        for r in self.replicas.sets if self.replicas else []:
+            state = "ready" if r.ready else "unavailable"
+            data.append({"id": r.name, "object": "model", "created": now, "owned_by": "llamactl",
+                         "aliases": list(r.aliases), "state": state})  # fmt: skip
         return web.json_response({"object": "list", "data": data})
 
-    def _pick(self, incoming: Incoming, route: Route) -> tuple[Upstream, bool] | Failure:
-        """The upstream a request names (as its route says it does) and whether it asks for
-        a stream, or why it cannot be answered."""
+    def _pick(
+        self, incoming: Incoming, route: Route
+    ) -> tuple[Upstream | ReplicaSet, bool, object] | Failure:
+        """The upstream a request names (as its route says it does), whether it asks for
+        a stream and its JSON body, or why it cannot be answered."""
         model: object = None
         streamed = False
+        payload: Any = None
         match route.model_from:
             case ModelFrom.BODY:
                 try:
-                    payload: Any = json.loads(incoming.body) if incoming.body else {}
+                    payload = json.loads(incoming.body) if incoming.body else {}
                 except ValueError:
                     message = "the request body is not valid JSON"
                     return Failure(400, message, "invalid_request_error")
@@ -369,13 +385,14 @@ class Router:
         if not isinstance(model, str | None):
             message = "'model' must be a string naming a served model"
             return Failure(400, message, "invalid_request_error")
-        upstream = self.upstreams.find(model)
+        remote = self.replicas.find(model) if self.replicas else None
+        upstream: Upstream | ReplicaSet | None = remote or self.upstreams.find(model)
         if upstream is None:
             names = ", ".join(s.name for s in self.upstreams.upstreams()) or "none"
             what = f"model {model!r} is not served" if model else "several models are served"
             message = f"{what} (available: {names})"
             return Failure(404, message, "invalid_request_error", "model_not_found")
-        return upstream, streamed
+        return upstream, streamed, payload
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         """A model endpoint reached through aiohttp: HTTP/1.0, a GET with ``?model=``, or
@@ -408,11 +425,14 @@ class Router:
         picked = self._pick(incoming, route)
         if isinstance(picked, Failure):
             return reply.fail(picked)
-        upstream, streamed = picked
+        upstream, streamed, payload = picked
+        if self.replicas is not None and self.replicas.owns(upstream):
+            return await self._remote(incoming, reply, upstream, streamed, payload)
+        server = cast("Upstream", upstream)
         if self.loader is None:
-            return await self._queued(incoming, reply, upstream, streamed)
-        async with self.loader.using(upstream.name):
-            return await self._queued(incoming, reply, upstream, streamed)
+            return await self._queued(incoming, reply, server, streamed)
+        async with self.loader.using(server.name):
+            return await self._queued(incoming, reply, server, streamed)
 
     async def _queued(
         self, incoming: Incoming, reply: Reply[R], upstream: Upstream, streamed: bool
@@ -441,6 +461,26 @@ class Router:
                     message = f"model {upstream.name!r} could not be loaded: {exc.message}"
                     return reply.fail(Failure(503, message, "server_error", "model_failed"))
             return await self.forwarder.forward(incoming, reply, upstream, streamed=streamed)
+        finally:
+            queue.release()
+
+    async def _remote(
+        self, incoming: Incoming, reply: Reply[R], remote: ReplicaSet, streamed: bool,
+        payload: object,
+    ) -> R:  # fmt: skip
+        """A request for a model served by replicas: its queue, then a replica (late binding)."""
+        queue = self.scheduler.queue(remote.name) or self.scheduler.add(
+            remote.name, QueueSettings(slots=remote.section.parallel, maxsize=DEFAULT_QUEUE)
+        )
+        try:
+            await queue.acquire()
+        except QueueFullError as exc:
+            retry = (("Retry-After", str(self.settings.retry_after)),)
+            return reply.fail(Failure(429, exc.message, "rate_limit_error", "queue_full", retry))
+        try:
+            return await remote.forward(
+                self.forwarder, incoming, reply, streamed=streamed, payload=payload
+            )
         finally:
             queue.release()
 
