@@ -58,15 +58,8 @@ def status_app(
 
     @web.middleware
     async def guarded(request: web.Request, handler: Any) -> web.StreamResponse:
-        headers = request.headers
-        refused = guard.check(
-            path=request.path,
-            host=headers.get("Host"),
-            origin=headers.get("Origin"),
-            fetch_site=headers.get("Sec-Fetch-Site"),
-            authorization=headers.get("Authorization", ""),
-            x_api_key=headers.get("x-api-key", ""),
-            http11=request.version >= (1, 1),
+        refused = guard.check_headers(
+            request.path, request.headers, http11=request.version >= (1, 1)
         )
         if refused is not None:
             body = {"error": {"message": refused.message, "code": refused.code}}

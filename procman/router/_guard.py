@@ -29,7 +29,7 @@ import hmac
 import ipaddress
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 __all__ = ["PUBLIC_PATHS", "Guard", "Refusal", "local_addresses"]
@@ -226,6 +226,20 @@ class Guard:
                 headers=(("WWW-Authenticate", "Bearer"),),
             )
         return None
+
+    def check_headers(
+        self, path: str, headers: Mapping[str, str], *, http11: bool = True
+    ) -> Refusal | None:
+        """:meth:`check` for a request whose headers are a mapping (aiohttp's, case-blind)."""
+        return self.check(
+            path=path,
+            host=headers.get("Host"),
+            origin=headers.get("Origin"),
+            fetch_site=headers.get("Sec-Fetch-Site"),
+            authorization=headers.get("Authorization", ""),
+            x_api_key=headers.get("x-api-key", ""),
+            http11=http11,
+        )
 
     # -- CORS ---------------------------------------------------------------------------------
     def cors_headers(self, origin: str | None, host: str | None) -> list[tuple[str, str]]:

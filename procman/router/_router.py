@@ -287,15 +287,7 @@ class Router:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         headers = request.headers
-        refused = self.guard.check(
-            path=request.path,
-            host=headers.get("Host"),
-            origin=headers.get("Origin"),
-            fetch_site=headers.get("Sec-Fetch-Site"),
-            authorization=headers.get("Authorization", ""),
-            x_api_key=headers.get("x-api-key", ""),
-            http11=request.version >= (1, 1),
-        )
+        refused = self.guard.check_headers(request.path, headers, http11=request.version >= (1, 1))
         answerable = refused is None or refused.code in ("invalid_api_key", "origin_not_allowed")
         if request.method == "OPTIONS" and answerable:
             status, extra = self.guard.preflight(

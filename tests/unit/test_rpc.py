@@ -16,6 +16,7 @@ from procman.config import parse_config
 from procman.distributed.rpc import PROTOCOL, parse_endpoint, parse_endpoints, probe
 from procman.distributed.worker import WorkerSpec, WorkerStatus, _Lines
 from procman.errors import ConfigError
+from procman.events import State
 from procman.memory.estimate import estimate
 from procman.memory.split import layer_devices, plan_split
 from procman.process.endpoint import Endpoint
@@ -352,3 +353,38 @@ async def test_a_worker_of_another_version_is_never_waited_for(
     group = WorkerGroup("m", (other,), stall_timeout=5)
     refused = await group.answer(served=True, waiting=lambda why: None, current=lambda: "")
     assert refused is not None and "8.0.0" in refused
+
+
+# -- the worker's status endpoint: the router's rules ------------------------------------------
+class _FakeWorker:
+    state = State.READY
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": "worker-1", "state": "ready", "devices": [], "busy": False}
+
+
+@pytest.mark.parametrize("key", [None, "s3cret"])
+async def test_the_status_endpoint_refuses_foreign_hosts_origins_and_missing_keys(
+    key: str | None,
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from procman.distributed.status import status_app
+
+    app = status_app(_FakeWorker(), version="b11312", api_key=key, host="127.0.0.1")  # type: ignore[arg-type]
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+    async with TestClient(TestServer(app, host="127.0.0.1")) as http:
+        ok = await http.get("/status", headers=auth)
+        assert ok.status == 200 and (await ok.json())["version"] == "b11312"
+        assert (await http.get("/status", headers={**auth, "Host": "evil.example"})).status == 403
+        cross = {**auth, "Origin": "http://evil.example"}
+        assert (await http.get("/status", headers=cross)).status == (403 if not key else 200)
+        assert (await http.get("/status", headers={"Origin": "http://evil.example"})).status == 403
+        assert (await http.post("/status", headers=auth)).status == 405
+        if key:
+            assert (await http.get("/status")).status == 401
+            assert (await http.get("/status", headers={"Authorization": "Bearer no"})).status == 401
+
+
+def test_a_worker_listens_on_loopback_unless_told_otherwise(tmp_path: Path) -> None:
+    assert WorkerSpec(binary=tmp_path).host == "127.0.0.1"
