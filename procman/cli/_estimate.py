@@ -76,35 +76,28 @@ def estimate(
     else:
         path = Path(model)  # a plain path is validated (and reported) as given
     info = validate_model(path)
+    # what llama-server's flags say of the layout: shared by the single-machine estimate
+    # and the split across RPC workers
+    layout: dict[str, Any] = {
+        "ctx": ctx,
+        "parallel": parallel,
+        "cache_type_k": cache_type_k,
+        "cache_type_v": cache_type_v,
+        "n_ubatch": ubatch,
+        "flash_attn": {"auto": None, "on": True, "off": False}[flash_attn.value],
+        "kv_unified": kv_unified,
+    }
+    if rpc is not None:
+        _print_split(info, rpc, tensor_split, as_json=as_json, **layout)
+        return
     est = run_estimate(
         info,
-        ctx=ctx,
-        parallel=parallel,
         gpu_layers=gpu_layers,
-        cache_type_k=cache_type_k,
-        cache_type_v=cache_type_v,
-        n_ubatch=ubatch,
-        flash_attn={"auto": None, "on": True, "off": False}[flash_attn.value],
-        kv_unified=kv_unified,
         cache_ram=cache_ram * 1024 * 1024,
         ctx_checkpoints=ctx_checkpoints,
         mmap=mmap,
+        **layout,
     )
-    if rpc is not None:
-        _print_split(
-            info,
-            rpc,
-            tensor_split,
-            as_json=as_json,
-            ctx=ctx,
-            parallel=parallel,
-            cache_type_k=cache_type_k,
-            cache_type_v=cache_type_v,
-            n_ubatch=ubatch,
-            flash_attn={"auto": None, "on": True, "off": False}[flash_attn.value],
-            kv_unified=kv_unified,
-        )
-        return
     if as_json:
         doc = est.to_json()
         doc["model"] = {
