@@ -307,10 +307,11 @@ def _serve_config(
         server = resolved.binary if resolved is not None else Path("llama-server")
         return Loaded(config=loaded, plan=loaded.plan(server))
 
-    for warning in read_config(path).warnings():  # a wrong file is reported before any build
+    first = read_config(path)  # a wrong file is reported before any build
+    for warning in first.warnings():
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     resolved = None
-    if read_config(path).models:
+    if first.models:
         with BuildProgressView(
             "no llama-server is built for this machine yet: building and verifying one "
             "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
