@@ -94,6 +94,8 @@ class ModelSection:
     """Requests served at once (llama-server slots, ``-np``); more wait in the queue."""
     gpu_layers: GpuLayers | None = None
     """Layers offloaded to the GPU: a number, ``"auto"`` or ``"all"``; unset lets llama-server choose."""  # noqa: E501
+    threads: int | None = None
+    """Compute threads (``--threads``); unset: the cores shared equally among the models that may run at once, or llama-server's default for a model served alone."""  # noqa: E501
     memory_limit: int | None = None
     """Most RAM this model's server may use, a size such as ``"2GiB"``; unset: no own limit."""
     ttl: float | None = None
@@ -160,6 +162,7 @@ class Config:
                     ctx=model.ctx,
                     parallel=model.parallel,
                     gpu_layers=model.gpu_layers,
+                    threads=model.threads,
                     extra_args=model.args,
                     startup_timeout=model.startup_timeout,
                     rpc=tuple(self.workers[w].endpoint for w in model.rpc),
@@ -332,6 +335,7 @@ _MODEL_KEYS: dict[str, Convert] = {
     "ctx": _integer(0),
     "parallel": _integer(1),
     "gpu_layers": _gpu_layers,
+    "threads": _integer(1),
     "memory_limit": parse_size,
     "ttl": _duration,
     "queue": _integer(0),
@@ -517,6 +521,7 @@ _KINDS = {
     "allowed_hosts": "list of strings", "cors_origins": "list of strings", "max_loaded": "integer",
     "memory_budget": 'size or "auto"', "vram_budget": 'size or "auto"', "path": "string",
     "ctx": "integer", "parallel": "integer", "gpu_layers": 'integer, "auto" or "all"',
+    "threads": "integer",
     "memory_limit": "size", "ttl": "duration", "queue": "integer", "order": '"fifo" or "lifo"',
     "args": "list of strings", "aliases": "list of strings", "startup_timeout": "duration",
     "rpc": "list of worker names", "tensor_split": "list of numbers", "stall_timeout": "duration",

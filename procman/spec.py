@@ -33,6 +33,7 @@ _CACHE_RAM_DEFAULT_MIB = 8192  # llama-server's own default for --cache-ram
 _PARALLEL = frozenset({"--parallel", "-np"})
 #: the slots llama-server gives itself when -np is not given (or is -1: "auto")
 SERVER_DEFAULT_SLOTS = 4
+_THREADS = frozenset({"--threads", "-t"})
 _THREADS_HTTP = frozenset({"--threads-http"})
 #: llama-server HTTP threads kept beyond the router's pipeline: health probes, metrics
 #: scrapes, daemon clients that call the server directly
@@ -142,6 +143,9 @@ class ServerSpec:
     """Slots served concurrently (``-np``); ``None`` lets llama-server choose."""
     gpu_layers: GpuLayers | None = None
     """Layers offloaded to the GPU (``-ngl``): a number, ``auto`` or ``all``."""
+    threads: int | None = None
+    """Compute threads (``--threads``); ``None``: a share of the cores when several servers
+    may run at once (see :mod:`procman.process.cpu`), else llama-server's default."""
     extra_args: tuple[str, ...] = ()
     """Further llama-server arguments, passed as given."""
     cache_ram: int | None = 0
@@ -185,6 +189,8 @@ class ServerSpec:
         for value, what in ((self.ctx, "ctx"), (self.parallel, "parallel")):
             if value is not None and value < 0:
                 raise ConfigError(f"{what} must be >= 0, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
         if self.listen not in ("unix", "tcp"):
             raise ConfigError(f"listen must be 'unix' or 'tcp', got {self.listen!r}")
         if self.tensor_split and (
@@ -234,6 +240,12 @@ class ServerSpec:
         return slots if slots is not None and slots > 0 else SERVER_DEFAULT_SLOTS
 
     @property
+    def threads_given(self) -> int | None:
+        """Compute threads the user chose: ``-t``/``--threads`` in the extra args, else
+        :attr:`threads`; ``None``: nobody chose."""
+        return self._given(_THREADS, self.threads)
+
+    @property
     def http_threads(self) -> int:
         """llama-server's fixed HTTP threads: ``--threads-http`` from the extra args, or what
         llamactl passes, enough for the router's :attr:`pipeline` and the spare ones."""
@@ -275,6 +287,8 @@ class ServerSpec:
             argv += ["-np", str(self.parallel)]
         if self.gpu_layers is not None:
             argv += ["-ngl", str(self.gpu_layers)]
+        if self.threads is not None and self._given(_THREADS, None) is None:
+            argv += ["--threads", str(self.threads)]
         if self.rpc:
             argv += ["--rpc", ",".join(self.rpc)]
             if self.tensor_split:

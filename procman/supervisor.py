@@ -37,6 +37,7 @@ from procman.errors import AdmissionError, ConfigError
 from procman.events import Event, EventBus, State
 from procman.memory.budget import MachineMemory, Size
 from procman.memory.enforce import LimitAction, LimitDecision, LimitSettings
+from procman.process.cpu import share_cores, usable_cores
 from procman.process.policy import RestartPolicy
 from procman.process.server import ManagedServer
 from procman.router.metrics import Snapshot
@@ -113,6 +114,7 @@ class AsyncSupervisor:
         self._room = asyncio.Lock()  # one load at a time decides who makes room
         self._idle = asyncio.Event()  # set (and replaced) whenever a server becomes idle
         self._tasks: set[asyncio.Task[None]] = set()
+        self._usable_cores: int | None = None
 
     @property
     def servers(self) -> Mapping[str, ManagedServer]:
@@ -266,13 +268,14 @@ class AsyncSupervisor:
         """Choose ``-ngl``, estimate, reserve, and stop whatever must be evicted for it."""
         limits, name = self.limits, entry.spec.name
         prepared = await asyncio.to_thread(limits.prepare, entry.spec, entry.memory_limit)
-        entry.server.spec = prepared.spec
+        share = share_cores(prepared.spec, servers=self._may_run_at_once(), cores=self._cores())
+        entry.server.spec = share.spec
         try:
             reservation = limits.reserve(name, prepared.need)
         except AdmissionError as exc:
             self._note(name, "refused", exc.message)
             raise
-        reasons = (prepared.layers_reason, reservation.decision.reason)
+        reasons = (prepared.layers_reason, share.reason, reservation.decision.reason)
         self._note(name, "admitted", "; ".join(r for r in reasons if r))
         with reservation:
             for victim in reservation.evict:
@@ -282,6 +285,16 @@ class AsyncSupervisor:
                 limits.release(victim)
         entry.last_used = time.monotonic()
         return reservation
+
+    def _may_run_at_once(self) -> int:
+        """Servers that may compute at the same time: every model held, up to ``max_loaded``."""
+        held = len(self._entries)
+        return held if self.max_loaded is None else min(held, self.max_loaded)
+
+    def _cores(self) -> int:
+        if self._usable_cores is None:
+            self._usable_cores = usable_cores()
+        return self._usable_cores
 
     async def unload(self, name: str, reason: str = "unloaded on request") -> None:
         """Stop ``name`` (it stays configured; an on-demand model starts again when asked for)."""

@@ -42,7 +42,17 @@ __all__ = [
 
 #: model fields that reach llama-server's command line or the file it loads
 RESTART_FIELDS = frozenset(
-    {"path", "ctx", "parallel", "gpu_layers", "args", "rpc", "tensor_split", "stall_timeout"}
+    {
+        "path",
+        "ctx",
+        "parallel",
+        "gpu_layers",
+        "threads",
+        "args",
+        "rpc",
+        "tensor_split",
+        "stall_timeout",
+    }
 )
 #: model fields the router and the supervisor apply to a running model
 IN_PLACE_FIELDS = frozenset({"ttl", "queue", "order", "aliases", "memory_limit", "startup_timeout"})

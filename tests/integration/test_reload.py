@@ -228,10 +228,12 @@ class Scenario:
         """b's ctx (b restarts), c added, d removed while one of its requests is generated."""
         client = self.client()
         stream = await client.chat.completions.create(
-            model="d", messages=PROMPT, max_tokens=60, stream=True,
+            model="d", messages=PROMPT, max_tokens=900, stream=True,
             extra_body={"ignore_eos": True},
         )  # fmt: skip
-        pieces = [await stream.__aiter__().__anext__()]  # d is generating for it now
+        # d is generating for it now: 900 tokens (~15 s here) outlive the reload's start, which
+        # begins the removal within a second or two of the file changing
+        pieces = [await stream.__aiter__().__anext__()]
         self.text = self.text.replace("ctx = 512\nttl", "ctx = 1024\nttl")
         self.text = self.text.replace("[models.d]", "[models.c]")
         mark = len(self.serve.lines)
