@@ -51,6 +51,7 @@ from sections import (
     _startup,
     inference,
 )
+from share import share
 from swap import swap
 
 from buildtools import build_default
@@ -216,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("rpc", lambda w: asyncio.run(rpc_split(binary, worker, model, w, args.quick))),
         ("desktop", lambda w: desktop_start(binary, model, w, args.quick)),
         ("replicas", lambda w: asyncio.run(replicas_section(binary, model, w, args.quick))),
+        ("share", lambda w: asyncio.run(share(binary, model, w, args.quick))),
     ]
     with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp:
         for name, run in runs:
