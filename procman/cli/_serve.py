@@ -7,17 +7,12 @@ llama-server, and imports and starts the router while the model loads
 (requests then wait for readiness). Ctrl-C or SIGTERM stops the router,
 then the server (SIGTERM, grace, SIGKILL of its process group).
 
-``serve --config models.toml`` serves every model the file declares behind
-the one endpoint, each started on its first request (see
-:mod:`procman.config`); flags given on the command line override the file's
-``[server]`` values, and ``LLAMACTL_API_KEY`` overrides both.
+``serve --config models.toml`` is :mod:`procman.cli._serve_config`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import signal
 import socket
 import time
 from pathlib import Path
@@ -32,19 +27,22 @@ from procman.cli._app import app, console, out
 from procman.cli._logfmt import OUTPUT, LogFormat
 from procman.cli._progress import BuildProgressView
 from procman.cli._rpc import checked_rpc, rpc_fields
+from procman.cli._serve_config import serve_config
+from procman.cli._serving import (
+    catch_signals,
+    chosen_key,
+    forget_signals,
+    print_budget,
+    print_event,
+    url,
+)
 from procman.errors import AdmissionError, ServerError
 from procman.process import _early
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
-
-    from procman.cli._live import LiveConfig
-    from procman.config import ServePlan, ServerSection
-    from procman.distributed.remote import RemoteSection
     from procman.events import Event
-    from procman.router import Router
     from procman.spec import ServerSpec
-    from procman.supervisor import AsyncSupervisor, Fetch
+    from procman.supervisor import AsyncSupervisor
 
 __all__ = ["serve"]
 
@@ -188,7 +186,7 @@ def serve(
                 "--config declares the models: pass no MODEL or extra arguments with it",
                 hint="put per-model llama-server arguments in the file's `args`",
             )
-        _serve_config(config, given, binary=server, insecure=insecure, watch=watch)
+        serve_config(config, given, binary=server, insecure=insecure, watch=watch)
         return
     if daemon:
         _serve_via_daemon(
@@ -205,7 +203,7 @@ def serve(
     # (no ServerSection here: procman.config costs ~10 ms on the way to the first spawn)
     host, port = host or "127.0.0.1", 8080 if port is None else port
     access: dict[str, Any] = {
-        "api_key": _key(api_key, given["api_key_file"]),
+        "api_key": chosen_key(api_key, given["api_key_file"]),
         "allowed_hosts": given["allowed_hosts"] or (),
         "cors_origins": given["cors_origins"] or (),
     }
@@ -262,186 +260,6 @@ def _model_path(model: str | None) -> Path:
     return resolve_model(model)
 
 
-def _key(api_key: str | None, key_file: str | None) -> str | None:
-    """The API key, given or read from ``key_file`` (both: they must agree)."""
-    if key_file is None:
-        return api_key
-    from procman.config import read_key_file  # speed
-
-    key = read_key_file(key_file)
-    if api_key is not None and api_key != key:
-        raise LlamactlError(
-            f"an API key and the API key file {key_file} were given, and they differ",
-            hint="pass one of them (is LLAMACTL_API_KEY set in this environment?)",
-        )
-    return key
-
-
-def _override(section: ServerSection, given: dict[str, Any]) -> ServerSection:
-    """``section`` with what the command line gave: CLI/env over the file, applied here only."""
-    chosen = {key: value for key, value in given.items() if value is not None}
-    if "api_key" in chosen or "api_key_file" in chosen:  # a key given replaces the file's
-        chosen.setdefault("api_key", None)
-        chosen.setdefault("api_key_file", None)
-    return dataclasses.replace(section, **chosen)
-
-
-def _serve_config(
-    path: Path, given: dict[str, Any], *, binary: Path | None, insecure: bool, watch: bool
-) -> None:
-    """``serve --config``: validate everything, bind, then serve until Ctrl-C."""
-    import buildtools  # speed
-    from procman.cli._live import LiveConfig  # speed
-    from procman.models.gguf import validate_model  # speed
-    from procman.reload._read import read_config  # speed
-    from procman.reload.apply import Loaded  # speed
-    from procman.router.listen import bind_listener, check_exposure  # speed
-
-    def load() -> Loaded:  # at launch, and again at each reload
-        loaded = read_config(path)
-        section = _override(loaded.server, given)
-        section = dataclasses.replace(section, api_key=_key(section.api_key, section.api_key_file))
-        loaded = dataclasses.replace(loaded, server=section)
-        check_exposure(section.host, section.api_key, allow_unauthenticated=insecure)
-        # only [remote.NAME] models: this machine runs no llama-server
-        server = resolved.binary if resolved is not None else Path("llama-server")
-        return Loaded(config=loaded, plan=loaded.plan(server))
-
-    first = read_config(path)  # a wrong file is reported before any build
-    for warning in first.warnings():
-        console.print(f"[yellow]warning:[/] {escape(warning)}")
-    resolved = None
-    if first.models:
-        with BuildProgressView(
-            "no llama-server is built for this machine yet: building and verifying one "
-            "(about 10 minutes on 2 cores, once; `llamactl build` does the same)"
-        ) as view:
-            resolved = buildtools.resolve_server(binary, build_if_missing=True, on_progress=view)
-    current = load()
-    plan, section = current.plan, current.config.server
-    for name, remote in current.config.remote.items():
-        console.print(f"[bold]{escape(name)}[/]: {len(remote.replicas)} replicas, {remote.pick}")
-    for model in plan.models:
-        if model.pull is not None:
-            console.print(
-                f"[bold]{escape(model.spec.name)}[/]: {escape(model.pull)} (pulled on first use)"
-            )
-            continue
-        info = validate_model(model.spec.model)
-        what = f"{info.architecture}, {info.file_type or '?'}, {info.size_bytes / 1e6:.0f} MB"
-        OUTPUT.say(
-            "model",
-            f"[bold]{escape(model.spec.name)}[/]: {escape(str(model.spec.model))} ({escape(what)})",
-        )
-    listener = bind_listener(section.host, section.port)
-    live = LiveConfig(file=path, load=load, current=current, watch=watch)
-    with listener:
-        run_loop(_serve_plan(plan, listener, live, current.config.remote))
-
-
-def _access(section: ServerSection) -> dict[str, Any]:
-    """What the router's access rules need of a ``[server]`` table."""
-    return {
-        "api_key": section.api_key,
-        "allowed_hosts": section.allowed_hosts,
-        "cors_origins": section.cors_origins,
-    }
-
-
-async def _serve_plan(
-    plan: ServePlan,
-    listener: socket.socket,
-    live: LiveConfig | None = None,
-    remote: Mapping[str, RemoteSection] | None = None,
-) -> None:
-    """Run the router over on-demand servers until Ctrl-C/SIGTERM; a failed model only reports."""
-    from procman.cli._live import go_live  # speed
-    from procman.router import Router, RouterSettings  # speed
-    from procman.router._logs import Journal  # speed
-    from procman.router.scheduler import QueueSettings, Scheduler  # speed
-    from procman.supervisor import AsyncSupervisor  # speed
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    _catch_signals(loop, stop.set)
-    supervisor = AsyncSupervisor(
-        max_loaded=plan.server.max_loaded,
-        memory_budget=plan.server.memory_budget,
-        vram_budget=plan.server.vram_budget,
-    )
-    supervisor.bus.subscribe(_print_event)
-    _print_budget(supervisor)
-    scheduler = Scheduler()
-    for model in plan.models:
-        supervisor.add(
-            model.spec, validate=False, ttl=model.ttl, on_demand=True,
-            memory_limit=model.memory_limit, fetch=_fetcher(model.pull),
-        )  # fmt: skip
-        slots = QueueSettings(
-            slots=model.spec.parallel or 1, maxsize=model.queue, order=model.order
-        )
-        scheduler.add(model.spec.name, slots)
-    from procman.router.replicas import ReplicaSets  # speed
-
-    replicas = ReplicaSets.configured(remote or {}, scheduler)
-    router = Router(
-        supervisor, RouterSettings(**_access(plan.server)), scheduler=scheduler, replicas=replicas
-    )
-    router.journal = Journal()
-    OUTPUT.attach(router.journal)
-    unwire = None
-    try:
-        await replicas.start()
-        await router.start(listener)
-        if live is not None:
-            unwire = await go_live(live, supervisor, scheduler, router)
-        names = ", ".join([*(m.spec.name for m in plan.models), *(remote or {})])
-        reloads = " or SIGHUP reloads the file" if live is not None else ""
-        OUTPUT.say(
-            "serving",
-            f"[bold green]serving[/] {escape(names)} at [bold]{_url(router)}[/] "
-            f"[dim](each model starts on its first request; `llamactl reload`{reloads}; "
-            "Ctrl-C stops)[/]",
-        )
-        await stop.wait()
-    finally:
-        if unwire is not None:
-            await unwire()
-        await router.stop()
-        await replicas.stop()
-        await supervisor.stop()
-        _forget_signals(loop)
-    OUTPUT.say("stopped", "stopped")
-
-
-def _fetcher(ref: str | None) -> Fetch | None:
-    """For a model still to be pulled: the download the supervisor runs at its first load."""
-    if ref is None:
-        return None
-    from procman.models.refs import resolve_model  # speed
-
-    return lambda report: resolve_model(ref, on_progress=report)
-
-
-def _url(router: Router) -> str:
-    host, port = router.address or ("?", 0)
-    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
-
-
-def _print_budget(supervisor: AsyncSupervisor) -> None:
-    from procman._units import format_bytes  # speed
-
-    budget = supervisor.limits.budget
-    parts = []
-    for what, size, why in (
-        ("memory", budget.memory_bytes, budget.memory_reason),
-        ("VRAM", budget.vram_bytes, budget.vram_reason),
-    ):
-        shown = "unlimited" if size is None else format_bytes(size)
-        parts.append(f"{what} {shown} [dim]({escape(why)})[/]")
-    OUTPUT.say("budget", f"[dim]budget:[/] {'; '.join(parts)}")
-
-
 def _serve_via_daemon(
     model: str | None,
     *,
@@ -477,10 +295,6 @@ def _serve_via_daemon(
     out.print(info.api_key or "")
 
 
-def _print_event(event: Event) -> None:
-    OUTPUT.event(event)
-
-
 async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, Any]) -> Event | None:
     """Run until Ctrl-C/SIGTERM (returns None), or until the first start fails (its event).
 
@@ -492,7 +306,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    _catch_signals(loop, stop.set)
+    catch_signals(loop, stop.set)
     watch = _FirstStart(loop)
     failed, spawned = watch.failed, watch.spawned
     supervisor = AsyncSupervisor()
@@ -516,7 +330,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
         await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
         from procman.router import Router, RouterSettings  # speed
 
-        _print_budget(supervisor)
+        print_budget(supervisor)
         router = Router(supervisor, RouterSettings(**access))
         from procman.router._logs import Journal  # speed
 
@@ -534,7 +348,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
             OUTPUT.say(
                 "serving",
                 f"[bold green]ready[/] in {time.monotonic() - started:.1f} s: "
-                f"model [bold]{escape(spec.name)}[/] at [bold]{_url(router)}[/]  "
+                f"model [bold]{escape(spec.name)}[/] at [bold]{url(router)}[/]  "
                 "[dim](Ctrl-C stops)[/]",
             )
             await stopping
@@ -544,7 +358,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
         if router is not None:
             await router.stop()
         await supervisor.stop()
-        _forget_signals(loop)
+        forget_signals(loop)
     if failed.done():
         return failed.result()
     OUTPUT.say("stopped", "stopped")
@@ -562,7 +376,7 @@ class _FirstStart:
     def __call__(self, event: Event) -> None:
         from procman.events import State  # speed
 
-        _print_event(event)
+        print_event(event)
         if event.is_note:  # an admission, an eviction: no change of state
             return
         self.ready = self.ready or event.state is State.READY
@@ -570,16 +384,6 @@ class _FirstStart:
             self.spawned.set_result(None)
         if event.state is State.FAILED and not self.failed.done() and not self.ready:
             self.failed.set_result(event)
-
-
-def _catch_signals(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, handler)
-
-
-def _forget_signals(loop: asyncio.AbstractEventLoop) -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.remove_signal_handler(sig)
 
 
 class _LaunchRecord:
