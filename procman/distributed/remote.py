@@ -20,6 +20,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+from procman.config import _tables
 from procman.distributed.discovery import Discovery, parse_discovery
 from procman.errors import ConfigError
 from procman.router.scheduler import Order
@@ -136,35 +137,31 @@ def _fraction(minimum: float) -> Any:
 
 
 def _urls(value: Any) -> tuple[str, ...]:
-    from procman.config import _strings  # cycle: config calls parse_remote
-
-    urls = tuple(str(parse_replica_url(v)) for v in _strings(value))
+    urls = tuple(str(parse_replica_url(v)) for v in _tables.strings(value))
     if len(set(urls)) != len(urls):
         raise ValueError("a replica is listed twice")
     return urls
 
 
 def _keys() -> dict[str, Any]:
-    from procman.config import _boolean, _duration, _integer, _order, _string, _strings  # cycle
-
     return {
         "replicas": _urls,
         "discovery": parse_discovery,
         "pick": _pick,
-        "replica_api_key_env": _string,
-        "aliases": _strings,
-        "shared": _boolean,
-        "parallel": _integer(1),
-        "queue": _integer(0),
-        "order": _order,
-        "health_interval": _duration,
-        "health_timeout": _duration,
-        "eject_after": _integer(1),
-        "readmit_after": _integer(1),
+        "replica_api_key_env": _tables.string,
+        "aliases": _tables.strings,
+        "shared": _tables.boolean,
+        "parallel": _tables.integer(1),
+        "queue": _tables.integer(0),
+        "order": _tables.order,
+        "health_interval": _tables.duration,
+        "health_timeout": _tables.duration,
+        "eject_after": _tables.integer(1),
+        "readmit_after": _tables.integer(1),
         "ramp": _fraction(0),
-        "prefix_bytes": _integer(16),
+        "prefix_bytes": _tables.integer(16),
         "load_factor": _fraction(1),
-        "session_header": _string,
+        "session_header": _tables.string,
     }
 
 
@@ -180,16 +177,14 @@ KINDS = {
 
 def parse_remote(tables: Any, env: Mapping[str, str] | None = None) -> dict[str, RemoteSection]:
     """The ``[remote.NAME]`` tables, validated; ``env`` (default ``os.environ``) holds keys."""
-    from procman.config import _NAME, _section  # cycle: config calls this
-
     env = os.environ if env is None else env
     if not isinstance(tables, dict):
         raise ConfigError(f"remote: expected tables, got {tables!r}")
     remote = {}
     for name, table in tables.items():
-        if not _NAME.match(name):
+        if not _tables.NAME.match(name):
             raise ConfigError(f"remote.{name}: invalid model name")
-        section = RemoteSection(**_section(table, f"remote.{name}.", _keys()))
+        section = RemoteSection(**_tables.section(table, f"remote.{name}.", _keys()))
         if not section.replicas and section.discovery is None:
             raise ConfigError(
                 f"remote.{name}.replicas: missing",

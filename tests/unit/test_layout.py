@@ -36,7 +36,7 @@ def test_every_function_level_import_says_why(path: Path) -> None:
 def test_no_module_is_left_flat_beside_the_packages() -> None:
     top = sorted(p.name for p in PROCMAN.glob("*.py"))
     assert top == [
-        "__init__.py", "_lazy.py", "_loop.py", "_units.py", "config.py", "errors.py",
+        "__init__.py", "_lazy.py", "_loop.py", "_units.py", "errors.py",
         "events.py", "spec.py", "supervisor.py",
     ]  # fmt: skip
 

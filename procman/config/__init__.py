@@ -17,21 +17,21 @@ the nearest known key, and every error names the key path (``models.chat.ttl``).
 
 from __future__ import annotations
 
-import re
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-from procman._units import format_duration, parse_duration, parse_size
+from procman._units import format_duration, parse_size
+from procman.config import _tables
 from procman.errors import ConfigError, ModelError
 from procman.models.refs import DEMO_MODEL, resolve_model
 from procman.router.scheduler import Order
-from procman.spec import GpuLayers, LogSettings, ServerSpec, check_extra_args
+from procman.spec import GpuLayers, LogSettings, ServerSpec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -229,158 +229,47 @@ def read_key_file(path: str | Path) -> str:
     raise ConfigError(f"the API key file {file} holds no key", hint="put the key on its first line")
 
 
-# -- parsing ------------------------------------------------------------------------------------
-Convert = Callable[[Any], Any]
-
-
-def _integer(minimum: int) -> Convert:
-    def convert(value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"expected an integer, got {value!r}")
-        if value < minimum:
-            raise ValueError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return convert
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"expected a string, got {value!r}")
-    return value
-
-
-def _secret(value: Any) -> str:
-    if not isinstance(value, str):  # the value itself is never echoed
-        raise TypeError("expected a string")
-    return value
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"expected a list of strings, got {value!r}")
-    return tuple(value)
-
-
-def _extra_args(value: Any) -> tuple[str, ...]:
-    args = _strings(value)
-    check_extra_args(args)
-    return args
-
-
-def _budget(value: Any) -> int | Literal["auto"]:
-    if value == "auto":
-        return "auto"
-    return parse_size(value)
-
-
-def _duration(value: Any) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise ValueError(f"must be longer than zero, got {value!r}")
-    return seconds
-
-
-def _gpu_layers(value: Any) -> GpuLayers:
-    match value:
-        case "auto" | "all":
-            return value  # type: ignore[no-any-return]  # narrowed by the pattern
-        case int() if not isinstance(value, bool) and value >= 0:
-            return value
-    raise ValueError(f"expected a number of layers, 'auto' or 'all', got {value!r}")
-
-
-def _shares(value: Any) -> tuple[float, ...]:
-    ok = isinstance(value, list) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value
-    )
-    if not ok or not value or sum(value) <= 0:
-        raise ValueError(f"expected non-negative numbers, not all zero, got {value!r}")
-    return tuple(float(v) for v in value)
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"expected true or false, got {value!r}")
-    return value
-
-
-def _endpoint(value: Any) -> str:
-    from procman.distributed.rpc import format_endpoint, parse_endpoint  # speed
-
-    return format_endpoint(*parse_endpoint(_string(value)))
-
-
-def _order(value: Any) -> Order:
-    try:
-        return Order(value)
-    except ValueError:
-        raise ValueError(f"expected 'fifo' or 'lifo', got {value!r}") from None
-
-
-_SERVER_KEYS: dict[str, Convert] = {
-    "host": _string,
-    "port": _integer(0),
-    "api_key": _secret,
-    "api_key_file": _string,
-    "allowed_hosts": _strings,
-    "cors_origins": _strings,
-    "max_loaded": _integer(1),
-    "memory_budget": _budget,
-    "vram_budget": _budget,
-    "model_dirs": _strings,
+_SERVER_KEYS: dict[str, _tables.Convert] = {
+    "host": _tables.string,
+    "port": _tables.integer(0),
+    "api_key": _tables.secret,
+    "api_key_file": _tables.string,
+    "allowed_hosts": _tables.strings,
+    "cors_origins": _tables.strings,
+    "max_loaded": _tables.integer(1),
+    "memory_budget": _tables.budget,
+    "vram_budget": _tables.budget,
+    "model_dirs": _tables.strings,
 }
-_MODEL_KEYS: dict[str, Convert] = {
-    "path": _string,
-    "ctx": _integer(0),
-    "parallel": _integer(1),
-    "gpu_layers": _gpu_layers,
-    "threads": _integer(1),
+_MODEL_KEYS: dict[str, _tables.Convert] = {
+    "path": _tables.string,
+    "ctx": _tables.integer(0),
+    "parallel": _tables.integer(1),
+    "gpu_layers": _tables.gpu_layers,
+    "threads": _tables.integer(1),
     "memory_limit": parse_size,
-    "ttl": _duration,
-    "queue": _integer(0),
-    "order": _order,
-    "args": _extra_args,
-    "aliases": _strings,
-    "startup_timeout": _duration,
-    "rpc": _strings,
-    "tensor_split": _shares,
-    "stall_timeout": _duration,
+    "ttl": _tables.duration,
+    "queue": _tables.integer(0),
+    "order": _tables.order,
+    "args": _tables.extra_args,
+    "aliases": _tables.strings,
+    "startup_timeout": _tables.duration,
+    "rpc": _tables.strings,
+    "tensor_split": _tables.shares,
+    "stall_timeout": _tables.duration,
 }
-_WORKER_KEYS: dict[str, Convert] = {"endpoint": _endpoint, "trusted_network": _boolean}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def _unknown(path: str, key: str, known: list[str]) -> ConfigError:
-    import difflib  # speed: only on an error
-
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-    return ConfigError(f"{path}{key}: unknown key", hint=hint)
-
-
-def _section(table: Any, path: str, converters: dict[str, Convert]) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise ConfigError(f"{path.rstrip('.')}: expected a table, got {table!r}")
-    values = {}
-    for key, value in table.items():
-        if key not in converters:
-            raise _unknown(path, key, list(converters))
-        try:
-            values[key] = converters[key](value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}{key}: {exc}") from exc
-        except ConfigError as exc:
-            raise ConfigError(f"{path}{key}: {exc.message}", hint=exc.hint) from exc
-    return values
+_WORKER_KEYS: dict[str, _tables.Convert] = {
+    "endpoint": _tables.endpoint,
+    "trusted_network": _tables.boolean,
+}
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Validate parsed TOML (a dict); raises :class:`ConfigError` naming the key path."""
     for key in data:
         if key not in ("server", "models", "workers", "remote"):
-            raise _unknown("", key, ["server", "models", "workers", "remote"])
-    server = ServerSection(**_section(data.get("server", {}), "server.", _SERVER_KEYS))
+            raise _tables.unknown_key("", key, ["server", "models", "workers", "remote"])
+    server = ServerSection(**_tables.section(data.get("server", {}), "server.", _SERVER_KEYS))
     workers = _workers(data.get("workers", {}))
     tables = data.get("models", {})
     remote = _remote(data.get("remote", {}))
@@ -389,12 +278,12 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     models: dict[str, ModelSection] = {}
     taken = {a: f"remote.{n}" for n, r in remote.items() for a in (n, *r.aliases)}
     for name, table in tables.items():
-        if not _NAME.match(name):
+        if not _tables.NAME.match(name):
             raise ConfigError(
                 f"models.{name}: invalid model name",
                 hint="use letters, digits, '.', '_' or '-' (it also names the log file)",
             )
-        model = ModelSection(**_section(table, f"models.{name}.", _MODEL_KEYS))
+        model = ModelSection(**_tables.section(table, f"models.{name}.", _MODEL_KEYS))
         for alias in (name, *model.aliases):
             if alias in taken:
                 raise ConfigError(f"models.{name}: the name {alias!r} is taken by {taken[alias]}")
@@ -433,9 +322,9 @@ def _workers(tables: Any) -> dict[str, WorkerSection]:
         raise ConfigError(f"workers: expected tables, got {tables!r}")
     workers = {}
     for name, table in tables.items():
-        if not _NAME.match(name):
+        if not _tables.NAME.match(name):
             raise ConfigError(f"workers.{name}: invalid worker name")
-        worker = WorkerSection(**_section(table, f"workers.{name}.", _WORKER_KEYS))
+        worker = WorkerSection(**_tables.section(table, f"workers.{name}.", _WORKER_KEYS))
         if not worker.endpoint:
             raise ConfigError(
                 f"workers.{name}.endpoint: missing", hint='e.g. endpoint = "192.168.1.20:50052"'
@@ -616,7 +505,3 @@ def main(argv: list[str]) -> int:
         return 2
     sys.stdout.write(reference())
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
