@@ -1,7 +1,7 @@
 """The router's front door: every request is read, checked and framed here first.
 
 Each connection starts at a :class:`Front`, which reads one whole request at
-a time with a strict HTTP/1.1 parser (:func:`parse_head`): what a strict
+a time with a strict HTTP/1.1 parser (:mod:`procman.router._http1`): what a strict
 parser refuses is answered at once with 400, 413, 431, 501 or 505 and the
 connection closed, never handed on. The head must arrive within
 ``head_timeout`` of its first byte and a body keep ``min_body_rate`` after a
@@ -30,40 +30,26 @@ import asyncio
 import enum
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
 from procman.router._guard import Guard, Refusal
+from procman.router._http1 import MAX_HEAD, Dechunker, Head, bad, parse_head
 from procman.router._upstream import kept
 from procman.router.routes import Dialect, Route, dialect_of, error_body, find_route
 
-__all__ = ["Front", "FrontDoor", "FrontSettings", "Head", "Incoming", "parse_head"]
+__all__ = ["Front", "FrontDoor", "FrontSettings", "Incoming"]
 
 log = logging.getLogger(__name__)
 
-#: a request head (request line and headers) longer than this is 431, as aiohttp's limit
-MAX_HEAD = 8190
-MAX_HEADERS = 100
 #: bytes of a next (pipelined) request buffered while one is answered
 _MAX_AHEAD = 256 * 1024
-_MAX_CHUNK_LINE = 1024
 _LINGER = 2.0
 #: the sweeper's period: deadlines are met within this
 _SWEEP = 0.5
 _CAP_LOG_EVERY = 10.0
 
-#: RFC 9110 token characters: a method or a header name
-_TCHARS = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_TOKEN = re.compile(_TCHARS)
-#: control characters allowed nowhere in a head (CR and LF only as line ends, counted apart)
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-#: header lines, each "name:value" and CRLF: a name is a token, nothing before its colon
-_BLOCK = re.compile(rf"(?:{_TCHARS}:[^\r\n]*\r\n)*")
-#: one header line: its name and its value (the whitespace around it is stripped after)
-_FIELD = re.compile(rf"({_TCHARS}):([^\r\n]*)\r\n")
-_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
 _REASONS = {
     100: "Continue", 200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized",
     403: "Forbidden", 404: "Not Found", 408: "Request Timeout", 413: "Content Too Large",
@@ -101,181 +87,6 @@ class Incoming:
     method: str = "POST"
     route: Route | None = None
     """The model endpoint (:mod:`procman.router.routes`); None: found from the target."""
-    """Headers the answer gets for the browser that asked (see ``Guard.cors_headers``)."""
-
-
-@dataclass(slots=True)
-class Head:
-    """A parsed request head (see :func:`parse_head`)."""
-
-    method: str
-    target: str
-    http11: bool
-    headers: list[tuple[str, str]]
-    """Every header as sent (names as sent, values trimmed)."""
-    length: int = 0
-    chunked: bool = False
-    close: bool = False
-    expect: bool = False
-    """``Expect: 100-continue``."""
-    host: str | None = None
-    origin: str | None = None
-    fetch_site: str | None = None
-    authorization: str = ""
-    x_api_key: str = ""
-    preflight_headers: str | None = None
-
-    @property
-    def path(self) -> str:
-        return self.target.partition("?")[0]
-
-
-def _bad(message: str, status: int = 400) -> Refusal:
-    return Refusal(status, message, "bad_request")
-
-
-#: headers the guard reads, by the ``Head`` field that keeps them
-_CAPTURED = {
-    "authorization": "authorization", "x-api-key": "x_api_key", "origin": "origin",
-    "sec-fetch-site": "fetch_site", "access-control-request-headers": "preflight_headers",
-}  # fmt: skip
-#: headers that may appear once
-_SINGLE = frozenset({"content-length", "transfer-encoding", "host"})
-
-
-def parse_head(raw: bytes, max_body: int) -> Head | Refusal:  # noqa: PLR0911 - one per refusal
-    """Parse a request head (without its final CRLF CRLF) as a strict HTTP/1.1 server does.
-
-    The checks run in C over the whole head (one decode, counts, two regex passes
-    and a split into fields by ``findall``); Python only looks at each field.
-    """
-    text = raw.decode("utf-8", "surrogateescape")  # the same bytes go on to llama-server
-    crlf = text.count("\r\n")
-    if text.count("\n") != crlf or text.count("\r") != crlf:
-        return _bad("bare CR or LF in the request head (lines must end in CRLF)")
-    if _CONTROL.search(text):
-        return _bad("control character in the request head")
-    first, _, block = text.partition("\r\n")
-    head = _request_line(first)
-    if isinstance(head, Refusal):
-        return head
-    block += "\r\n" if block else ""
-    if not _BLOCK.fullmatch(block):  # also a space before ':', or a folded line
-        return _bad("malformed header line")
-    fields = _FIELD.findall(block)
-    if len(fields) > MAX_HEADERS:
-        return _bad(f"more than {MAX_HEADERS} header lines", 431)
-    headers = head.headers
-    once: dict[str, str] = {}
-    connection = ""
-    for key, raw_value in fields:
-        value = raw_value.strip(" \t")
-        headers.append((key, value))
-        lowered = key.lower()
-        if lowered in _SINGLE:
-            if lowered in once:
-                return _bad(f"more than one {key} header")
-            once[lowered] = value
-        elif lowered == "connection":
-            connection += "," + value.lower()
-        elif lowered == "expect":
-            if value.lower() != "100-continue":
-                return _bad(f"unsupported expectation {value[:40]!r}", 417)
-            head.expect = True
-        elif attribute := _CAPTURED.get(lowered):
-            setattr(head, attribute, value)
-    head.host = once.get("host")
-    tokens = {t.strip() for t in connection.split(",")}
-    head.close = "close" in tokens if head.http11 else "keep-alive" not in tokens
-    return _framing(head, once, max_body) or head
-
-
-def _request_line(line: str) -> Head | Refusal:
-    parts = line.split(" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
-        return _bad("malformed request line")
-    method, target, version = parts
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        if _VERSION.fullmatch(version):
-            return _bad("only HTTP/1.0 and HTTP/1.1 are served", 505)
-        return _bad("malformed request line")
-    if not target.isascii() or not (target.startswith("/") or target == "*"):
-        return _bad("the request target must be an ASCII path")
-    return Head(method=method, target=target, http11=version == "HTTP/1.1", headers=[])
-
-
-def _framing(head: Head, once: dict[str, str], max_body: int) -> Refusal | None:
-    """Where the body ends: ``Content-Length`` digits, or chunked (and not both)."""
-    length, coding = once.get("content-length"), once.get("transfer-encoding")
-    if coding is not None:
-        if length is not None:
-            return _bad("both Content-Length and Transfer-Encoding")
-        if not head.http11:
-            return _bad("Transfer-Encoding in an HTTP/1.0 request")
-        if coding.lower() != "chunked":
-            return _bad(f"unsupported Transfer-Encoding {coding[:40]!r}", 501)
-        head.chunked = True
-    elif length is not None:
-        # isdigit() alone takes "²" and other non-ASCII digits, which int() then refuses
-        if not (length.isascii() and length.isdigit()) or len(length) > 18:
-            return _bad("invalid Content-Length")
-        head.length = int(length)
-        if head.length > max_body:
-            return Refusal(413, f"the request body is over {max_body} bytes", "request_too_large")
-    return None
-
-
-class _Dechunker:
-    """Reads a chunked body out of a buffer as it grows; ``done`` once the trailers are in."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.body = bytearray()
-        self.pos = 0  # where the next unread byte of the buffer is
-        self.need = -1  # data bytes (with their CRLF) still to come; -1: a size line is next
-        self.trailers = False
-        self.done = False
-
-    def feed(self, buffer: bytearray) -> Refusal | None:
-        """Read what has arrived; a refusal if the framing is wrong or the body too big."""
-        while not self.done:
-            if self.trailers:
-                end = buffer.find(b"\r\n", self.pos)
-                if end < 0:
-                    return None if len(buffer) - self.pos <= MAX_HEAD else _bad("trailers", 431)
-                self.done = end == self.pos
-                self.pos = end + 2
-            elif self.need < 0:
-                end = buffer.find(b"\r\n", self.pos)
-                if end < 0:
-                    too_long = len(buffer) - self.pos > _MAX_CHUNK_LINE
-                    return _bad("chunk size line too long") if too_long else None
-                refused = self._size_line(bytes(buffer[self.pos : end]))
-                if refused is not None:
-                    return refused
-                self.pos = end + 2
-            else:
-                if len(buffer) - self.pos < self.need + 2:
-                    return None
-                end = self.pos + self.need
-                if buffer[end : end + 2] != b"\r\n":
-                    return _bad("chunk data not followed by CRLF")
-                self.body += buffer[self.pos : end]
-                self.pos, self.need = end + 2, -1
-        return None
-
-    def _size_line(self, line: bytes) -> Refusal | None:
-        digits = line.split(b";", 1)[0].strip(b" \t")
-        if not digits or len(digits) > 15 or digits.strip(b"0123456789abcdefABCDEF"):
-            return _bad("malformed chunk size")
-        size = int(digits, 16)
-        if size == 0:
-            self.trailers = True
-        elif len(self.body) + size > self.limit:
-            return Refusal(413, f"the body is over {self.limit} bytes", "request_too_large")
-        else:
-            self.need = size
-        return None
 
 
 class _Stage(enum.Enum):
@@ -373,7 +184,7 @@ class Front(asyncio.Protocol):
         self.stage = _Stage.IDLE
         self._head: Head | None = None
         self._body_at = 0  # where the body starts in the buffer
-        self._chunks: _Dechunker | None = None
+        self._chunks: Dechunker | None = None
         self._paused = False
         self._inner: asyncio.Protocol | None = None
         self._dialect = Dialect.OPENAI
@@ -462,12 +273,12 @@ class Front(asyncio.Protocol):
         end = buffer.find(b"\r\n\r\n")
         if end < 0:
             if len(buffer) > MAX_HEAD:
-                self._refuse(_bad(f"the request head is over {MAX_HEAD} bytes", 431))
+                self._refuse(bad(f"the request head is over {MAX_HEAD} bytes", 431))
             elif buffer.count(b"\n") > buffer.count(b"\r\n"):
-                self._refuse(_bad("bare LF in the request head (lines must end in CRLF)"))
+                self._refuse(bad("bare LF in the request head (lines must end in CRLF)"))
             return None
         if end > MAX_HEAD:
-            self._refuse(_bad(f"the request head is over {MAX_HEAD} bytes", 431))
+            self._refuse(bad(f"the request head is over {MAX_HEAD} bytes", 431))
             return None
         door = self.door
         parsed = parse_head(bytes(buffer[:end]), door.settings.max_body)
@@ -499,7 +310,7 @@ class Front(asyncio.Protocol):
         self._head, self._body_at = parsed, end + 4
         self.stage, self.since = _Stage.BODY, asyncio.get_running_loop().time()
         if parsed.chunked:
-            self._chunks = _Dechunker(door.settings.max_body)
+            self._chunks = Dechunker(door.settings.max_body)
             self._chunks.pos = self._body_at
         whole = not parsed.chunked and len(buffer) >= self._body_at + parsed.length
         if parsed.expect and not whole and self.transport is not None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from procman.router._front import Head, parse_head
 from procman.router._guard import Refusal
+from procman.router._http1 import Head, parse_head
 
 MAX_BODY = 1000
 OK = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Length: 2"
