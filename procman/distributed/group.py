@@ -37,6 +37,8 @@ __all__ = ["RPC_HINT", "WorkerGroup", "progress"]
 
 log = logging.getLogger(__name__)
 
+#: seconds for which the probes made when a leader ended still stand for its restart
+FRESH_PROBE = 1.0
 #: seconds between probes of RPC workers a group waits for
 WORKER_RETRY = 1.0
 RPC_HINT = (
@@ -80,6 +82,7 @@ class WorkerGroup:
         }
         self._progress: Progress | None = None
         self._progress_since = 0.0
+        self._last: tuple[float, list[WorkerProbe]] | None = None
 
     hint = RPC_HINT
 
@@ -107,7 +110,7 @@ class WorkerGroup:
         """
         waited = False
         while True:
-            probes = await probe_all(self.endpoints)
+            probes = self._fresh() or await probe_all(self.endpoints)
             self._note(probes)
             bad = [p for p in probes if not p.usable]
             if not bad:
@@ -127,7 +130,18 @@ class WorkerGroup:
         probes = await probe_all(self.endpoints)
         self._note(probes, lost=True)
         bad = [p for p in probes if not p.usable]
+        if not bad:  # the restart's first answer() takes these; a lost worker is probed again
+            self._last = (time.monotonic(), probes)
         return "; ".join(f"RPC worker {p.endpoint} lost ({p.error})" for p in bad)
+
+    def _fresh(self) -> list[WorkerProbe] | None:
+        """What :meth:`lost` just found (every worker answering), once, if under
+        :data:`FRESH_PROBE` s old: the restart that follows a leader's end does not probe
+        every worker twice in a row."""
+        last, self._last = self._last, None
+        if last is None or time.monotonic() - last[0] > FRESH_PROBE:
+            return None
+        return last[1]
 
     def ready(self) -> None:
         """A new leader is ready: its progress is watched from scratch."""

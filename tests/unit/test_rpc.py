@@ -344,6 +344,27 @@ async def test_a_group_fails_its_first_start_but_waits_once_it_has_served(
     assert "lost" in await group.lost() and group.status(serving=False)[1]["lost"] == 1
 
 
+async def test_the_restart_after_a_leader_ends_takes_the_probes_just_made(
+    fake: Callable[..., Awaitable[str]],
+) -> None:
+    from procman.distributed.group import WorkerGroup
+
+    speak = worker_speaking(PROTOCOL, [(GiB, GiB)])
+    probes = 0
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal probes
+        probes += 1
+        await speak(reader, writer)
+
+    group = WorkerGroup("m", (await fake(counted),), stall_timeout=5)
+    assert await group.lost() == "" and probes == 1
+    assert await group.answer(served=True, waiting=print, current=lambda: "") is None
+    assert probes == 1  # not probed twice in a row
+    assert await group.answer(served=True, waiting=print, current=lambda: "") is None
+    assert probes == 2  # once only: the next start probes again
+
+
 async def test_a_worker_of_another_version_is_never_waited_for(
     fake: Callable[..., Awaitable[str]],
 ) -> None:
