@@ -23,9 +23,12 @@ from procman._units import format_bytes
 from procman.cli._app import app, console, out
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from http.client import HTTPResponse
+
     from rich.table import Table
 
-__all__ = ["load", "ps", "reload", "stop"]
+__all__ = ["Url", "load", "open_admin", "ps", "reload", "stop"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -36,6 +39,15 @@ Url = Annotated[
 
 
 def _call(url: str | None, method: str, path: str, timeout: float = 10.0) -> Any:
+    with open_admin(url, method, path, timeout) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def open_admin(
+    url: str | None, method: str, path: str, timeout: float = 10.0
+) -> Iterator[HTTPResponse]:
+    """The router's answer to ``method path``, open; errors become :class:`LlamactlError`."""
     base = (url or os.environ.get("LLAMACTL_URL") or DEFAULT_URL).rstrip("/")
     if not base.startswith(("http://", "https://")):
         raise LlamactlError(f"the router URL must be http(s)://..., got {base!r}")
@@ -44,8 +56,7 @@ def _call(url: str | None, method: str, path: str, timeout: float = 10.0) -> Any
     if key := os.environ.get("LLAMACTL_API_KEY"):
         request.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - checked above
-            return json.loads(response.read())
+        response = urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - checked above
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read())["error"]["message"]
@@ -58,6 +69,8 @@ def _call(url: str | None, method: str, path: str, timeout: float = 10.0) -> Any
             f"no llamactl router answers at {base} ({getattr(exc, 'reason', exc)})",
             hint="start one with `llamactl serve --config models.toml`, or pass --url",
         ) from exc
+    with response:
+        yield response
 
 
 def _size(value: int | None) -> str:

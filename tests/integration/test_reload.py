@@ -265,6 +265,22 @@ class Scenario:
         assert "refused" in report and f"{self.file}:{line}: models.a.ctx" in report, report
         assert stable(await self.api.status()) == stable(status)
 
+    async def logs_over_http(self) -> None:
+        argv = [*CLI, "logs", "a", "--url", self.api.base, "--lines", "5"]
+        with_key = {**self.env, "LLAMACTL_API_KEY": KEY}
+        done = await asyncio.to_thread(
+            subprocess.run, argv, env=with_key, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        printed = done.stdout.splitlines()
+        written = (Path(self.env["LLAMACTL_HOME"]) / "logs" / "a.log").read_text().splitlines()
+        assert len(printed) == 5 and set(printed) <= set(written), printed
+        refused = await asyncio.to_thread(
+            subprocess.run, argv, env=self.env, capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode == 1 and "LLAMACTL_API_KEY" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+
     async def check_log(self, http: aiohttp.ClientSession, json_log: bool) -> None:
         """What serve wrote: the lines /admin/logs serves; as JSON, every line a record."""
         auth = self.api.auth
@@ -274,6 +290,8 @@ class Scenario:
         async with http.get(f"{self.api.base}/admin/logs") as resp:
             assert resp.status == 401  # the key is needed
         assert any(summary_line(line) for line in journal)
+        if self.trigger == "command":  # `llamactl logs --url` reads a model's log the same way
+            await self.logs_over_http()
         self.serve.proc.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(self.serve.proc.wait, 60) == 0
         assert set(journal) <= set(self.serve.lines)
