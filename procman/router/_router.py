@@ -204,7 +204,6 @@ class Router:
         """Reloads the config this router serves (``POST /admin/reload``), if it has one."""
         if self.loader is not None:
             from procman.router._admin import add_admin_routes, add_reload_route  # speed
-
             from procman.router._ui import add_ui_routes  # speed
 
             add_admin_routes(self.app, self.loader, self.scheduler, replicas)

@@ -6,7 +6,7 @@ both models, its load and unload buttons change the state shown, a llama-server 
 from outside appears as a crash and comes back ready, the log view follows what the
 server writes, and the playground streams an answer. Screenshots of each step are kept
 in the test's folder and, with ``LLAMACTL_ARTIFACTS=DIR``, in DIR; the README's
-``docs/ui.png`` is ``ui-two-models.png`` of such a run.
+``docs/ui.png`` is ``ui-two-models.png`` of such a run, reduced to 256 colours.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
 KEY = "ui-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 CLI = [sys.executable, "-m", "procman.cli"]
 CHROMIUM = "/usr/bin/chromium"
 #: what a user waits for: a state shown changes within 2 s of the click (the issue's bound)
@@ -105,7 +106,9 @@ class Shots:
 
 def call(base: str, path: str, *, method: str = "GET", headers: dict[str, str] | None = None
          ) -> tuple[int, bytes]:  # fmt: skip
-    request = urllib.request.Request(f"{base}{path}", method=method, headers=headers or {})
+    request = urllib.request.Request(  # noqa: S310 - http://127.0.0.1, the router under test
+        f"{base}{path}", method=method, headers=headers or {}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as answer:  # noqa: S310 - our router
             return answer.status, answer.read()
@@ -114,7 +117,7 @@ def call(base: str, path: str, *, method: str = "GET", headers: dict[str, str] |
 
 
 def status(base: str) -> dict[str, dict[str, Any]]:
-    code, body = call(base, "/admin/status", headers={"Authorization": f"Bearer {KEY}"})
+    code, body = call(base, "/admin/status", headers=AUTH)
     assert code == 200, body
     return {row["name"]: row for row in json.loads(body)["models"]}
 
@@ -138,6 +141,70 @@ def refused_without_the_rules(base: str) -> None:
 
 def row(page: Page, name: str) -> Any:
     return page.locator(f'#models tr[data-model="{name}"]')
+
+
+def log_in_and_load_both(page: Page, base: str, shots: Shots) -> dict[str, dict[str, Any]]:
+    from playwright.sync_api import expect
+
+    page.goto(f"{base}/ui")
+    # the router has a key: the page asks for it and shows nothing until it has it
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#models tbody tr")).to_have_count(0)
+    shots.take("login")
+    page.fill("#key", KEY)
+    page.click("#login button")
+    for name in ("alpha", "beta"):
+        expect(row(page, name).locator(".state")).to_contain_text("stopped")
+    expect(row(page, "beta")).to_contain_text("b")  # its alias
+    # load by the button: the state shown changes at once, then reaches ready
+    row(page, "alpha").locator('button[data-action="load"]').click()
+    expect(row(page, "alpha").locator(".state")).not_to_contain_text("stopped", timeout=SHOWN)
+    expect(row(page, "alpha").locator(".state")).to_contain_text("ready", timeout=LOADED)
+    row(page, "beta").locator('button[data-action="load"]').click()
+    expect(row(page, "beta").locator(".state")).to_contain_text("ready", timeout=LOADED)
+    live = status(base)
+    assert live["alpha"]["state"] == live["beta"]["state"] == "ready"
+    for name in ("alpha", "beta"):  # the figures shown are the router's
+        expect(row(page, name)).to_contain_text(str(live[name]["pid"]))
+        expect(page.locator("#memory")).to_contain_text(f"{name}: estimate")
+    expect(page.locator("#events")).to_contain_text("beta ready")
+    expect(page.locator("#machine")).to_contain_text("GGML_NATIVE")
+    return live
+
+
+def chat_and_follow_the_log(page: Page, base: str) -> None:
+    """The playground streams an answer from beta (text arrives before the timings do);
+    the log view shows the line beta's llama-server has just written."""
+    from playwright.sync_api import expect
+
+    page.select_option("#play-model", "beta")
+    page.select_option("#log-model", "beta")
+    page.fill("#play-prompt", "Write three sentences about the sea.")
+    page.click("#play-send")
+    expect(page.locator("#play-answer")).not_to_be_empty(timeout=LOADED)
+    midway = page.locator("#play-timings").inner_text()
+    expect(page.locator("#play-timings")).to_contain_text("total", timeout=LOADED)
+    assert midway == "", f"the answer came whole, not streamed: {midway!r}"
+    assert page.locator("#play-answer").inner_text().strip()
+    expect(page.locator("#play-timings")).to_contain_text("tok/s")
+    code, tail = call(base, "/admin/logs/beta?lines=1", headers=AUTH)
+    assert code == 200 and tail.strip(), tail
+    expect(page.locator("#log-lines")).to_contain_text(tail.decode().strip(), timeout=LOADED)
+
+
+def kill_and_see_it_back(page: Page, base: str, pid: int, shots: Shots) -> None:
+    """A llama-server killed from outside shows as a crash, then ready again."""
+    from playwright.sync_api import expect
+
+    os.kill(pid, signal.SIGKILL)
+    crash = page.locator('#events li[data-event="crash"]')
+    expect(crash).to_contain_text("alpha", timeout=LOADED)
+    shots.take("crash")
+    expect(row(page, "alpha").locator(".state")).to_contain_text("ready", timeout=LOADED)
+    again = status(base)["alpha"]
+    assert again["pid"] != pid and again["restarts"] == 1, again
+    expect(row(page, "alpha")).to_contain_text(str(again["pid"]))
+    expect(row(page, "alpha")).to_contain_text("SIGKILL")  # its last exit, shown
 
 
 def test_dashboard_in_a_browser(
@@ -165,62 +232,11 @@ def test_dashboard_in_a_browser(
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     shots = Shots(page, tmp_path / "screenshots")
     try:
-        page.goto(f"{base}/ui")
-        # the router has a key: the page asks for it and shows nothing until it has it
-        expect(page.locator("#login")).to_be_visible()
-        expect(page.locator("#models tbody tr")).to_have_count(0)
-        shots.take("login")
-        page.fill("#key", KEY)
-        page.click("#login button")
-        for name in ("alpha", "beta"):
-            expect(row(page, name).locator(".state")).to_contain_text("stopped")
-        expect(row(page, "beta")).to_contain_text("b")  # its alias
-
-        # load by the button: the state shown changes at once, then reaches ready
-        row(page, "alpha").locator('button[data-action="load"]').click()
-        expect(row(page, "alpha").locator(".state")).not_to_contain_text("stopped", timeout=SHOWN)
-        expect(row(page, "alpha").locator(".state")).to_contain_text("ready", timeout=LOADED)
-        row(page, "beta").locator('button[data-action="load"]').click()
-        expect(row(page, "beta").locator(".state")).to_contain_text("ready", timeout=LOADED)
-        live = status(base)
-        assert live["alpha"]["state"] == live["beta"]["state"] == "ready"
-        for name in ("alpha", "beta"):  # the figures shown are the router's
-            expect(row(page, name)).to_contain_text(str(live[name]["pid"]))
-        expect(page.locator("#memory")).to_contain_text("alpha: estimate")
-        expect(page.locator("#memory")).to_contain_text("beta: estimate")
-        expect(page.locator("#events")).to_contain_text("beta ready")
-        expect(page.locator("#machine")).to_contain_text("GGML_NATIVE")
-
-        # the playground streams an answer from beta: text arrives before the timings do
-        page.select_option("#play-model", "beta")
-        page.select_option("#log-model", "beta")
-        page.fill("#play-prompt", "Write three sentences about the sea.")
-        page.click("#play-send")
-        expect(page.locator("#play-answer")).not_to_be_empty(timeout=LOADED)
-        midway = page.locator("#play-timings").inner_text()
-        expect(page.locator("#play-timings")).to_contain_text("total", timeout=LOADED)
-        assert midway == "", f"the answer came whole, not streamed: {midway!r}"
-        assert page.locator("#play-answer").inner_text().strip()
-        expect(page.locator("#play-timings")).to_contain_text("tok/s")
-
-        # the log view shows the line beta's llama-server has just written
-        code, tail = call(base, "/admin/logs/beta?lines=1", headers={"Authorization": f"Bearer {KEY}"})
-        assert code == 200 and tail.strip(), tail
-        expect(page.locator("#log-lines")).to_contain_text(tail.decode().strip(), timeout=LOADED)
+        live = log_in_and_load_both(page, base, shots)
+        chat_and_follow_the_log(page, base)
         expect(row(page, "beta")).to_contain_text(" %", timeout=LOADED)  # a CPU sample
         shots.take("two-models")
-
-        # a llama-server killed from outside shows as a crash, then ready again
-        first = live["alpha"]["pid"]
-        os.kill(first, signal.SIGKILL)
-        expect(page.locator('#events li[data-event="crash"]')).to_contain_text("alpha", timeout=LOADED)
-        shots.take("crash")
-        expect(row(page, "alpha").locator(".state")).to_contain_text("ready", timeout=LOADED)
-        again = status(base)["alpha"]
-        assert again["pid"] != first and again["restarts"] == 1, again
-        expect(row(page, "alpha")).to_contain_text(str(again["pid"]))
-        expect(row(page, "alpha")).to_contain_text("SIGKILL")  # its last exit, shown
-
+        kill_and_see_it_back(page, base, live["alpha"]["pid"], shots)
         # unload by the button
         row(page, "beta").locator('button[data-action="unload"]').click()
         expect(row(page, "beta").locator(".state")).to_contain_text("stop", timeout=SHOWN)
