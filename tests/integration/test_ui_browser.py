@@ -230,6 +230,8 @@ def test_dashboard_in_a_browser(
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # the page's own headers forbid anything not from the router: it must need nothing else
+    page.on("console", lambda m: "Content Security Policy" in m.text and errors.append(m.text))
     shots = Shots(page, tmp_path / "screenshots")
     try:
         live = log_in_and_load_both(page, base, shots)

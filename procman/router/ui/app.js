@@ -164,6 +164,9 @@ function modelRow(m, now) {
 function renderModels(sample) {
   const body = $("#models tbody");
   body.replaceChildren(...sample.models.map((m) => modelRow(m, sample.time)));
+  if (!performance.getEntriesByName("llamactl:first-sample").length) {
+    performance.mark("llamactl:first-sample"); // the bench reads it: page opened -> live data
+  }
   const names = sample.models.map((m) => m.name);
   if (names.join() !== models.join()) {
     models = names;
