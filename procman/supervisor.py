@@ -491,7 +491,6 @@ class AsyncSupervisor:
                     "memory_limit": entry.memory_limit,
                     "rpc_workers": server.workers_status(),
                     "pulling": entry.pulling,
-                    "requests": entry.requests,
                     "state_since": entry.state_since,
                     "last_exit": entry.last_exit or None,
                     "refused": entry.refused or None,
