@@ -10,7 +10,8 @@ Sections: inference speed (llama-bench per build), router overhead (direct
 vs ``llamactl serve`` vs llama.cpp's router mode), time to first answer
 after launch, model swap time, supervisor footprint, memory estimate
 accuracy, build time, a model split across two RPC workers vs one process, a
-desktop app's start (import, prepare, first ready model).
+desktop app's start (import, prepare, first ready model), the ``/ui`` dashboard's load time
+and the router's CPU with and without it open.
 Every server this script starts listens on 127.0.0.1 only and is killed
 (with its process group) before the script exits.
 """
@@ -53,6 +54,7 @@ from sections import (
 )
 from share import share
 from swap import swap
+from ui import ui_section
 
 from buildtools import build_default
 from buildtools.demo import demo_model_path
@@ -218,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("desktop", lambda w: desktop_start(binary, model, w, args.quick)),
         ("replicas", lambda w: asyncio.run(replicas_section(binary, model, w, args.quick))),
         ("share", lambda w: asyncio.run(share(binary, model, w, args.quick))),
+        ("dashboard", lambda w: ui_section(binary, model, w, args.quick)),
     ]
     with tempfile.TemporaryDirectory(prefix="llamactl-bench-") as tmp:
         for name, run in runs:

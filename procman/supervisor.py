@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from procman.errors import AdmissionError, ConfigError
 from procman.events import Event, EventBus, State
-from procman.memory.budget import MachineMemory, Size
+from procman.memory.budget import MachineMemory, Need, Size
 from procman.memory.enforce import LimitAction, LimitDecision, LimitSettings
 from procman.process.cpu import share_cores, usable_cores
 from procman.process.policy import RestartPolicy
@@ -73,6 +73,12 @@ class _Entry:
     fetch: Fetch | None = None
     #: while it downloads: "pulling hf:...: 41% of 4.4 GiB", for ``status()``
     pulling: str | None = None
+    #: for ``status()``: its last estimate, when its state last changed (wall clock), why its
+    #: process last ended and why it was last refused admission
+    need: Need | None = None
+    state_since: float = field(default_factory=time.time)
+    last_exit: str = ""
+    refused: str = ""
 
     @property
     def loaded(self) -> bool:
@@ -269,7 +275,7 @@ class AsyncSupervisor:
         limits, name = self.limits, entry.spec.name
         prepared = await asyncio.to_thread(limits.prepare, entry.spec, entry.memory_limit)
         share = share_cores(prepared.spec, servers=self._may_run_at_once(), cores=self._cores())
-        entry.server.spec = share.spec
+        entry.server.spec, entry.need = share.spec, prepared.need
         try:
             reservation = limits.reserve(name, prepared.need)
         except AdmissionError as exc:
@@ -395,6 +401,15 @@ class AsyncSupervisor:
 
     def _on_event(self, event: Event) -> None:
         entry = self._entries.get(event.server)
+        if entry is not None:
+            if event.kind == "refused":
+                entry.refused = event.reason
+            elif event.kind == "admitted":
+                entry.refused = ""
+            if not event.is_note:
+                entry.state_since = event.time
+            if event.state in {State.RESTARTING, State.FAILED}:
+                entry.last_exit = event.reason
         if entry is None or self._limits is None or event.is_note:
             return
         if event.state is State.STARTING and event.pid is not None:
@@ -482,12 +497,18 @@ class AsyncSupervisor:
                     "idle_seconds": None if entry.users else round(now - entry.last_used, 3),
                     "ttl": entry.ttl,
                     "on_demand": entry.on_demand,
+                    "pss_bytes": sample.pss_bytes if sample else None,
                     "cpu_percent": sample.cpu_percent if sample else None,
                     "vram_bytes": sample.vram_bytes if sample else None,
                     "tokens_per_second": speeds.get(name),
                     "memory_limit": entry.memory_limit,
                     "rpc_workers": server.workers_status(),
                     "pulling": entry.pulling,
+                    "state_since": entry.state_since,
+                    "last_exit": entry.last_exit or None,
+                    "refused": entry.refused or None,
+                    "estimate_bytes": entry.need.host_bytes if entry.need else None,
+                    "estimate_vram_bytes": entry.need.device_bytes if entry.need else None,
                 }
             )
         return rows
@@ -496,6 +517,21 @@ class AsyncSupervisor:
         """The figures ``GET /metrics`` exports (see :mod:`procman.router.metrics`)."""
         servers = [(e.server, e.requests) for e in self._entries.values()]
         return self.limits.snapshot(servers, queue_depth or {})
+
+    def memory(self) -> dict[str, Any]:
+        """The budgets, the machine's memory when they were set, and what each server holds
+        against them (its estimate, or more once measured): ``GET /admin/memory``."""
+        limits = self.limits
+        budget, machine, stats = limits.budget, limits.machine, limits.ledger.stats
+        held = limits.ledger.held()
+        return {
+            "budget": dataclasses.asdict(budget),
+            "machine": dataclasses.asdict(machine),
+            "held": {name: {"bytes": h, "vram_bytes": d} for name, (h, d) in held.items()},
+            "admissions": stats.admissions,
+            "evictions": stats.evictions,
+            "refusals": stats.refusals,
+        }
 
     def hide(self, name: str) -> None:
         """Requests no longer find ``name``; those that did finish (a reload removes it)."""

@@ -9,6 +9,9 @@ same API key as ``/v1``, because unloading is as disruptive as using.
 ``POST /admin/reload`` reads the config file ``serve --config`` was given
 again and applies it (:mod:`procman.reload`), answering what it did.
 
+``GET /admin/status?follow=1`` is the status as server-sent events, with the
+memory budget beside it (:mod:`procman.router._ui`, the dashboard's source).
+
 ``GET /metrics`` is the Prometheus exposition (:mod:`procman.router.metrics`),
 behind the key too: model names and load are not for anyone on the network;
 ``GET /metrics?model=NAME`` is that model's llama-server's own.
@@ -47,12 +50,24 @@ def add_admin_routes(
         queues = scheduler.snapshot()
         return [{**row, "queue": queues.get(str(row["name"]))} for row in loader.status()]
 
-    async def get_status(request: web.Request) -> web.Response:
+    memory = getattr(loader, "memory", None)  # a supervisor with a budget (the UI's bars)
+
+    def body() -> dict[str, object]:
         if replicas:
             queues = scheduler.snapshot()
             remote = [{**r, "queue": queues.get(str(r["name"]))} for r in replicas.status()]
-            return web.json_response({"models": status(), "remote": remote})
-        return web.json_response({"models": status()})
+            return {"models": status(), "remote": remote}
+        return {"models": status()}
+
+    def sample() -> dict[str, object]:
+        return {**body(), "memory": memory()} if memory is not None else body()
+
+    async def get_status(request: web.Request) -> web.StreamResponse:
+        if request.query.get("follow", "").lower() in {"1", "true", "yes"}:
+            from procman.router._ui import follow_status  # speed
+
+            return await follow_status(request, sample, getattr(loader, "bus", None))
+        return web.json_response(body())
 
     async def load(request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -32,10 +32,13 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["PUBLIC_PATHS", "Guard", "Refusal", "local_addresses"]
+__all__ = ["PAGE_PATHS", "PUBLIC_PATHS", "Guard", "Refusal", "local_addresses"]
 
 #: answered without a key and whatever the origin (a page cannot read them cross-site)
 PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
+#: the dashboard's own files (no data in them): a browser navigating there sends no key,
+#: so they are served without one; the Host and Origin rules still apply
+PAGE_PATHS = frozenset({"/ui", "/ui/", "/ui/app.js", "/ui/ui.css"})
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})  # noqa: S104 - names, not a bind
 _HOST_SYNTAX = re.compile(r"^(?:\[[0-9a-f:.%a-z]+\]|[a-z0-9._-]+)(?::[0-9]{1,5})?$")
@@ -217,7 +220,7 @@ class Guard:
                 "origin_not_allowed",
                 kind="permission_error",
             )
-        if not key_ok:
+        if not key_ok and path not in PAGE_PATHS:
             return Refusal(
                 401,
                 "invalid or missing API key",

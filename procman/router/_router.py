@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 from urllib.parse import parse_qs
@@ -203,9 +204,11 @@ class Router:
         """Reloads the config this router serves (``POST /admin/reload``), if it has one."""
         if self.loader is not None:
             from procman.router._admin import add_admin_routes, add_reload_route  # speed
+            from procman.router._ui import add_ui_routes  # speed
 
             add_admin_routes(self.app, self.loader, self.scheduler, replicas)
             add_reload_route(self.app, lambda: self.reload)
+            add_ui_routes(self.app, getattr(upstreams, "memory", None), self._binaries)
         if isinstance(upstreams, Observed):
             add_log_routes(self.app, upstreams, lambda: self.journal)
         if isinstance(upstreams, Metered):
@@ -215,6 +218,11 @@ class Router:
             add_metrics_route(
                 self.app, upstreams, self.scheduler, per_model=self._proxy, extra=extra
             )
+
+    def _binaries(self) -> dict[str, Path]:
+        """Each local model's llama-server (``GET /admin/machine``: its build)."""
+        specs = ((s.name, getattr(s, "spec", None)) for s in self.upstreams.upstreams())
+        return {name: spec.binary for name, spec in specs if spec is not None}
 
     async def _close_pool(self, app: web.Application) -> None:
         self.forwarder.pool.close()

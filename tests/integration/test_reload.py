@@ -341,7 +341,7 @@ async def test_reload_under_load(
 
 #: status fields that change by themselves (memory, load, samples)
 VOLATILE = {"rss_bytes", "idle_seconds", "cpu_percent", "vram_bytes", "tokens_per_second", "queue",
-            "in_use"}  # fmt: skip
+            "in_use", "pss_bytes"}  # fmt: skip
 
 
 def stable(status: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

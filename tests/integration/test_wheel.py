@@ -71,6 +71,8 @@ def test_wheel_carries_the_server_and_its_plan(wheel: Path, default_build: Build
         names = set(zf.namelist())
         assert "buildtools/bin/llama-server" in names
         assert "buildtools/bin/ggml-rpc-server" in names, "the wheel carries the RPC worker"
+        page = {f"procman/router/ui/{f}" for f in ("index.html", "app.js", "ui.css")}
+        assert page <= names, "the wheel carries the /ui dashboard's files"
         manifest = json.loads(zf.read("buildtools/bin/llamactl-build.json"))
         mode = zf.getinfo("buildtools/bin/llama-server").external_attr >> 16
     assert mode & 0o111, "llama-server lost its executable bit"
