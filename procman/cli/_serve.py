@@ -349,7 +349,7 @@ async def _serve(spec: ServerSpec, listener: socket.socket, access: dict[str, An
                 "serving",
                 f"[bold green]ready[/] in {time.monotonic() - started:.1f} s: "
                 f"model [bold]{escape(spec.name)}[/] at [bold]{url(router)}[/]  "
-                "[dim](Ctrl-C stops)[/]",
+                f"[dim](dashboard {url(router, '/ui')}; Ctrl-C stops)[/]",
             )
             await stopping
         stopping.cancel()

@@ -165,8 +165,8 @@ async def _serve_plan(
         OUTPUT.say(
             "serving",
             f"[bold green]serving[/] {escape(names)} at [bold]{url(router)}[/] "
-            f"[dim](each model starts on its first request; `llamactl reload`{reloads}; "
-            "Ctrl-C stops)[/]",
+            f"[dim](dashboard {url(router, '/ui')}; each model starts on its first request; "
+            f"`llamactl reload`{reloads}; Ctrl-C stops)[/]",
         )
         await stop.wait()
     finally:

@@ -36,9 +36,10 @@ def chosen_key(api_key: str | None, key_file: str | None) -> str | None:
     return key
 
 
-def url(router: Router) -> str:
+def url(router: Router, path: str = "/v1") -> str:
+    """Where clients reach the router: its OpenAI base URL, or ``path`` (``/ui``)."""
     host, port = router.address or ("?", 0)
-    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+    return f"http://[{host}]:{port}{path}" if ":" in host else f"http://{host}:{port}{path}"
 
 
 def print_budget(supervisor: AsyncSupervisor) -> None:

@@ -222,9 +222,11 @@ def test_dashboard_in_a_browser(
     serve = Serve(
         processes, [*CLI, "serve", "--config", str(file), "--server", str(llama_server)], env
     )
-    found = re.search(r"http://127\.0\.0\.1:\d+", serve.wait_line(lambda line: "serving" in line))
+    serving = serve.wait_line(lambda line: "serving" in line)
+    found = re.search(r"http://127\.0\.0\.1:\d+", serving)
     assert found is not None
     base = found.group(0)
+    assert f"dashboard {base}/ui" in serving, serving  # serve says where the page is
     refused_without_the_rules(base)
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
