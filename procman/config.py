@@ -31,7 +31,7 @@ from procman._units import format_duration, parse_duration, parse_size
 from procman.errors import ConfigError, ModelError
 from procman.models.refs import DEMO_MODEL, resolve_model
 from procman.router.scheduler import Order
-from procman.spec import GpuLayers, LogSettings, ServerSpec, check_extra_args
+from procman.spec import DeviceSetting, GpuLayers, LogSettings, ServerSpec, check_extra_args
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -94,6 +94,8 @@ class ModelSection:
     """Requests served at once (llama-server slots, ``-np``); more wait in the queue."""
     gpu_layers: GpuLayers | None = None
     """Layers offloaded to the GPU: a number, ``"auto"`` or ``"all"``; unset lets llama-server choose."""  # noqa: E501
+    devices: DeviceSetting = "auto"
+    """Which NVIDIA GPUs the model runs on: ``"auto"`` (at each start, the fewest cards with room for it, the roomiest first), a list of NVML indices or UUIDs such as ``[0]`` (pinned), or ``"all"`` (split across every card). The server sees only those (``CUDA_VISIBLE_DEVICES``)."""  # noqa: E501
     threads: int | None = None
     """Compute threads (``--threads``); unset: the cores shared equally among the models that may run at once, or llama-server's default for a model served alone."""  # noqa: E501
     memory_limit: int | None = None
@@ -162,6 +164,7 @@ class Config:
                     ctx=model.ctx,
                     parallel=model.parallel,
                     gpu_layers=model.gpu_layers,
+                    devices=model.devices,
                     threads=model.threads,
                     extra_args=model.args,
                     startup_timeout=model.startup_timeout,
@@ -290,6 +293,12 @@ def _gpu_layers(value: Any) -> GpuLayers:
     raise ValueError(f"expected a number of layers, 'auto' or 'all', got {value!r}")
 
 
+def _devices(value: Any) -> DeviceSetting:
+    from procman.memory.devices import parse_devices  # speed
+
+    return parse_devices(value)
+
+
 def _shares(value: Any) -> tuple[float, ...]:
     ok = isinstance(value, list) and all(
         isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value
@@ -335,6 +344,7 @@ _MODEL_KEYS: dict[str, Convert] = {
     "ctx": _integer(0),
     "parallel": _integer(1),
     "gpu_layers": _gpu_layers,
+    "devices": _devices,
     "threads": _integer(1),
     "memory_limit": parse_size,
     "ttl": _duration,
@@ -521,7 +531,7 @@ _KINDS = {
     "allowed_hosts": "list of strings", "cors_origins": "list of strings", "max_loaded": "integer",
     "memory_budget": 'size or "auto"', "vram_budget": 'size or "auto"', "path": "string",
     "ctx": "integer", "parallel": "integer", "gpu_layers": 'integer, "auto" or "all"',
-    "threads": "integer",
+    "threads": "integer", "devices": '"auto", "all" or a list of GPU indices/UUIDs',
     "memory_limit": "size", "ttl": "duration", "queue": "integer", "order": '"fifo" or "lifo"',
     "args": "list of strings", "aliases": "list of strings", "startup_timeout": "duration",
     "rpc": "list of worker names", "tensor_split": "list of numbers", "stall_timeout": "duration",

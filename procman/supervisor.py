@@ -275,7 +275,12 @@ class AsyncSupervisor:
         except AdmissionError as exc:
             self._note(name, "refused", exc.message)
             raise
-        reasons = (prepared.layers_reason, share.reason, reservation.decision.reason)
+        reasons = (
+            prepared.devices_reason,
+            prepared.layers_reason,
+            share.reason,
+            reservation.decision.reason,
+        )
         self._note(name, "admitted", "; ".join(r for r in reasons if r))
         with reservation:
             for victim in reservation.evict:
