@@ -492,6 +492,9 @@ class AsyncSupervisor:
                     "tokens_per_second": speeds.get(name),
                     "memory_limit": entry.memory_limit,
                     "rpc_workers": server.workers_status(),
+                    "devices": self._limits.devices_status(name, server.spec.visible_devices)
+                    if self._limits is not None
+                    else [],
                     "pulling": entry.pulling,
                 }
             )

@@ -106,6 +106,8 @@ class Limits:
         self.tokens_per_second: dict[str, float] = {}
         self._scraped: dict[str, tuple[float, LlamaMetrics]] = {}
         self._groups: dict[str, Path] = {}
+        #: every GPU a placement has seen, by UUID: its index and name, for status and metrics
+        self.cards: dict[str, tuple[int, str]] = {}
 
     def set_budget(self, memory_budget: Size, vram_budget: Size) -> None:
         """New budgets (a config reload): later admissions are decided against them."""
@@ -183,6 +185,7 @@ class Limits:
         full = info.n_layers + 1
         ours = self.ledger.held_by_device()
         cards = cards_from(machine.gpus, ours, baseline=self.machine.gpus)
+        self.cards.update({c.uuid: (c.index, c.name) for c in cards})
         layers = min(spec.gpu_layers, full) if isinstance(spec.gpu_layers, int) else full
         placement = place(spec.devices, info, cards, layers=layers, **args)
         reason = ""
@@ -278,7 +281,7 @@ class Limits:
             if not s.alive:
                 continue
             self.samples[name] = s
-            self.ledger.measure(name, s.rss_bytes, s.vram_bytes)
+            self.ledger.measure(name, s.rss_bytes, s.vram_bytes, s.vram_by_device)
             limit = self._limits.get(name)
             if limit is not None and (d := limit.observe(s.time, s.rss_bytes)) is not None:
                 decisions[name] = d
@@ -357,6 +360,10 @@ class Limits:
                     rpc_workers=tuple(
                         (w["endpoint"], w["up"], w["lost"]) for w in server.workers_status()
                     ),
+                    devices=tuple(
+                        (str(d["index"]), d["uuid"], d["vram_bytes"])
+                        for d in self.devices_status(server.name, server.spec.visible_devices)
+                    ),
                 )
             )
         counts = self.ledger.stats
@@ -368,6 +375,25 @@ class Limits:
             refusals_total=counts.refusals,
             restarts_total=restarts,
         )
+
+    def devices_status(self, name: str, uuids: Iterable[str]) -> list[dict[str, Any]]:
+        """``name``'s GPUs: index, UUID, name, bytes reserved there, bytes NVML measured."""
+        sample = self.samples.get(name)
+        measured = sample.vram_by_device if sample is not None else None
+        held = self.ledger.devices_of(name)
+        rows = []
+        for uuid in uuids:
+            index, card = self.cards.get(uuid, (None, ""))
+            rows.append(
+                {
+                    "index": index,
+                    "uuid": uuid,
+                    "name": card,
+                    "reserved_bytes": held.get(uuid),
+                    "vram_bytes": None if measured is None else measured.get(uuid, 0),
+                }
+            )
+        return rows
 
     def close(self) -> None:
         self.meter.close()

@@ -292,25 +292,26 @@ def decide(name: str, need: Need, residents: Sequence[Resident], budget: Budget)
     )
 
     def shortfall(gone: set[str]) -> tuple[str, int, int, int, str] | None:
-        for resource, needed, limit, held_by in limits:
-            if limit is None or needed == 0:
-                continue
-            used = sum(held_by(r) for r in residents if r.name not in gone)
-            if needed > limit - used:
-                return resource, needed, limit - used, limit, ""
-        if budget.vram_bytes is None:
-            return None
-        for uuid, needed in need.devices.items():
+        # a card first: its name says more than the sum over cards
+        for uuid, needed in need.devices.items() if budget.vram_bytes is not None else ():
             card_limit, label = need.device_limits.get(uuid, (None, ""))
             if card_limit is None or needed == 0:
                 continue
             used = sum(r.devices.get(uuid, 0) for r in residents if r.name not in gone)
             if needed > card_limit - used:
                 return "vram", needed, card_limit - used, card_limit, label
+        for resource, needed, limit, held_by in limits:
+            if limit is None or needed == 0:
+                continue
+            used = sum(held_by(r) for r in residents if r.name not in gone)
+            if needed > limit - used:
+                return resource, needed, limit - used, limit, ""
         return None
 
-    if shortfall(set()) is None:
+    first = shortfall(set())
+    if first is None:
         return Decision(verdict=Verdict.ADMIT, reason=f"{name} fits the budget")
+    where = f" on {first[4]}" if first[4] else ""
     gone: set[str] = set()
     evict: list[str] = []
     for r in sorted((r for r in residents if not r.busy), key=lambda r: r.last_used):
@@ -320,7 +321,7 @@ def decide(name: str, need: Need, residents: Sequence[Resident], budget: Budget)
             return Decision(
                 verdict=Verdict.EVICT,
                 evict=tuple(evict),
-                reason=f"{name} fits after stopping idle {', '.join(evict)}",
+                reason=f"{name} fits{where} after stopping idle {', '.join(evict)}",
             )
     missing = shortfall(gone)
     assert missing is not None  # noqa: S101 - the loop returned if evicting everything helped

@@ -7,14 +7,20 @@ test GGUF for the admission path (:class:`Limits` with a fake ``pynvml``).
 
 from __future__ import annotations
 
+import os
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from rich.console import Console
 
 from buildtools.hardware.cuda import probe_nvidia_gpus
+from procman.cli._ctl import _table
 from procman.config import parse_config
 from procman.errors import AdmissionError, ConfigError
+from procman.events import State
 from procman.memory._limits import Limits
 from procman.memory.budget import OverBudget
 from procman.memory.devices import (
@@ -29,13 +35,17 @@ from procman.memory.enforce import LimitSettings
 from procman.memory.estimate import MiB, estimate
 from procman.process.endpoint import Endpoint
 from procman.reload.diff import RESTART_FIELDS
+from procman.router.metrics import MetricsExporter
 from procman.spec import ServerSpec
 from tests.unit.hardware_fakes import FakeGpu, FakeNvml
 from tests.unit.test_gpu_layers import LLAMA8B, LLAMA70B
+from tests.unit.test_metrics import Source
 from tests.unit.test_model_file import write_model
 
 GiB = 1024 * MiB
 CTX = {"ctx": 4096, "parallel": 1}
+ROW = {"name": "a", "state": "ready", "pid": 1, "port": None, "rss_bytes": 1, "restarts": 0,
+       "model": "m.gguf"}  # fmt: skip
 
 
 def gpu(index: int, total_gib: int, free_gib: float, name: str = "") -> FakeGpu:
@@ -275,7 +285,11 @@ def test_an_evictable_server_frees_its_card(tmp_path: Path) -> None:
     admit(idle, cuda_spec(tmp_path, "a", gpu_layers="all"))
     admit(idle, cuda_spec(tmp_path, "b", gpu_layers="all"))
     prepared = idle.prepare(cuda_spec(tmp_path, "c", gpu_layers="all"), None)
-    assert idle.reserve("c", prepared.need).evict == ("a",)
+    reservation = idle.reserve("c", prepared.need)
+    assert reservation.evict == ("a",)
+    assert reservation.decision.reason == (
+        f"c fits on GPU 0 (NVIDIA Fake 2GB, {uuid(0)}) after stopping idle a"
+    )
 
 
 def test_a_split_spec_passes_tensor_split_and_split_mode(tmp_path: Path) -> None:
@@ -294,3 +308,66 @@ def test_without_a_vram_budget_cards_are_not_checked(tmp_path: Path) -> None:
     limits = gpu_limits(FakeNvml(gpus=[gpu(0, 2, 0.1)]), vram_budget=None)
     spec = admit(limits, cuda_spec(tmp_path, "a", gpu_layers="all"))
     assert spec.visible_devices == (uuid(0),)  # placed (isolated), but not refused
+
+
+# -- metering, status, /metrics, ps -------------------------------------------------------------
+
+
+@dataclass
+class Running:
+    pid: int
+    usedGpuMemory: int | None
+
+
+@dataclass
+class RunningNvml(FakeNvml):
+    """The fake machine plus NVML's per-process figures, by card UUID."""
+
+    running: dict[str, list[Running]] = field(default_factory=dict)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGpu) -> list[Running]:
+        return self.running.get(handle.uuid, [])
+
+
+def test_vram_is_metered_per_card_and_raises_the_ledger_there(tmp_path: Path) -> None:
+    pid = os.getpid()
+    nvml = RunningNvml(gpus=[gpu(0, 24, 23.5), gpu(1, 12, 11.5)])
+    limits = Limits(
+        memory_budget=None,
+        vram_budget="auto",
+        activity=lambda name: (0.0, True),
+        settings=LimitSettings(),
+        nvml=nvml,
+    )
+    spec = admit(limits, cuda_spec(tmp_path, "a", gpu_layers="all", devices="all"))
+    reserved = limits.ledger.devices_of("a")
+    # NVML shows it 3 GiB on card 1, far above the estimate; and 1 byte on card 0
+    nvml.running = {uuid(0): [Running(pid, 1)], uuid(1): [Running(pid, 3 * GiB)]}
+    limits.sample({"a": pid})
+    sample = limits.samples["a"]
+    assert sample.vram_by_device == {uuid(0): 1, uuid(1): 3 * GiB}
+    assert sample.vram_bytes == 3 * GiB + 1
+    assert limits.ledger.devices_of("a") == {uuid(0): reserved[uuid(0)], uuid(1): 3 * GiB}
+
+    rows = limits.devices_status("a", spec.visible_devices)
+    assert rows == [
+        {"index": 0, "uuid": uuid(0), "name": "NVIDIA Fake 24GB",
+         "reserved_bytes": reserved[uuid(0)], "vram_bytes": 1},
+        {"index": 1, "uuid": uuid(1), "name": "NVIDIA Fake 12GB",
+         "reserved_bytes": 3 * GiB, "vram_bytes": 3 * GiB},
+    ]  # fmt: skip
+    server = SimpleNamespace(
+        name="a", pid=pid, restarts=0, state=State.READY, spec=spec, workers_status=list
+    )
+    snap = limits.snapshot([(server, 0)], {})  # type: ignore[list-item]
+    assert snap.servers[0].devices == (("0", uuid(0), 1), ("1", uuid(1), 3 * GiB))
+    text = MetricsExporter(Source(snap)).render().decode()
+    assert (
+        f'llamactl_server_device_vram_bytes{{gpu="1",server="a",uuid="{uuid(1)}"}} 3.221225472e+09'
+        in text
+    )
+    shown = _table([{**ROW, "devices": rows}])
+    console = Console(width=200, record=True)
+    console.print(shown)
+    assert f"GPU 1 {uuid(1)} 3.0 GiB (reserved 3.0 GiB)" in console.export_text()
+    limits.close()
