@@ -7,6 +7,7 @@ test GGUF for the admission path (:class:`Limits` with a fake ``pynvml``).
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import pytest
 from rich.console import Console
 
 from buildtools.hardware.cuda import probe_nvidia_gpus
+from procman.cli import main
 from procman.cli._ctl import _table
 from procman.config import parse_config
 from procman.errors import AdmissionError, ConfigError
@@ -371,3 +373,29 @@ def test_vram_is_metered_per_card_and_raises_the_ledger_there(tmp_path: Path) ->
     console.print(shown)
     assert f"GPU 1 {uuid(1)} 3.0 GiB (reserved 3.0 GiB)" in console.export_text()
     limits.close()
+
+
+# -- llamactl estimate --devices ------------------------------------------------------------------
+
+
+def test_estimate_devices_reports_the_split_per_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from procman.memory import budget
+
+    real = budget.probe_machine
+    monkeypatch.setattr(budget, "probe_machine", lambda: real(machine(24, 12)))
+    model = tmp_path / "m.gguf"
+    write_model(model)
+    args = ["estimate", str(model), "--gpu-layers", "-1", "--ctx", "256"]
+    assert main([*args, "--devices", "all", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [d["index"] for d in doc["devices"]] == [0, 1] and len(doc["tensor_split"]) == 2
+    assert all(d["fits"] and d["bytes"] > 0 for d in doc["devices"]) and doc["fits"]
+    assert main([*args, "--devices", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "devices pinned to GPU 1 (GPU 1 ~" in text and "room)" in text
+    assert main([*args, "--devices", "5"]) != 0
+    assert "devices lists GPU 5, which NVML does not report" in capsys.readouterr().err
+    assert main([*args, "--devices", "first"]) != 0
+    assert "--devices: expected" in capsys.readouterr().err
