@@ -189,12 +189,14 @@ class Limits:
         layers = min(spec.gpu_layers, full) if isinstance(spec.gpu_layers, int) else full
         placement = place(spec.devices, info, cards, layers=layers, **args)
         reason = ""
-        if spec.gpu_layers == "auto" and not placement.fits:
+        if spec.gpu_layers in ("auto", None) and not placement.fits:
+            # unset: llama-server's own default offloads what fits too; reserve that much
             room = sum(c.room for c in placement.cards)
             choice = choose_gpu_layers("auto", info, free_vram_bytes=room, margin=0, **args)
             pinned = placement.uuids
             placement = place(pinned, info, placement.cards, layers=choice.layers, **args)
-            reason = f"gpu_layers: {choice.reason}"
+            unset = "unset, reserved as " if spec.gpu_layers is None else ""
+            reason = f"gpu_layers: {unset}{choice.reason}"
         elif spec.gpu_layers == "auto":
             reason = f"gpu_layers: auto: all {full} layers fit on the chosen GPUs"
         elif spec.gpu_layers is not None:

@@ -399,3 +399,22 @@ def test_estimate_devices_reports_the_split_per_card(
     assert "devices lists GPU 5, which NVML does not report" in capsys.readouterr().err
     assert main([*args, "--devices", "first"]) != 0
     assert "--devices: expected" in capsys.readouterr().err
+
+
+def test_unset_gpu_layers_reserve_what_fits_and_leave_the_choice_to_llama_server(
+    tmp_path: Path,
+) -> None:
+    """A model bigger than the card with gpu_layers unset is not refused: llama-server
+    offloads what fits by itself, and that much is reserved on the card."""
+    small = FakeNvml(gpus=[gpu(0, 2, 0.9)])  # room: 0.4 GiB, below the CUDA context alone
+    limits = gpu_limits(small)
+    full = limits.prepare(cuda_spec(tmp_path, "full", gpu_layers="all"), None)
+    (card,) = cards(small)
+    assert full.need.devices[uuid(0)] > card.room  # all layers would not fit
+    prepared = limits.prepare(cuda_spec(tmp_path, "a"), None)
+    assert prepared.spec.gpu_layers is None and prepared.spec.visible_devices == (uuid(0),)
+    assert prepared.layers_reason.startswith("gpu_layers: unset, reserved as auto: 0 layers")
+    assert prepared.need.devices[uuid(0)] <= card.room
+    limits.reserve("a", prepared.need)  # admitted
+    with pytest.raises(OverBudget, match="of vram on GPU 0"):
+        limits.reserve("full", full.need)  # while all layers are refused, naming the card
