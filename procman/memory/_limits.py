@@ -184,7 +184,8 @@ class Limits:
         }
         full = info.n_layers + 1
         ours = self.ledger.held_by_device()
-        cards = cards_from(machine.gpus, ours, baseline=self.machine.gpus)
+        busy = self.ledger.held_by_device(busy=True)
+        cards = cards_from(machine.gpus, ours, baseline=self.machine.gpus, busy=busy)
         self.cards.update({c.uuid: (c.index, c.name) for c in cards})
         layers = min(spec.gpu_layers, full) if isinstance(spec.gpu_layers, int) else full
         placement = place(spec.devices, info, cards, layers=layers, **args)

@@ -399,11 +399,14 @@ class Ledger:
         with self._lock:
             return {n: (e.host_bytes, e.device_bytes) for n, e in self._entries.items()}
 
-    def held_by_device(self) -> dict[str, int]:
-        """Device bytes counted per GPU UUID, over every server placed on GPUs."""
+    def held_by_device(self, *, busy: bool = False) -> dict[str, int]:
+        """Device bytes counted per GPU UUID, over every server placed on GPUs (``busy``:
+        only those no eviction may stop: serving, starting or already leaving)."""
         with self._lock:
             held: dict[str, int] = {}
-            for entry in self._entries.values():
+            for name, entry in self._entries.items():
+                if busy and not (entry.leaving or self._activity(name)[1]):
+                    continue
                 for uuid, size in entry.devices.items():
                     held[uuid] = held.get(uuid, 0) + size
             return held

@@ -100,6 +100,8 @@ class Card:
     """What this supervisor's servers hold on it (their reservations or measurements)."""
     baseline: int | None = None
     """What NVML reported free when the supervisor started (None: the card is new since)."""
+    busy: int = 0
+    """The part of ``ours`` held by servers that cannot be evicted now (serving, starting)."""
 
     @property
     def limit(self) -> int:
@@ -115,6 +117,11 @@ class Card:
         return max(self.limit - self.ours, 0)
 
     @property
+    def room_after_evicting(self) -> int:
+        """What a new server could take here once the idle servers on it stop."""
+        return max(self.limit - self.busy, 0)
+
+    @property
     def label(self) -> str:
         return f"GPU {self.index} ({self.name}, {self.uuid})"
 
@@ -123,10 +130,12 @@ def cards_from(
     gpus: Sequence[GpuInfo],
     ours: Mapping[str, int] | None = None,
     baseline: Sequence[GpuInfo] = (),
+    busy: Mapping[str, int] | None = None,
 ) -> list[Card]:
-    """NVML's GPUs (``probe_nvidia_gpus``) with what our servers hold on each, by UUID;
-    ``baseline``: the same probe when the supervisor started."""
-    ours = ours or {}
+    """NVML's GPUs (``probe_nvidia_gpus``) with what our servers hold on each, by UUID
+    (``busy``: the part no eviction may free); ``baseline``: the same probe when the
+    supervisor started."""
+    ours, busy = ours or {}, busy or {}
     first = {g.uuid: g.memory_free_bytes for g in baseline}
     cards = []
     for g in gpus:
@@ -140,6 +149,7 @@ def cards_from(
                 free=g.memory_free_bytes or 0,
                 ours=ours.get(uuid, 0),
                 baseline=first.get(g.uuid),
+                busy=busy.get(uuid, 0),
             )
         )
     return cards
@@ -316,6 +326,19 @@ def place(
         )
         placement = _on(info, chosen, layers, why, **settings)
         if placement.fits:
+            return placement
+    # no card has room now: the fewest that would once idle servers on them stop
+    # (the ledger then evicts them), rather than every card
+    by_evicting = sorted(cards, key=lambda c: (-c.room_after_evicting, c.index))
+    for k in range(1, len(by_evicting) + 1):
+        chosen = sorted(by_evicting[:k], key=lambda c: c.index)
+        which = ", ".join(str(c.index) for c in chosen)
+        placement = _on(
+            info, chosen, layers, f"auto: GPU {which} once idle models stop", **settings
+        )
+        if all(
+            b <= c.room_after_evicting for c, b in zip(chosen, placement.device_bytes, strict=True)
+        ):
             return placement
     return _on(info, sorted(cards, key=lambda c: c.index), layers,
                f"auto: no set of GPUs holds it, all {len(cards)}", **settings)  # fmt: skip

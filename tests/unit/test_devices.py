@@ -418,3 +418,26 @@ def test_unset_gpu_layers_reserve_what_fits_and_leave_the_choice_to_llama_server
     limits.reserve("a", prepared.need)  # admitted
     with pytest.raises(OverBudget, match="of vram on GPU 0"):
         limits.reserve("full", full.need)  # while all layers are refused, naming the card
+
+
+def test_auto_goes_where_stopping_idle_models_makes_room(tmp_path: Path) -> None:
+    """Both cards full, one with an idle model and one with a busy one: the new model goes
+    to the card whose idle model can stop, not split over both (which would evict both)."""
+    nvml = FakeNvml(gpus=[gpu(0, 2, 1.4), gpu(1, 2, 1.5)])  # limits: 0.9 and 1.0 GiB
+    limits = Limits(
+        memory_budget=None,
+        vram_budget="auto",
+        activity=lambda name: (0.0, name != "idle"),
+        settings=LimitSettings(),
+        use_nvml=False,
+        nvml=nvml,
+    )
+    assert admit(limits, cuda_spec(tmp_path, "busy", gpu_layers="all", devices=(1,)))
+    assert admit(limits, cuda_spec(tmp_path, "idle", gpu_layers="all", devices=(0,)))
+    now = cards_from(probe_nvidia_gpus(nvml).gpus, limits.ledger.held_by_device(),
+                     baseline=limits.machine.gpus)  # fmt: skip
+    assert all(c.room < limits.ledger.devices_of("idle")[uuid(0)] for c in now)  # both full
+    prepared = limits.prepare(cuda_spec(tmp_path, "new", gpu_layers="all"), None)
+    assert prepared.spec.visible_devices == (uuid(0),)
+    assert prepared.devices_reason.startswith("auto: GPU 0 once idle models stop")
+    assert limits.reserve("new", prepared.need).evict == ("idle",)
