@@ -18,6 +18,7 @@ from procman.errors import ConfigError
 from procman.process.endpoint import Endpoint, Listen
 
 __all__ = [
+    "DeviceSetting",
     "GpuLayers",
     "HealthSettings",
     "LogSettings",
@@ -27,6 +28,8 @@ __all__ = [
 ]
 
 GpuLayers = int | Literal["auto", "all"]
+DeviceSetting = Literal["auto", "all"] | tuple[int | str, ...]
+"""``devices``: ``auto``, ``all``, or NVML indices / UUIDs to pin to."""
 
 _CACHE_RAM = frozenset({"--cache-ram", "-cram"})
 _CACHE_RAM_DEFAULT_MIB = 8192  # llama-server's own default for --cache-ram
@@ -143,6 +146,13 @@ class ServerSpec:
     """Slots served concurrently (``-np``); ``None`` lets llama-server choose."""
     gpu_layers: GpuLayers | None = None
     """Layers offloaded to the GPU (``-ngl``): a number, ``auto`` or ``all``."""
+    devices: DeviceSetting = "auto"
+    """Which GPUs it may use (see :mod:`procman.memory.devices`): ``auto`` (the fewest with
+    room, chosen at each start), ``all``, or NVML indices / UUIDs. Only a CUDA build on a
+    machine with NVIDIA GPUs is placed."""
+    visible_devices: tuple[str, ...] = ()
+    """The GPU UUIDs it was placed on (set at admission): the only ones it sees
+    (``CUDA_VISIBLE_DEVICES``); empty: the environment's."""
     threads: int | None = None
     """Compute threads (``--threads``); ``None``: a share of the cores when several servers
     may run at once (see :mod:`procman.process.cpu`), else llama-server's default."""
@@ -194,7 +204,9 @@ class ServerSpec:
         if self.listen not in ("unix", "tcp"):
             raise ConfigError(f"listen must be 'unix' or 'tcp', got {self.listen!r}")
         if self.tensor_split and (
-            not self.rpc or min(self.tensor_split) < 0 or sum(self.tensor_split) <= 0
+            not (self.rpc or len(self.visible_devices) > 1)
+            or min(self.tensor_split) < 0
+            or sum(self.tensor_split) <= 0
         ):
             raise ConfigError(
                 "tensor_split needs rpc workers and non-negative shares that are not all zero"
@@ -277,6 +289,19 @@ class ServerSpec:
         """
         return max(1, min(PIPELINE_DEPTH * self.slots, self.http_threads - SPARE_HTTP_THREADS))
 
+    def env(self) -> dict[str, str] | None:
+        """The environment for the spawn: ours, with only its GPUs visible (by UUID, so
+        CUDA's own device order cannot renumber them); None: ours as it is."""
+        if not self.visible_devices:
+            return None
+        import os  # speed
+
+        return {
+            **os.environ,
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "CUDA_VISIBLE_DEVICES": ",".join(self.visible_devices),
+        }
+
     def argv(self, endpoint: Endpoint) -> list[str]:
         """The llama-server command line for a server listening at ``endpoint``."""
         argv = [str(self.binary), "-m", str(self.model), *endpoint.argv()]
@@ -291,8 +316,10 @@ class ServerSpec:
             argv += ["--threads", str(self.threads)]
         if self.rpc:
             argv += ["--rpc", ",".join(self.rpc)]
-            if self.tensor_split:
-                argv += ["-ts", ",".join(f"{share:g}" for share in self.tensor_split)]
+        if self.tensor_split:
+            argv += ["-ts", ",".join(f"{share:g}" for share in self.tensor_split)]
+        if len(self.visible_devices) > 1:
+            argv += ["--split-mode", "layer"]
         given = any(arg.partition("=")[0] in _CACHE_RAM for arg in self.extra_args)
         if self.cache_ram is not None and not given:
             argv += ["--cache-ram", str(self.cache_ram)]

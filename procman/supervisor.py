@@ -281,7 +281,12 @@ class AsyncSupervisor:
         except AdmissionError as exc:
             self._note(name, "refused", exc.message)
             raise
-        reasons = (prepared.layers_reason, share.reason, reservation.decision.reason)
+        reasons = (
+            prepared.devices_reason,
+            prepared.layers_reason,
+            share.reason,
+            reservation.decision.reason,
+        )
         self._note(name, "admitted", "; ".join(r for r in reasons if r))
         with reservation:
             for victim in reservation.evict:
@@ -503,6 +508,9 @@ class AsyncSupervisor:
                     "tokens_per_second": speeds.get(name),
                     "memory_limit": entry.memory_limit,
                     "rpc_workers": server.workers_status(),
+                    "devices": self._limits.devices_status(name, server.spec.visible_devices)
+                    if self._limits is not None
+                    else [],
                     "pulling": entry.pulling,
                     "state_since": entry.state_since,
                     "last_exit": entry.last_exit or None,

@@ -95,9 +95,20 @@ def _table(models: list[dict[str, Any]]) -> Table:
             str(row["port"] or "-"), _size(row["rss_bytes"]),
             _number(row.get("cpu_percent"), "%"), _size(row.get("vram_bytes")),
             _number(row.get("tokens_per_second")), str(row["restarts"]), busy,
-            escape(row["model"]) + _workers(row.get("rpc_workers") or []),
+            escape(row["model"]) + _workers(row.get("rpc_workers") or [])
+            + _devices(row.get("devices") or []),
         )  # fmt: skip
     return table
+
+
+def _devices(devices: list[dict[str, Any]]) -> str:
+    """The GPUs a server was placed on, under its model: what NVML measured there, and
+    what its admission reserved."""
+    return "".join(
+        f"\n  GPU {d['index'] if d['index'] is not None else '?'} {escape(d['uuid'])} "
+        f"{_size(d['vram_bytes'])} (reserved {_size(d['reserved_bytes'])})"
+        for d in devices
+    )
 
 
 def _workers(workers: list[dict[str, Any]]) -> str:

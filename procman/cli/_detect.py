@@ -36,7 +36,7 @@ def _print_gpus(profile: HardwareProfile) -> None:
         out.print("[bold]GPUs[/]      none found")
         return
     table = Table(title="GPUs", title_justify="left", show_edge=False)
-    for column in ("#", "vendor", "name", "memory (free)", "compute", "driver"):
+    for column in ("#", "vendor", "name", "memory (free)", "compute", "driver", "uuid"):
         table.add_column(column)
     for gpu in profile.gpus:
         memory = _gib(gpu.memory_bytes)
@@ -49,6 +49,7 @@ def _print_gpus(profile: HardwareProfile) -> None:
             memory,
             gpu.compute_capability or "-",
             escape(gpu.driver_version or "-"),
+            escape(gpu.uuid or "-"),
         )
     out.print(table)
 

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from procman._units import format_bytes
 from procman.cli._app import app, out
+from procman.errors import ConfigError
 
 
 class FlashAttn(StrEnum):
@@ -53,6 +54,13 @@ def estimate(
     tensor_split: Annotated[
         str | None, typer.Option(help="with --rpc: shares per worker, e.g. 1,3 (default auto)")
     ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="place it on this machine's NVIDIA GPUs as serve would: auto, all, or "
+            "indices/UUIDs (0,1): per-GPU totals and -ts"
+        ),
+    ] = None,
     ctx_checkpoints: Annotated[
         int, typer.Option(help="SWA checkpoints per slot (--ctx-checkpoints); beyond 2: growth")
     ] = 32,
@@ -89,6 +97,10 @@ def estimate(
     }
     if rpc is not None:
         _print_split(info, rpc, tensor_split, as_json=as_json, **layout)
+        return
+    if devices is not None:
+        layers = info.n_layers + 1 if gpu_layers < 0 else gpu_layers
+        _print_placement(info, devices, layers, as_json=as_json, **layout)
         return
     est = run_estimate(
         info,
@@ -170,4 +182,40 @@ def _print_split(
             f"--tensor-split {shares}: {'[green]fits[/]' if plan.fits else '[red]does not fit[/]'}"
         )
     if not plan.fits:
+        raise typer.Exit(1)
+
+
+def _print_placement(
+    info: Any, devices: str, layers: int, *, as_json: bool, **settings: Any
+) -> None:
+    """``estimate --devices``: the GPUs ``serve`` would place the model on now, and what each
+    would hold; exit 1 if it does not fit."""
+    from procman.memory.budget import probe_machine  # speed
+    from procman.memory.devices import cards_from, parse_devices, place  # speed
+
+    items = [d.strip() for d in devices.split(",")]
+    value: Any = items[0] if devices in ("auto", "all") else [
+        int(d) if d.isdigit() else d for d in items
+    ]  # fmt: skip
+    try:
+        setting = parse_devices(value)
+    except ValueError as exc:
+        raise ConfigError(f"--devices: {exc}", hint="e.g. --devices auto, all or 0,1") from None
+    placement = place(setting, info, cards_from(probe_machine().gpus), layers=layers, **settings)
+    if as_json:
+        out.print_json(json.dumps(placement.to_json()))
+    else:
+        table = Table()
+        for column in ("GPU", "name", "uuid", "needs", "room", "free", "fits"):
+            table.add_column(
+                column, justify="right" if column in ("needs", "room", "free") else "left"
+            )
+        for card, size in zip(placement.cards, placement.device_bytes, strict=True):
+            table.add_row(
+                str(card.index), escape(card.name), card.uuid, _size(size), _size(card.room),
+                _size(card.free), "[green]yes[/]" if size <= card.room else "[red]no[/]",
+            )  # fmt: skip
+        out.print(table)
+        out.print(escape(placement.reason))
+    if not placement.fits:
         raise typer.Exit(1)

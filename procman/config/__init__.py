@@ -31,7 +31,7 @@ from procman.config import _tables
 from procman.errors import ConfigError, ModelError
 from procman.models.refs import DEMO_MODEL, resolve_model
 from procman.router.scheduler import Order
-from procman.spec import GpuLayers, LogSettings, ServerSpec
+from procman.spec import DeviceSetting, GpuLayers, LogSettings, ServerSpec
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -94,6 +94,8 @@ class ModelSection:
     """Requests served at once (llama-server slots, ``-np``); more wait in the queue."""
     gpu_layers: GpuLayers | None = None
     """Layers offloaded to the GPU: a number, ``"auto"`` or ``"all"``; unset lets llama-server choose."""  # noqa: E501
+    devices: DeviceSetting = "auto"
+    """Which NVIDIA GPUs the model runs on: ``"auto"`` (at each start, the fewest cards with room for it, the roomiest first), a list of NVML indices or UUIDs such as ``[0]`` (pinned), or ``"all"`` (split across every card). The server sees only those (``CUDA_VISIBLE_DEVICES``)."""  # noqa: E501
     threads: int | None = None
     """Compute threads (``--threads``); unset: the cores shared equally among the models that may run at once, or llama-server's default for a model served alone."""  # noqa: E501
     memory_limit: int | None = None
@@ -162,6 +164,7 @@ class Config:
                     ctx=model.ctx,
                     parallel=model.parallel,
                     gpu_layers=model.gpu_layers,
+                    devices=model.devices,
                     threads=model.threads,
                     extra_args=model.args,
                     startup_timeout=model.startup_timeout,
@@ -246,6 +249,7 @@ _MODEL_KEYS: dict[str, _tables.Convert] = {
     "ctx": _tables.integer(0),
     "parallel": _tables.integer(1),
     "gpu_layers": _tables.gpu_layers,
+    "devices": _tables.devices,
     "threads": _tables.integer(1),
     "memory_limit": parse_size,
     "ttl": _tables.duration,
@@ -410,7 +414,7 @@ _KINDS = {
     "allowed_hosts": "list of strings", "cors_origins": "list of strings", "max_loaded": "integer",
     "memory_budget": 'size or "auto"', "vram_budget": 'size or "auto"', "path": "string",
     "ctx": "integer", "parallel": "integer", "gpu_layers": 'integer, "auto" or "all"',
-    "threads": "integer",
+    "threads": "integer", "devices": '"auto", "all" or a list of GPU indices/UUIDs',
     "memory_limit": "size", "ttl": "duration", "queue": "integer", "order": '"fifo" or "lifo"',
     "args": "list of strings", "aliases": "list of strings", "startup_timeout": "duration",
     "rpc": "list of worker names", "tensor_split": "list of numbers", "stall_timeout": "duration",

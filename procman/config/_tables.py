@@ -18,13 +18,14 @@ from typing import Any, Literal
 from procman._units import parse_duration, parse_size
 from procman.errors import ConfigError
 from procman.router.scheduler import Order
-from procman.spec import GpuLayers, check_extra_args
+from procman.spec import DeviceSetting, GpuLayers, check_extra_args
 
 __all__ = [
     "NAME",
     "Convert",
     "boolean",
     "budget",
+    "devices",
     "duration",
     "endpoint",
     "extra_args",
@@ -97,6 +98,12 @@ def gpu_layers(value: Any) -> GpuLayers:
         case int() if not isinstance(value, bool) and value >= 0:
             return value
     raise ValueError(f"expected a number of layers, 'auto' or 'all', got {value!r}")
+
+
+def devices(value: Any) -> DeviceSetting:
+    from procman.memory.devices import parse_devices  # speed
+
+    return parse_devices(value)
 
 
 def shares(value: Any) -> tuple[float, ...]:

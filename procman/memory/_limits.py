@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from procman.memory.budget import (
     Activity,
@@ -73,6 +73,8 @@ class Prepared:
     need: Need
     #: why ``-ngl`` is what it is ("" when the spec does not set gpu_layers)
     layers_reason: str = ""
+    #: which GPUs and why ("" when it was not placed: a CPU build, or no NVIDIA GPU)
+    devices_reason: str = ""
 
 
 class Limits:
@@ -87,11 +89,14 @@ class Limits:
         settings: LimitSettings,
         machine: MachineMemory | None = None,
         use_nvml: bool = True,
+        nvml: Any = None,
     ) -> None:
-        self.machine = machine or probe_machine()
+        """``nvml``: a fake ``pynvml`` for the GPU probes (tests); None: the real one."""
+        self._nvml = nvml
+        self.machine = machine or probe_machine(nvml)
         self.budget: Budget = resolve_budget(memory_budget, vram_budget, self.machine)
         self.ledger = Ledger(self.budget, activity)
-        self.meter = Meter(use_nvml=use_nvml)
+        self.meter = Meter(use_nvml=use_nvml, nvml=nvml)
         self.settings = settings
         from procman.memory.enforce import detect_cgroup_v2  # speed
 
@@ -101,6 +106,8 @@ class Limits:
         self.tokens_per_second: dict[str, float] = {}
         self._scraped: dict[str, tuple[float, LlamaMetrics]] = {}
         self._groups: dict[str, Path] = {}
+        #: every GPU a placement has seen, by UUID: its index and name, for status and metrics
+        self.cards: dict[str, tuple[int, str]] = {}
 
     def set_budget(self, memory_budget: Size, vram_budget: Size) -> None:
         """New budgets (a config reload): later admissions are decided against them."""
@@ -122,8 +129,11 @@ class Limits:
         layers = 0
         if spec.rpc:
             return self._prepare_group(spec, info, memory_limit)
+        machine = probe_machine(self._nvml) if is_cuda_build(spec.binary) else None
+        if machine is not None and machine.gpus and spec.gpu_layers != 0:
+            return self._prepare_placed(spec, info, memory_limit, machine)
         if spec.gpu_layers is not None:
-            free = probe_machine().vram_free_bytes if is_cuda_build(spec.binary) else None
+            free = machine.vram_free_bytes if machine is not None else None
             choice = choose_gpu_layers(
                 spec.gpu_layers,
                 info,
@@ -153,6 +163,66 @@ class Limits:
             self.ledger.stats.refusals += 1  # refused as surely as by the budget
             raise
         return Prepared(spec=spec, need=need, layers_reason=reason)
+
+    def _prepare_placed(
+        self, spec: ServerSpec, info: ModelInfo, memory_limit: int | None, machine: MachineMemory
+    ) -> Prepared:
+        """A CUDA build with NVIDIA GPUs: the cards are chosen first (for the whole model,
+        or the configured ``-ngl``), then ``gpu_layers = "auto"`` offloads what their room
+        holds; the ledger checks each card (:mod:`procman.memory.devices`)."""
+        from procman.memory.devices import cards_from, place  # speed
+        from procman.memory.estimate import estimate  # speed
+        from procman.memory.gpu_layers import choose_gpu_layers  # speed
+
+        mapped, checkpoints = flags_from_args(spec.extra_args)
+        args: dict[str, Any] = {
+            "ctx": spec.ctx or 0,
+            "parallel": spec.parallel,
+            "cache_ram": spec.cache_ram_bytes,
+            "mmap": mapped,
+            "ctx_checkpoints": checkpoints,
+        }
+        full = info.n_layers + 1
+        ours = self.ledger.held_by_device()
+        busy = self.ledger.held_by_device(busy=True)
+        cards = cards_from(machine.gpus, ours, baseline=self.machine.gpus, busy=busy)
+        self.cards.update({c.uuid: (c.index, c.name) for c in cards})
+        layers = min(spec.gpu_layers, full) if isinstance(spec.gpu_layers, int) else full
+        placement = place(spec.devices, info, cards, layers=layers, **args)
+        reason = ""
+        if spec.gpu_layers in ("auto", None) and not placement.fits:
+            # unset: llama-server's own default offloads what fits too; reserve that much
+            room = sum(c.room for c in placement.cards)
+            choice = choose_gpu_layers("auto", info, free_vram_bytes=room, margin=0, **args)
+            pinned = placement.uuids
+            placement = place(pinned, info, placement.cards, layers=choice.layers, **args)
+            unset = "unset, reserved as " if spec.gpu_layers is None else ""
+            reason = f"gpu_layers: {unset}{choice.reason}"
+        elif spec.gpu_layers == "auto":
+            reason = f"gpu_layers: auto: all {full} layers fit on the chosen GPUs"
+        elif spec.gpu_layers is not None:
+            reason = f"gpu_layers: {layers}/{full} layers as configured"
+        layers = placement.layers
+        spec = dataclasses.replace(
+            spec,
+            gpu_layers=layers if spec.gpu_layers is not None else None,
+            visible_devices=placement.uuids,
+            tensor_split=placement.shares,
+        )
+        est = estimate(info, gpu_layers=layers, **args)
+        self.set_limit(spec.name, memory_limit)
+        try:
+            need = Need.of(est, memory_limit=memory_limit)
+        except OverBudget:
+            self.ledger.stats.refusals += 1
+            raise
+        need = dataclasses.replace(
+            need,
+            device_bytes=sum(placement.device_bytes),
+            devices=placement.by_uuid(),
+            device_limits={c.uuid: (c.limit, c.label) for c in placement.cards},
+        )
+        return Prepared(spec=spec, need=need, layers_reason=reason, devices_reason=placement.reason)
 
     def _prepare_group(
         self, spec: ServerSpec, info: ModelInfo, memory_limit: int | None
@@ -214,7 +284,7 @@ class Limits:
             if not s.alive:
                 continue
             self.samples[name] = s
-            self.ledger.measure(name, s.rss_bytes, s.vram_bytes)
+            self.ledger.measure(name, s.rss_bytes, s.vram_bytes, s.vram_by_device)
             limit = self._limits.get(name)
             if limit is not None and (d := limit.observe(s.time, s.rss_bytes)) is not None:
                 decisions[name] = d
@@ -293,6 +363,10 @@ class Limits:
                     rpc_workers=tuple(
                         (w["endpoint"], w["up"], w["lost"]) for w in server.workers_status()
                     ),
+                    devices=tuple(
+                        (str(d["index"]), d["uuid"], d["vram_bytes"])
+                        for d in self.devices_status(server.name, server.spec.visible_devices)
+                    ),
                 )
             )
         counts = self.ledger.stats
@@ -304,6 +378,25 @@ class Limits:
             refusals_total=counts.refusals,
             restarts_total=restarts,
         )
+
+    def devices_status(self, name: str, uuids: Iterable[str]) -> list[dict[str, Any]]:
+        """``name``'s GPUs: index, UUID, name, bytes reserved there, bytes NVML measured."""
+        sample = self.samples.get(name)
+        measured = sample.vram_by_device if sample is not None else None
+        held = self.ledger.devices_of(name)
+        rows = []
+        for uuid in uuids:
+            index, card = self.cards.get(uuid, (None, ""))
+            rows.append(
+                {
+                    "index": index,
+                    "uuid": uuid,
+                    "name": card,
+                    "reserved_bytes": held.get(uuid),
+                    "vram_bytes": None if measured is None else measured.get(uuid, 0),
+                }
+            )
+        return rows
 
     def close(self) -> None:
         self.meter.close()

@@ -20,7 +20,7 @@ be measured. The pieces:
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal
@@ -92,6 +92,8 @@ class MachineMemory:
     vram_total_bytes: int | None = None
     vram_free_bytes: int | None = None
     vram_reason: str = ""
+    gpus: tuple[GpuInfo, ...] = ()
+    """Each NVIDIA GPU as NVML reported it (index, UUID, name, total and free)."""
 
 
 def probe_machine(nvml: Any = None) -> MachineMemory:
@@ -114,6 +116,7 @@ def probe_machine(nvml: Any = None) -> MachineMemory:
         vram_total_bytes=sum(g.memory_bytes or 0 for g in gpus) if gpus else None,
         vram_free_bytes=sum(g.memory_free_bytes or 0 for g in gpus) if gpus else None,
         vram_reason=reason,
+        gpus=gpus,
     )
 
 
@@ -173,6 +176,12 @@ class Need:
 
     host_bytes: int
     device_bytes: int
+    devices: Mapping[str, int] = field(default_factory=dict)
+    """Device bytes per GPU UUID, when the server is placed on GPUs
+    (:mod:`procman.memory.devices`); empty: one pool."""
+    device_limits: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    """Per GPU UUID: what this supervisor's servers may hold there together (free now plus
+    what they hold, less a margin), and the card's name for messages."""
 
     @classmethod
     def of(cls, est: Estimate, *, memory_limit: int | None = None) -> Need:
@@ -200,13 +209,23 @@ class Resident:
     last_used: float
     #: serving, starting, or already being evicted: not a candidate for eviction
     busy: bool
+    #: device bytes per GPU UUID
+    devices: Mapping[str, int] = field(default_factory=dict)
 
 
 class OverBudget(AdmissionError):
     """A server does not fit; ``resource`` is ``memory``, ``vram`` or ``memory_limit``."""
 
     def __init__(
-        self, resource: str, *, needed: int, free: int, budget: int, held_busy: int, name: str = ""
+        self,
+        resource: str,
+        *,
+        needed: int,
+        free: int,
+        budget: int,
+        held_busy: int,
+        name: str = "",
+        device: str = "",
     ) -> None:
         who = f"{name!r} " if name else ""
         if resource == "memory_limit":
@@ -215,6 +234,17 @@ class OverBudget(AdmissionError):
                 f"memory_limit of {format_bytes(budget)}"
             )
             hint = "raise memory_limit, or lower ctx/parallel/--cache-ram"
+        elif device:
+            message = (
+                f"model {who}needs {format_bytes(needed)} of vram on {device}, "
+                f"{format_bytes(free)} is free there of {format_bytes(budget)} usable"
+            )
+            if held_busy:
+                message += f" ({format_bytes(held_busy)} held by busy servers)"
+            hint = (
+                "that GPU is full: pin the model to another one (devices = [N]), stop a model "
+                'on it, use devices = "auto", or lower ctx/parallel/gpu_layers'
+            )
         else:
             message = (
                 f"model {who}needs {format_bytes(needed)} of {resource}, "
@@ -228,6 +258,7 @@ class OverBudget(AdmissionError):
         super().__init__(message, hint=hint)
         self.resource, self.needed, self.free, self.budget = resource, needed, free, budget
         self.held_busy = held_busy
+        self.device = device
 
 
 class Verdict(StrEnum):
@@ -260,17 +291,27 @@ def decide(name: str, need: Need, residents: Sequence[Resident], budget: Budget)
         ("vram", need.device_bytes, budget.vram_bytes, _device),
     )
 
-    def shortfall(gone: set[str]) -> tuple[str, int, int, int] | None:
+    def shortfall(gone: set[str]) -> tuple[str, int, int, int, str] | None:
+        # a card first: its name says more than the sum over cards
+        for uuid, needed in need.devices.items() if budget.vram_bytes is not None else ():
+            card_limit, label = need.device_limits.get(uuid, (None, ""))
+            if card_limit is None or needed == 0:
+                continue
+            used = sum(r.devices.get(uuid, 0) for r in residents if r.name not in gone)
+            if needed > card_limit - used:
+                return "vram", needed, card_limit - used, card_limit, label
         for resource, needed, limit, held_by in limits:
             if limit is None or needed == 0:
                 continue
             used = sum(held_by(r) for r in residents if r.name not in gone)
             if needed > limit - used:
-                return resource, needed, limit - used, limit
+                return resource, needed, limit - used, limit, ""
         return None
 
-    if shortfall(set()) is None:
+    first = shortfall(set())
+    if first is None:
         return Decision(verdict=Verdict.ADMIT, reason=f"{name} fits the budget")
+    where = f" on {first[4]}" if first[4] else ""
     gone: set[str] = set()
     evict: list[str] = []
     for r in sorted((r for r in residents if not r.busy), key=lambda r: r.last_used):
@@ -280,14 +321,19 @@ def decide(name: str, need: Need, residents: Sequence[Resident], budget: Budget)
             return Decision(
                 verdict=Verdict.EVICT,
                 evict=tuple(evict),
-                reason=f"{name} fits after stopping idle {', '.join(evict)}",
+                reason=f"{name} fits{where} after stopping idle {', '.join(evict)}",
             )
     missing = shortfall(gone)
     assert missing is not None  # noqa: S101 - the loop returned if evicting everything helped
-    resource, needed, free, limit = missing
+    resource, needed, free, limit, device = missing
     held_by = _host if resource == "memory" else _device
     busy = sum(held_by(r) for r in residents if r.busy)
-    error = OverBudget(resource, needed=needed, free=free, budget=limit, held_busy=busy, name=name)
+    if device:
+        uuid = next(u for u, (_, label) in need.device_limits.items() if label == device)
+        busy = sum(r.devices.get(uuid, 0) for r in residents if r.busy)
+    error = OverBudget(
+        resource, needed=needed, free=free, budget=limit, held_busy=busy, name=name, device=device
+    )
     return Decision(verdict=Verdict.REFUSE, reason=str(error), error=error)
 
 
@@ -295,6 +341,7 @@ def decide(name: str, need: Need, residents: Sequence[Resident], budget: Budget)
 class _Entry:
     host_bytes: int
     device_bytes: int
+    devices: dict[str, int] = field(default_factory=dict)
     measured: bool = False
     leaving: bool = False
 
@@ -352,6 +399,24 @@ class Ledger:
         with self._lock:
             return {n: (e.host_bytes, e.device_bytes) for n, e in self._entries.items()}
 
+    def held_by_device(self, *, busy: bool = False) -> dict[str, int]:
+        """Device bytes counted per GPU UUID, over every server placed on GPUs (``busy``:
+        only those no eviction may stop: serving, starting or already leaving)."""
+        with self._lock:
+            held: dict[str, int] = {}
+            for name, entry in self._entries.items():
+                if busy and not (entry.leaving or self._activity(name)[1]):
+                    continue
+                for uuid, size in entry.devices.items():
+                    held[uuid] = held.get(uuid, 0) + size
+            return held
+
+    def devices_of(self, name: str) -> dict[str, int]:
+        """``name``'s device bytes per GPU UUID (empty: not placed, or not held)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return dict(entry.devices) if entry is not None else {}
+
     def reserve(self, name: str, need: Need) -> Reservation:
         """Decide and hold ``need`` for ``name``; raises :class:`OverBudget` on refusal.
 
@@ -372,6 +437,7 @@ class Ledger:
                         device_bytes=entry.device_bytes,
                         last_used=last_used,
                         busy=busy or entry.leaving,
+                        devices=dict(entry.devices),
                     )
                 )
             decision = decide(name, need, residents, self.budget)
@@ -382,10 +448,16 @@ class Ledger:
                 self._entries[other].leaving = True
             self.stats.evictions += len(decision.evict)
             self.stats.admissions += 1
-            self._entries[name] = _Entry(need.host_bytes, need.device_bytes)
+            self._entries[name] = _Entry(need.host_bytes, need.device_bytes, dict(need.devices))
             return Reservation(self, name, decision)
 
-    def measure(self, name: str, host_bytes: int, device_bytes: int | None = None) -> None:
+    def measure(
+        self,
+        name: str,
+        host_bytes: int,
+        device_bytes: int | None = None,
+        by_device: Mapping[str, int] | None = None,
+    ) -> None:
         """Count a measurement where it exceeds the estimate.
 
         Right after start RSS is below the estimate (weights are paged in
@@ -400,6 +472,9 @@ class Ledger:
             entry.host_bytes = max(entry.host_bytes, host_bytes)
             if device_bytes is not None:
                 entry.device_bytes = max(entry.device_bytes, device_bytes)
+            for uuid, size in (by_device or {}).items():
+                if uuid in entry.devices:  # NVML lists only the cards the server was given
+                    entry.devices[uuid] = max(entry.devices[uuid], size)
             entry.measured = True
 
     def release(self, name: str) -> None:

@@ -64,6 +64,8 @@ class Sample:
     #: share of one CPU since the previous sample (may exceed 100); None on the first
     cpu_percent: float | None = None
     vram_bytes: int | None = None
+    #: device memory per GPU UUID (NVML's index as text when it has no UUID); None: unknown
+    vram_by_device: Mapping[str, int] | None = None
 
 
 class Meter:
@@ -83,6 +85,7 @@ class Meter:
         self._pss: dict[int, tuple[float, int]] = {}
         self._nvml: Any = None
         self._handles: list[Any] = []
+        self._uuids: list[str] = []
         if use_nvml:
             self._open_nvml(nvml)
 
@@ -100,6 +103,7 @@ class Meter:
             self._handles = [
                 nvml.nvmlDeviceGetHandleByIndex(i) for i in range(int(nvml.nvmlDeviceGetCount()))
             ]
+            self._uuids = [_uuid(nvml, h, i) for i, h in enumerate(self._handles)]
             self._nvml = nvml
         except Exception:  # no driver, no GPU, no library: VRAM stays unknown
             self._nvml, self._handles = None, []
@@ -110,14 +114,22 @@ class Meter:
 
     def vram_by_pid(self) -> dict[int, int] | None:
         """Device memory per host pid, summed over GPUs; None without NVML."""
+        per_device = self.vram_by_pid_and_device()
+        if per_device is None:
+            return None
+        return {pid: sum(cards.values()) for pid, cards in per_device.items()}
+
+    def vram_by_pid_and_device(self) -> dict[int, dict[str, int]] | None:
+        """Device memory per host pid and GPU UUID; None without NVML."""
         if self._nvml is None:
             return None
-        used: dict[int, int] = {}
+        used: dict[int, dict[str, int]] = {}
         try:
-            for handle in self._handles:
+            for handle, uuid in zip(self._handles, self._uuids, strict=True):
                 for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
                     if proc.usedGpuMemory is not None:  # None: not reported (Windows WDDM)
-                        used[int(proc.pid)] = used.get(int(proc.pid), 0) + int(proc.usedGpuMemory)
+                        cards = used.setdefault(int(proc.pid), {})
+                        cards[uuid] = cards.get(uuid, 0) + int(proc.usedGpuMemory)
         except Exception:  # a GPU fell off the bus, or the driver restarted
             return None
         return used
@@ -131,11 +143,11 @@ class Meter:
         for gone in self._procs.keys() - wanted:
             del self._procs[gone]
             self._pss.pop(gone, None)
-        vram = self.vram_by_pid() if wanted else None
+        vram = self.vram_by_pid_and_device() if wanted else None
         now = time.monotonic()
         return {pid: self._one(pid, now, vram) for pid in wanted}
 
-    def _one(self, pid: int, now: float, vram: Mapping[int, int] | None) -> Sample:
+    def _one(self, pid: int, now: float, vram: Mapping[int, dict[str, int]] | None) -> Sample:
         first = pid not in self._procs
         try:
             proc = self._procs.get(pid) or self._procs.setdefault(pid, psutil.Process(pid))
@@ -157,14 +169,15 @@ class Meter:
                 rss = int(psutil.Process(pid).memory_info().rss)
                 return Sample(pid=pid, time=now, rss_bytes=rss)
             return Sample(pid=pid, time=now)
-        vram_bytes = None if vram is None else vram.get(pid, 0)
+        cards = None if vram is None else vram.get(pid, {})
         return Sample(
             pid=pid,
             time=now,
             rss_bytes=rss,
             pss_bytes=last[1] if last is not None and last[1] else None,
             cpu_percent=None if first else cpu,
-            vram_bytes=vram_bytes,
+            vram_bytes=None if cards is None else sum(cards.values()),
+            vram_by_device=cards,
         )
 
     def close(self) -> None:
@@ -174,6 +187,14 @@ class Meter:
                 with contextlib.suppress(Exception):
                     self._nvml.nvmlShutdown()
                 self._nvml, self._handles = None, []
+
+
+def _uuid(nvml: Any, handle: Any, index: int) -> str:
+    try:
+        value = nvml.nvmlDeviceGetUUID(handle)
+    except Exception:  # an old driver, or a fake without it: the index still tells them apart
+        return str(index)
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True, kw_only=True)

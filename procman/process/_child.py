@@ -28,7 +28,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from buildtools._runner import describe_exit
@@ -147,7 +147,12 @@ class Child(asyncio.SubprocessProtocol):
 
 
 async def spawn(
-    argv: Sequence[str], sink: RotatingLog, tail: LineTail, *, ignore_sigpipe: bool = False
+    argv: Sequence[str],
+    sink: RotatingLog,
+    tail: LineTail,
+    *,
+    ignore_sigpipe: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[asyncio.SubprocessTransport, Child]:
     """Start ``argv`` in its own session, tied to our life, its output piped to ``sink``.
 
@@ -163,6 +168,7 @@ async def spawn(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env=env,
         # only prctl + getppid run between fork and exec (PLW1509 is not in our selection)
         preexec_fn=child_setup(ignore_sigpipe=ignore_sigpipe),
     )

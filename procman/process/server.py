@@ -393,6 +393,7 @@ class ManagedServer:
         if early is None:
             return None
         same = early.argv == self.spec.argv(Endpoint(socket=early.socket))
+        same = same and not self.spec.visible_devices  # started without its GPUs' environment
         if not same or early.process.poll() is not None:
             early.discard()  # started for another command line, or already dead
             return None
@@ -413,12 +414,14 @@ class ManagedServer:
         if early is not None:
             age = time.monotonic() - early.started
             note = f" (started at launch, adopted {age * 1000:.0f} ms later){note}"
-        self._log.write(f"\n--- llamactl {stamp}: {shlex.join(argv)}{note}\n".encode())
+        gpus = ",".join(self.spec.visible_devices)
+        shown = f"CUDA_VISIBLE_DEVICES={gpus} {shlex.join(argv)}" if gpus else shlex.join(argv)
+        self._log.write(f"\n--- llamactl {stamp}: {shown}{note}\n".encode())
         if early is not None:
             transport, child = await adopt(early, self._log, self._tail)
         else:
             endpoint.prepare()
-            transport, child = await spawn(argv, self._log, self._tail)
+            transport, child = await spawn(argv, self._log, self._tail, env=self.spec.env())
         self._pid, self._endpoint = transport.get_pid(), endpoint
         self._set(State.STARTING, f"spawned pid {self._pid} on {endpoint.address}{note}")
         return transport, child

@@ -47,6 +47,7 @@ RESTART_FIELDS = frozenset(
         "ctx",
         "parallel",
         "gpu_layers",
+        "devices",
         "threads",
         "args",
         "rpc",

@@ -40,6 +40,8 @@ class ServerStats:
     requests_total: int = 0
     rpc_workers: tuple[tuple[str, bool | None, int], ...] = ()
     """Each RPC worker of the server: (endpoint, up, times the group lost it)."""
+    devices: tuple[tuple[str, str, int | None], ...] = ()
+    """Each GPU the server was placed on: (NVML index, UUID, bytes NVML measured there)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +70,21 @@ _GAUGES = (  # (ServerStats field, metric name suffix, help)
     ("vram_bytes", "vram_bytes", "GPU memory used by the process, summed over GPUs."),
     ("tokens_per_second", "tokens_per_second", "Generation throughput in tokens per second."),
 )
+
+
+def _device_vram(snap: Snapshot) -> Metric:
+    from prometheus_client.core import GaugeMetricFamily  # speed
+
+    gauge = GaugeMetricFamily(
+        "llamactl_server_device_vram_bytes",
+        "GPU memory used by the process on one of the GPUs it was placed on.",
+        labels=["server", "gpu", "uuid"],
+    )
+    for s in snap.servers:
+        for index, uuid, used in s.devices:
+            if used is not None:
+                gauge.add_metric([s.name, index, uuid], float(used))
+    return gauge
 
 
 class _Collector:
@@ -121,6 +138,7 @@ class _Collector:
                 lost.add_metric([s.name, endpoint], float(times))
         yield up
         yield lost
+        yield _device_vram(snap)
         queue = GaugeMetricFamily(
             "llamactl_queue_depth", "Requests waiting, by model.", labels=["model"]
         )

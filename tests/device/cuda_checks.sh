@@ -35,7 +35,7 @@ export LLAMACTL_TEST_MODEL=$PWD/.devcarry/smollm2-4layers.gguf
 python3 -m procman.cli detect >"$OUT/detect.txt" 2>&1
 python3 -m procman.cli detect --json >"$OUT/detect.json" 2>&1
 
-python3 -m pytest tests/integration/test_cuda.py -m gpu -v -s -rs -p no:cacheprovider \
+python3 -m pytest tests/integration/test_cuda.py tests/integration/test_multi_gpu.py -m gpu -v -s -rs -p no:cacheprovider \
     -o addopts="" 2>&1 | tee "$OUT/pytest.log"
 tests=${PIPESTATUS[0]}
 echo "[cuda_checks] pytest exit $tests after $((SECONDS - started)) s" | tee -a "$OUT/pytest.log"
