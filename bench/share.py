@@ -47,6 +47,7 @@ def _config(model: Path, port: int, work: Path, label: str, args: str) -> Path:
     for name, parallel in (("busy", 4), ("other", 1)):
         lines += ["", f"[models.{name}]", f"path = {json.dumps(str(model))}", "ctx = 1024"]
         lines += [f"parallel = {parallel}", *([args] if args else [])]
+    work.mkdir(parents=True, exist_ok=True)
     path = work / f"share-{label}.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -143,6 +144,8 @@ async def share(binary: Path, model: Path, work: Path, quick: bool) -> Section:
         "notes": [
             f"{rounds} interleaved rounds on {cores} core(s), a fresh `serve --config` per run, "
             "two models of the demo file (`busy` with 4 slots, `other` with 1).",
+            f"`-t {cores}` is llama-server's own default here (a thread per core), what every "
+            "server got before llamactl shared the cores.",
             "A long answer's speed is its chunks over its wall time; one not done in "
             f"{LIMIT:g} s is counted as not done, not in the speed.",
         ],
