@@ -33,6 +33,17 @@ def daemon(
         bool, typer.Option("--status", help="Print the running daemon's servers and exit.")
     ] = False,
     stop: Annotated[bool, typer.Option("--stop", help="Ask the running daemon to exit.")] = False,
+    http: Annotated[
+        int | None,
+        typer.Option(
+            "--http",
+            metavar="PORT",
+            help="Also serve the router (OpenAI API, admin API, dashboard at /ui) on "
+            "127.0.0.1:PORT (0: any free port), with a random key kept in the daemon's "
+            "http.json.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Share one supervisor between many programs through a Unix socket.
 
@@ -52,13 +63,18 @@ def daemon(
                 return
             info = client.status()
         console.print(f"daemon pid {info.pid}, {info.clients - 1} other client(s)")
+        if info.http is not None:
+            where = DaemonPaths.default(socket).http_info
+            console.print(f"  router {info.http}/v1, dashboard {info.http}/ui (key in {where})")
         for server in info.servers:
             console.print(f"  {server.name}: {server.state} pid {server.pid} {server.base_url}")
         return
     seconds = duration_option(idle_timeout, "--idle-timeout")
     paths = DaemonPaths.default(socket)
     console.print(f"daemon on {paths.socket} (exits after {seconds:.0f} s idle; Ctrl-C stops)")
-    if not run_daemon(socket_path=socket, idle_timeout=seconds):
+    if http is not None:
+        console.print(f"router on 127.0.0.1, its URL and key in {paths.http_info}")
+    if not run_daemon(socket_path=socket, idle_timeout=seconds, http_port=http):
         console.print("[yellow]a daemon is already running[/]: use it, or `llamactl daemon --stop`")
         raise typer.Exit(1)
     console.print("daemon stopped")

@@ -59,6 +59,8 @@ class DaemonStatus:
     pid: int
     clients: int
     servers: tuple[ServerInfo, ...]
+    http: str | None = None
+    """With ``--http``: the router's base URL (``/v1``, ``/ui``); its key is in ``http.json``."""
 
 
 class _Retry(Exception):
@@ -92,7 +94,9 @@ class DaemonClient(Serving):
     def status(self) -> DaemonStatus:
         data = self.request("status")
         servers = tuple(ServerInfo.from_json(s) for s in data["servers"])
-        return DaemonStatus(pid=data["pid"], clients=data["clients"], servers=servers)
+        return DaemonStatus(
+            pid=data["pid"], clients=data["clients"], servers=servers, http=data.get("http")
+        )
 
     def remove(self, name: str) -> None:
         self.request("remove", {"name": name})

@@ -7,6 +7,7 @@ Files, in ``<llamactl home>/daemon/`` (mode 0700)::
     spawn.lock    flock'ed by a client while it checks for a daemon and starts one
     daemon.pid    informative only
     daemon.log    the daemon's own stdout/stderr
+    http.json     with ``--http``: the router's URL and key (0600; see procman.daemon._http)
 
 Liveness is the flock on ``daemon.lock``, never the existence of a file:
 after a crash (even SIGKILL) the kernel releases the lock, and the next
@@ -99,6 +100,10 @@ class DaemonPaths:
     def log(self) -> Path:
         return self.root / "daemon.log"
 
+    @property
+    def http_info(self) -> Path:
+        return self.root / "http.json"
+
     def prepare(self) -> None:
         """Create the folder owner-only (and tighten one that exists)."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -154,12 +159,25 @@ def _error_reply(exc: BaseException, *, retry: bool = False) -> dict[str, Any]:
 class Daemon:
     """The daemon's state: its supervisor, its listener, its clients, its idle clock."""
 
-    def __init__(self, paths: DaemonPaths, *, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+    def __init__(
+        self,
+        paths: DaemonPaths,
+        *,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        http_port: int | None = None,
+    ) -> None:
+        """``http_port``: also serve the router there, on 127.0.0.1 (0: any free port)."""
+        from procman.daemon._http import DaemonHttp  # speed
         from procman.supervisor import AsyncSupervisor  # speed
 
         self.paths = paths
         self.idle_timeout = idle_timeout
         self.supervisor = AsyncSupervisor()
+        self.http = (
+            DaemonHttp(self.supervisor, paths.http_info, http_port)
+            if http_port is not None
+            else None
+        )
         self._clients = 0
         self._busy = 0
         self._last_activity = time.monotonic()
@@ -176,6 +194,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         listener = self._bind()
         self._server = await asyncio.start_unix_server(self._handle, sock=listener, limit=_MAX_LINE)
+        if self.http is not None:
+            try:
+                url = await self.http.start()
+            except BaseException:
+                self._server.close()
+                with contextlib.suppress(FileNotFoundError):
+                    self.paths.socket.unlink()
+                raise
+            log.warning("daemon %d: router at %s/v1, dashboard %s/ui", os.getpid(), url, url)
         self.paths.pid_file.write_text(f"{os.getpid()}\n")
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
@@ -232,6 +259,8 @@ class Daemon:
             self.paths.socket.unlink()
         with contextlib.suppress(FileNotFoundError):
             self.paths.pid_file.unlink()
+        if self.http is not None:
+            await self.http.stop()
         await self.supervisor.stop()
         log.warning("daemon %d stopped", os.getpid())
 
@@ -291,7 +320,13 @@ class Daemon:
                 return server_info(server).to_json()
             case "status":
                 servers = [server_info(s).to_json() for s in self.supervisor.servers.values()]
-                return {"pid": os.getpid(), "clients": self._clients, "servers": servers}
+                http = self.http.url if self.http is not None else None
+                return {
+                    "pid": os.getpid(),
+                    "clients": self._clients,
+                    "servers": servers,
+                    "http": http,
+                }
             case "remove":
                 await self.supervisor.remove(str(request.get("name")))
                 return None
@@ -308,6 +343,7 @@ def run_daemon(
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     home: Path | None = None,
     ready: IO[bytes] | None = None,
+    http_port: int | None = None,
 ) -> bool:
     """Be the daemon until idle or stopped; False at once if another daemon holds the lock."""
     paths = DaemonPaths.default(socket_path, home)
@@ -318,7 +354,8 @@ def run_daemon(
             return False
         from procman._loop import run  # speed
 
-        run(Daemon(paths, idle_timeout=idle_timeout).run(lock_fd, ready))
+        daemon = Daemon(paths, idle_timeout=idle_timeout, http_port=http_port)
+        run(daemon.run(lock_fd, ready))
         return True
     finally:
         os.close(lock_fd)  # the last step of the shutdown: releases the lock
@@ -332,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", type=Path, default=None)
     parser.add_argument("--idle-timeout", default=str(DEFAULT_IDLE_TIMEOUT))
     parser.add_argument("--ready-fd", type=int, default=None)
+    parser.add_argument("--http", type=int, default=None, metavar="PORT")
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     ready = os.fdopen(options.ready_fd, "wb") if options.ready_fd is not None else None
@@ -340,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             socket_path=options.socket,
             idle_timeout=duration_option(options.idle_timeout, "--idle-timeout"),
             ready=ready,
+            http_port=options.http,
         )
     except LlamactlError as exc:
         log.error("%s", exc.message)  # noqa: TRY400 - the message is the report; no traceback

@@ -395,3 +395,63 @@ def test_serve_daemon_prints_a_url_the_shared_server_answers(
         assert refused.value.code == 401
     finally:
         stop_daemon(home)
+
+
+def test_the_daemon_serves_a_keyed_router_and_the_dashboard_on_loopback(
+    home: Path, llama_server: Path, processes: Processes
+) -> None:
+    """`--http`: the router over the daemon's supervisor, on 127.0.0.1, its random key in
+    http.json (0600); the router's Host, Origin and key rules apply; gone when it stops."""
+    import urllib.error
+    import urllib.request
+
+    env = client_env(home, llama_server)
+    argv = [sys.executable, "-m", "procman.daemon", "--http", "0", "--idle-timeout", "120"]
+    processes.popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    paths = DaemonPaths.default(home=home)
+    deadline = time.monotonic() + 60
+    while not paths.http_info.exists():
+        assert time.monotonic() < deadline, "no http.json"
+        time.sleep(0.05)
+    assert paths.http_info.stat().st_mode & 0o777 == 0o600
+    info = json.loads(paths.http_info.read_text())
+    base, key = info["url"].removesuffix("/v1"), info["api_key"]
+    assert base.startswith("http://127.0.0.1:") and info["ui"] == f"{base}/ui" and len(key) > 30
+    served = subprocess.run(  # a program asks the daemon for the demo model, as programs do
+        [sys.executable, "-m", "procman.cli", "serve", "--daemon"],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )  # fmt: skip
+    assert served.returncode == 0, served.stderr
+
+    def call(path: str, body: Any = None, **headers: str) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{base}{path}", data=data, headers=headers)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 - loopback
+                text = reply.read().decode()
+                return reply.status, json.loads(text) if text.startswith("{") else text
+        except urllib.error.HTTPError as exc:
+            return exc.code, None
+
+    auth = {"Authorization": f"Bearer {key}"}
+    page_status, page = call("/ui")
+    assert page_status == 200 and "<html" in page.lower()  # the page itself needs no key
+    assert call("/admin/status")[0] == 401
+    status, rows = call("/admin/status", **auth)
+    assert status == 200 and [m["name"] for m in rows["models"]] == ["demo"]
+    chat = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    status, answer = call(
+        "/v1/chat/completions", chat, **auth, **{"Content-Type": "application/json"}
+    )
+    assert status == 200 and answer["usage"]["completion_tokens"] > 0
+    assert call("/v1/models", **auth, Host="evil.example")[0] == 403
+    # a web page (cross-site, no key) cannot drive it; the model still answers
+    assert call("/admin/unload/demo", {}, Origin="http://evil.example")[0] == 403
+    assert call("/admin/status", **auth)[1]["models"][0]["state"] == "ready"
+    printed = subprocess.run(
+        [sys.executable, "-m", "procman.cli", "daemon", "--status"],
+        capture_output=True, text=True, env={**env, "COLUMNS": "300"}, timeout=60, check=False,
+    )  # fmt: skip
+    assert f"dashboard {base}/ui" in printed.stdout + printed.stderr, printed.stderr
+    stop_daemon(home)
+    assert not paths.http_info.exists()

@@ -116,7 +116,8 @@ async def test_status_and_errors_over_the_socket(
     status, unknown, garbage, bad = await exchange(
         daemon, b'{"op": "status"}', b'{"op": "dance"}', b"not json", b'{"op": "serve"}'
     )
-    assert status == {"ok": True, "data": {"pid": os.getpid(), "clients": 1, "servers": []}}
+    data = {"pid": os.getpid(), "clients": 1, "servers": [], "http": None}  # no --http
+    assert status == {"ok": True, "data": data}
     assert unknown["ok"] is False and "unknown op" in str(unknown["error"])
     assert garbage["ok"] is False and "not JSON" in str(garbage["error"])
     assert bad["ok"] is False and "model" in str(bad["error"])
