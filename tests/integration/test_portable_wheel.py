@@ -17,7 +17,6 @@ import venv
 import zipfile
 from pathlib import Path
 
-import httpx
 import pytest
 
 from buildtools import BuildResult
@@ -161,15 +160,13 @@ def test_installed_portable_wheel_serves_with_an_empty_environment(
     finally:
         watchdog.cancel()
     assert any("bundled in the installed wheel" in line for line in lines), "".join(lines)
-    base = f"http://127.0.0.1:{port}/v1"
-    model = httpx.get(f"{base}/models", timeout=30).json()["data"][0]["id"]
-    reply = httpx.post(
-        f"{base}/chat/completions",
-        json={"model": model, "messages": [{"role": "user", "content": "Say hello."}],
-              "max_tokens": 8},
-        timeout=60,
-    )  # fmt: skip
-    assert reply.status_code == 200, reply.text
-    assert reply.json()["choices"][0]["message"]["content"]
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+    )
+    assert reply.choices[0].message.content
     proc.terminate()
     assert proc.wait(timeout=30) == 0
