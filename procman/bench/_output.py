@@ -64,7 +64,9 @@ def write_plot(report: BenchReport, path: Path, *, title: str = "llamactl bench"
         mpl.use("Agg")  # no display: write the file only
         import matplotlib.pyplot as plt  # speed
     except ImportError as exc:
-        raise ConfigError("--plot needs matplotlib", hint="pip install 'llamactl[bench]'") from exc
+        raise ConfigError(
+            "--plot needs matplotlib", hint="pip install 'llamactl-server[bench]'"
+        ) from exc
     cases = list(dict.fromkeys(r.case.name for r in report.results))
     fig, axes = plt.subplots(
         1, len(cases), figsize=(4.2 * len(cases) + 1, 4.2), squeeze=False, constrained_layout=True

@@ -19,6 +19,23 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from procman.cli._version import installed_lines  # speed
+
+        for line in installed_lines():
+            out.print(line, markup=False)
+        raise typer.Exit
+
+
 @app.callback()
-def _group() -> None:
+def _group(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_show_version,
+        help="the release, and the llama-server build and variant it carries",
+    ),
+) -> None:
     """Keeps llamactl a command group when a run registers one command (see _commands)."""

@@ -119,7 +119,7 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="The full report on stdout.")] = False,
     csv: Annotated[Path | None, typer.Option(help="Write the summary as CSV.")] = None,
     plot: Annotated[
-        Path | None, typer.Option(help="Write a PNG plot (needs llamactl[bench]).")
+        Path | None, typer.Option(help="Write a PNG plot (needs llamactl-server[bench]).")
     ] = None,
 ) -> None:
     """Benchmark servers llamactl manages: time to first token, checkpoints, tokens/s.
@@ -136,7 +136,7 @@ def bench(
             from procman.errors import ConfigError  # speed
 
             raise ConfigError(
-                "--plot needs matplotlib", hint="pip install 'llamactl[bench]'"
+                "--plot needs matplotlib", hint="pip install 'llamactl-server[bench]'"
             ) from None
     import tomllib  # speed
 

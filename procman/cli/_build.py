@@ -72,7 +72,7 @@ def build(
     from buildtools.demo import demo_model_path  # speed
     from buildtools.hardware import detect  # speed
 
-    if wheel:
+    if wheel and not dry_run:
         from buildtools.wheel import build_wheel  # speed
 
         made = build_wheel(
@@ -98,6 +98,11 @@ def build(
     if dry_run:
         doc = plan.to_json(source_id=src.source_id, compiler=compiler)
         doc["source"] = {"path": str(src.path), "origin": src.origin, "version": src.version}
+        if wheel:
+            from buildtools.variant import glibc_version, plan_variant  # speed
+
+            variant = plan_variant(plan, profile, glibc=glibc_version())
+            doc["wheel"] = variant.to_json(_dist_version())
         if as_json:
             out.print_json(json.dumps(doc))
             return
@@ -125,6 +130,17 @@ def build(
     out.print(info["binary"])
 
 
+def _dist_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # speed
+
+    from buildtools.variant import DIST_NAME  # speed
+
+    try:
+        return version(DIST_NAME)
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def _print_plan(doc: dict[str, Any], *, brief: bool = False) -> None:
     from rich.table import Table  # speed
 
@@ -141,6 +157,12 @@ def _print_plan(doc: dict[str, Any], *, brief: bool = False) -> None:
         f"backend: {doc['backend']}  targets: {', '.join(doc['targets'])}  "
         f"cache key: {doc['cache_key']}"
     )
+    if whl := doc.get("wheel"):
+        console.print(f"wheel: {whl['wheel']}  (label +{whl['label']})")
+        if whl["repaired_wheel"]:
+            console.print(f"  --repair: {whl['repaired_wheel']} (glibc of this machine: at most)")
+        where = f"sub-index /{whl['index']}" if whl["index"] else "none (built for this CPU only)"
+        console.print(f"  wheelhouse: {where}")
 
 
 @app.command()

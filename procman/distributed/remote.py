@@ -217,7 +217,7 @@ def _check_discovery(name: str, section: RemoteSection) -> None:
     except ImportError:
         raise ConfigError(
             f"remote.{name}.discovery: DNS discovery needs the dnspython package",
-            hint="pip install 'llamactl[dns]'",
+            hint="pip install 'llamactl-server[dns]'",
         ) from None
 
 
