@@ -37,6 +37,7 @@ from procman.router.metrics import ServerStats, Snapshot
 from procman.spec import ServerSpec
 
 if TYPE_CHECKING:
+    from procman.memory.estimate import Estimate
     from procman.models.gguf import ModelInfo
     from procman.process.server import ManagedServer
 
@@ -156,12 +157,7 @@ class Limits:
             mmap=mapped,
             ctx_checkpoints=checkpoints,
         )
-        self.set_limit(spec.name, memory_limit)
-        try:
-            need = Need.of(est, memory_limit=memory_limit)
-        except OverBudget:
-            self.ledger.stats.refusals += 1  # refused as surely as by the budget
-            raise
+        need = self._need(spec.name, est, memory_limit)
         return Prepared(spec=spec, need=need, layers_reason=reason)
 
     def _prepare_placed(
@@ -210,12 +206,7 @@ class Limits:
             tensor_split=placement.shares,
         )
         est = estimate(info, gpu_layers=layers, **args)
-        self.set_limit(spec.name, memory_limit)
-        try:
-            need = Need.of(est, memory_limit=memory_limit)
-        except OverBudget:
-            self.ledger.stats.refusals += 1
-            raise
+        need = self._need(spec.name, est, memory_limit)
         need = dataclasses.replace(
             need,
             device_bytes=sum(placement.device_bytes),
@@ -223,6 +214,15 @@ class Limits:
             device_limits={c.uuid: (c.limit, c.label) for c in placement.cards},
         )
         return Prepared(spec=spec, need=need, layers_reason=reason, devices_reason=placement.reason)
+
+    def _need(self, name: str, est: Estimate, memory_limit: int | None) -> Need:
+        """What ``est`` asks of the budget; refused (and counted) above ``memory_limit``."""
+        self.set_limit(name, memory_limit)
+        try:
+            return Need.of(est, memory_limit=memory_limit)
+        except OverBudget:
+            self.ledger.stats.refusals += 1  # refused as surely as by the budget
+            raise
 
     def _prepare_group(
         self, spec: ServerSpec, info: ModelInfo, memory_limit: int | None
@@ -244,12 +244,7 @@ class Limits:
             cache_ram=spec.cache_ram_bytes,
         )
         est = dataclasses.replace(full, device_bytes=0)  # the devices are the workers'
-        self.set_limit(spec.name, memory_limit)
-        try:
-            need = Need.of(est, memory_limit=memory_limit)
-        except OverBudget:
-            self.ledger.stats.refusals += 1
-            raise
+        need = self._need(spec.name, est, memory_limit)
         workers = len(spec.rpc)
         reason = f"rpc: layers on {workers} worker{'s' * (workers > 1)} ({', '.join(spec.rpc)})"
         return Prepared(spec=spec, need=need, layers_reason=reason)

@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import venv
 import zipfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from buildtools.wheel import duplicate_libraries
 from buildtools.wheelhouse import add_wheel
 from tests.conftest import MARK
 from tests.integration.conftest import Processes
+from tests.integration.test_wheel import serves_the_bundled_server
 
 pytestmark = [pytest.mark.compile, pytest.mark.server, pytest.mark.slow]
 
@@ -146,20 +146,7 @@ def test_installed_portable_wheel_serves_with_an_empty_environment(
         text=True,
         cwd=tmp_path,
     )
-    lines: list[str] = []
-    watchdog = threading.Timer(180, proc.kill)  # ends the read below if serve never says ready
-    watchdog.start()
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "ready" in line and "/v1" in line:
-                break
-        else:
-            pytest.fail("serve exited (or was not ready in 180 s):\n" + "".join(lines))
-    finally:
-        watchdog.cancel()
-    assert any("bundled in the installed wheel" in line for line in lines), "".join(lines)
+    serves_the_bundled_server(proc)
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=60)

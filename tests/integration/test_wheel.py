@@ -141,6 +141,19 @@ def test_installed_wheel_serves_the_demo_model(
         env=env,
         cwd=tmp_path,
     )
+    serves_the_bundled_server(proc)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=30)
+    reply = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+    )
+    assert reply.choices[0].message.content
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+
+
+def serves_the_bundled_server(proc: subprocess.Popen[str]) -> list[str]:
+    """What ``llamactl serve`` (stdout and stderr in one pipe) printed until it was ready;
+    fails the test if it never was, or if the server it ran is not the wheel's own."""
     lines: list[str] = []
     watchdog = threading.Timer(180, proc.kill)  # ends the read below if serve never says ready
     watchdog.start()
@@ -155,10 +168,4 @@ def test_installed_wheel_serves_the_demo_model(
     finally:
         watchdog.cancel()
     assert any("bundled in the installed wheel" in line for line in lines), "".join(lines)
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=30)
-    reply = client.chat.completions.create(
-        model="demo", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
-    )
-    assert reply.choices[0].message.content
-    proc.terminate()
-    assert proc.wait(timeout=30) == 0
+    return lines
