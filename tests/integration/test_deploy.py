@@ -27,7 +27,7 @@ from tests.integration.conftest import Processes
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "procman.cli"]
-CRD = REPO.parent / "shared" / "schemas" / "leaderworkerset.x-k8s.io_leaderworkersets.yaml"
+CRD = REPO / "tests" / "data" / "leaderworkerset-crd.json"
 CONFIG = """
 [models.chat]
 path = "demo"
@@ -84,7 +84,7 @@ def test_requests_are_the_real_estimate_plus_margins_and_the_check_passes(
     (deployment,) = [o for o in objects["chat"] if o["kind"] == "Deployment"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["requests"]["memory"] == f"{expected}Mi"
-    crd = ["--lws-crd", str(CRD)] if CRD.is_file() else []
+    crd = ["--lws-crd", str(CRD)]
     done = run(["deploy", "k8s", "--check", str(tmp_path / "k8s"), *crd], env)
     assert done.returncode == 0, done.stderr
     assert "valid: 9 objects" in done.stderr.replace("\n", " ")

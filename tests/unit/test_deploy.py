@@ -26,12 +26,7 @@ from procman.errors import ConfigError
 from procman.memory.estimate import Estimate
 
 GOLDEN = Path(__file__).parent / "golden" / "k8s"
-CRD = (
-    Path(__file__).resolve().parents[3]
-    / "shared"
-    / "schemas"
-    / ("leaderworkerset.x-k8s.io_leaderworkersets.yaml")
-)
+CRD = Path(__file__).resolve().parents[1] / "data" / "leaderworkerset-crd.json"
 MIB = 1024 * 1024
 CONFIG = """
 [models.chat]
@@ -82,13 +77,11 @@ def test_the_manifests_equal_the_golden_files(tmp_path: Path) -> None:
 @pytest.mark.parametrize("version", ["1.30", "1.37"])
 def test_every_object_is_strictly_valid(tmp_path: Path, version: str) -> None:
     write(rendered(), tmp_path)
-    lws = CRD if CRD.is_file() else None
-    count, problems, _ = check_dir(tmp_path, [version], lws)
+    count, problems, _ = check_dir(tmp_path, [version], CRD)
     assert count == 9
     assert problems == []
 
 
-@pytest.mark.skipif(not CRD.is_file(), reason="the LWS CRD schema is in ../shared/schemas/")
 def test_the_leaderworkerset_satisfies_its_crd_and_a_broken_one_does_not() -> None:
     schema = lws_schema(CRD)
     (lws,) = by_kind(rendered()["big"], "LeaderWorkerSet")
