@@ -397,6 +397,13 @@ class AsyncSupervisor:
             )
         return self._limits
 
+    def last_request(self) -> tuple[float, bool]:
+        """(monotonic time the latest request to any server ended, whether one is in flight);
+        0.0 before any."""
+        entries = list(self._entries.values())
+        ended = max((e.last_used for e in entries if e.requests), default=0.0)
+        return ended, any(e.users for e in entries)
+
     def _activity(self, name: str) -> tuple[float, bool]:
         entry = self._entries.get(name)
         if entry is None:

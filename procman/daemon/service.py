@@ -234,13 +234,10 @@ class Daemon:
 
     async def _until_idle_or_stopped(self) -> None:
         while not self._stop.is_set():
-            if self._clients == 0 and self._busy == 0:
-                left = self._last_activity + self.idle_timeout - time.monotonic()
-                if left <= 0:
-                    log.warning("idle for %.0f s: exiting", self.idle_timeout)
-                    return
-            else:
-                left = None
+            left = self._idle_left()
+            if left is not None and left <= 0:
+                log.warning("idle for %.0f s: exiting", self.idle_timeout)
+                return
             self._activity.clear()
             waiters = {
                 asyncio.ensure_future(self._activity.wait()),
@@ -249,6 +246,20 @@ class Daemon:
             await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             for waiter in waiters:
                 waiter.cancel()
+
+    def _idle_left(self) -> float | None:
+        """Seconds until the daemon has been idle for ``idle_timeout``; None while a client is
+        attached or a request runs. With ``--http``, requests to the router count too (they
+        are seen when the daemon looks again, not as they come)."""
+        if self._clients or self._busy:
+            return None
+        last = self._last_activity
+        if self.http is not None:
+            ended, in_flight = self.supervisor.last_request()
+            if in_flight:
+                return self.idle_timeout  # look again then
+            last = max(last, ended)
+        return last + self.idle_timeout - time.monotonic()
 
     async def _shutdown(self) -> None:
         self._shutting_down = True

@@ -165,3 +165,27 @@ async def test_idle_daemon_exits(tmp_path: Path) -> None:
     daemon = Daemon(paths, idle_timeout=0.2)
     await asyncio.wait_for(daemon.run(-1), 10)
     assert not paths.socket.exists()
+
+
+async def test_requests_to_the_daemons_router_keep_it_from_idling(tmp_path: Path) -> None:
+    from procman.spec import ServerSpec
+
+    paths = DaemonPaths.default(home=tmp_path)
+    plain = Daemon(paths, idle_timeout=60)
+    routed = Daemon(paths, idle_timeout=60, http_port=0)  # nothing binds before run()
+    spec = ServerSpec(name="m", model=tmp_path / "m.gguf", binary=tmp_path / "llama-server")
+    for daemon in (plain, routed):
+        daemon.supervisor.add(spec, validate=False, on_demand=True)
+        daemon._last_activity -= 100  # the last client left long ago
+        assert daemon.supervisor.last_request() == (0.0, False)
+    left = routed._idle_left()
+    assert left is not None and left <= -39  # no request yet: idle like any daemon
+    async with routed.supervisor.using("m"), plain.supervisor.using("m"):
+        assert routed.supervisor.last_request()[1]  # one in flight
+        assert routed._idle_left() == 60  # looked at again later, not exited
+        left = plain._idle_left()
+        assert left is not None and left <= -39  # without a router, requests are not its
+    ended, in_flight = routed.supervisor.last_request()
+    assert not in_flight and ended > 0
+    left = routed._idle_left()
+    assert left is not None and 59 < left <= 60  # idle counts from the request's end
