@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from procman.events import State
-from procman.router import _upstream
+from procman.router import _downstream, _upstream
 from procman.router._upstream import kept
 from procman.router.routes import Dialect, error_body
 
@@ -109,7 +109,7 @@ class AiohttpReply(Reply[web.StreamResponse]):
         return response
 
     async def send(self, answer: _upstream.Answer) -> web.StreamResponse:
-        return await _upstream.to_response(self._request, answer, HOP_BY_HOP)
+        return await _downstream.to_response(self._request, answer, HOP_BY_HOP)
 
 
 class TransportReply(Reply[None]):
@@ -129,12 +129,12 @@ class TransportReply(Reply[None]):
         headers += [*self.extra, ("Content-Length", str(len(body)))]
         if self.close:
             headers.append(("Connection", "close"))
-        head = _upstream.encode_head(response.status, response.reason, headers)
+        head = _downstream.encode_head(response.status, response.reason, headers)
         self.transport.write(head + body)
         self.keep = not self.close
 
     async def send(self, answer: _upstream.Answer) -> None:
-        self.keep = await _upstream.to_transport(
+        self.keep = await _downstream.to_transport(
             self.transport, answer, HOP_BY_HOP, close=self.close, extra=self.extra
         )
 
