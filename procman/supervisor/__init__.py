@@ -27,62 +27,28 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from procman.errors import AdmissionError, ConfigError
 from procman.events import Event, EventBus, State
-from procman.memory.budget import MachineMemory, Need, Size
+from procman.memory.budget import MachineMemory, Size
 from procman.memory.enforce import LimitAction, LimitDecision, LimitSettings
 from procman.process.cpu import share_cores, usable_cores
 from procman.process.policy import RestartPolicy
 from procman.process.server import ManagedServer
 from procman.router.metrics import Snapshot
 from procman.spec import ServerSpec
+from procman.supervisor._entry import Entry, Fetch
 
 if TYPE_CHECKING:
     from procman.memory._limits import Limits
     from procman.memory.budget import Reservation
     from procman.models.pull import PullProgress
 
-#: downloads the model file before the first start, reporting progress (``resolve_model``)
-Fetch = Callable[[Callable[["PullProgress"], None]], Path]
-
-__all__ = ["AsyncSupervisor"]
-
-
-@dataclass(eq=False)
-class _Entry:
-    """Book-keeping beside one server: who uses it, since when it is idle, its timer."""
-
-    server: ManagedServer
-    ttl: float | None
-    on_demand: bool
-    #: as configured: ``gpu_layers = "auto"`` is resolved again at each start
-    spec: ServerSpec
-    memory_limit: int | None = None
-    users: int = 0
-    requests: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    timer: asyncio.TimerHandle | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    #: the model file is still to be downloaded (``serve --config`` with an ``hf:`` path)
-    fetch: Fetch | None = None
-    #: while it downloads: "pulling hf:...: 41% of 4.4 GiB", for ``status()``
-    pulling: str | None = None
-    #: for ``status()``: its last estimate, when its state last changed (wall clock), why its
-    #: process last ended and why it was last refused admission
-    need: Need | None = None
-    state_since: float = field(default_factory=time.time)
-    last_exit: str = ""
-    refused: str = ""
-
-    @property
-    def loaded(self) -> bool:
-        return not self.server.state.is_final
+__all__ = ["AsyncSupervisor", "Fetch"]
 
 
 class AsyncSupervisor:
@@ -116,7 +82,7 @@ class AsyncSupervisor:
         self._stopping = asyncio.Event()
         self.bus.subscribe(self._on_event)
         self._servers: dict[str, ManagedServer] = {}
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._room = asyncio.Lock()  # one load at a time decides who makes room
         self._idle = asyncio.Event()  # set (and replaced) whenever a server becomes idle
         self._tasks: set[asyncio.Task[None]] = set()
@@ -155,7 +121,7 @@ class AsyncSupervisor:
             raise ConfigError(f"model name already served: {', '.join(clash)}")
         server = ManagedServer(spec, bus=self.bus, policy=policy, validate=validate)
         self._servers[spec.name] = server
-        self._entries[spec.name] = _Entry(server, ttl, on_demand, spec, memory_limit, fetch=fetch)
+        self._entries[spec.name] = Entry(server, ttl, on_demand, spec, memory_limit, fetch=fetch)
         return server
 
     async def serve(self, spec: ServerSpec) -> ManagedServer:
@@ -186,7 +152,7 @@ class AsyncSupervisor:
         return entry is not None and entry.on_demand
 
     # -- loading and unloading -------------------------------------------------------------
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str) -> Entry:
         entry = self._entries.get(name)
         if entry is None:
             known = ", ".join(self._entries) or "none"
@@ -225,7 +191,7 @@ class AsyncSupervisor:
             self._arm(entry)
         return entry.server
 
-    async def _fetch(self, entry: _Entry) -> None:
+    async def _fetch(self, entry: Entry) -> None:
         """Download the model (in a thread); progress goes to the events and ``status()``."""
         from procman._units import format_bytes  # speed
 
@@ -263,14 +229,14 @@ class AsyncSupervisor:
         self.bus.emit(name, state, state, f"pulled {ref}: {path}")
         entry.server.note(f"pulled {ref}: {path}")
 
-    def _pull_progress(self, entry: _Entry, text: str, loud: bool) -> None:
+    def _pull_progress(self, entry: Entry, text: str, loud: bool) -> None:
         entry.pulling = text
         if loud:  # every 10 % and each stage: the events, serve's output and the log stay readable
             state = entry.server.state
             self.bus.emit(entry.spec.name, state, state, text)
             entry.server.note(text)
 
-    async def _admit(self, entry: _Entry) -> Reservation:
+    async def _admit(self, entry: Entry) -> Reservation:
         """Choose ``-ngl``, estimate, reserve, and stop whatever must be evicted for it."""
         limits, name = self.limits, entry.spec.name
         prepared = await asyncio.to_thread(limits.prepare, entry.spec, entry.memory_limit)
@@ -314,7 +280,7 @@ class AsyncSupervisor:
             self._disarm(entry)
             await entry.server.stop(reason)
 
-    async def _make_room(self, entry: _Entry) -> None:
+    async def _make_room(self, entry: Entry) -> None:
         while self.max_loaded is not None:
             loaded = [e for e in self._entries.values() if e is not entry and e.loaded]
             if len(loaded) < self.max_loaded:
@@ -333,7 +299,7 @@ class AsyncSupervisor:
         state = self._entries[name].server.state
         self.bus.emit(name, state, state, reason, kind=kind)
 
-    async def _stop_entry(self, entry: _Entry, reason: str) -> None:
+    async def _stop_entry(self, entry: Entry, reason: str) -> None:
         async with entry.lock:
             self._disarm(entry)
             await entry.server.stop(reason)
@@ -355,18 +321,18 @@ class AsyncSupervisor:
                 self._idle.set()
                 self._idle = asyncio.Event()
 
-    def _arm(self, entry: _Entry) -> None:
+    def _arm(self, entry: Entry) -> None:
         self._disarm(entry)
         if entry.ttl is not None and entry.loaded:
             loop = asyncio.get_running_loop()
             entry.timer = loop.call_later(entry.ttl, self._expire, entry)
 
-    def _disarm(self, entry: _Entry) -> None:
+    def _disarm(self, entry: Entry) -> None:
         if entry.timer is not None:
             entry.timer.cancel()
             entry.timer = None
 
-    def _expire(self, entry: _Entry) -> None:
+    def _expire(self, entry: Entry) -> None:
         entry.timer = None
         if entry.users or not entry.loaded:
             return
@@ -375,7 +341,7 @@ class AsyncSupervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _expire_now(self, entry: _Entry, reason: str) -> None:
+    async def _expire_now(self, entry: Entry, reason: str) -> None:
         async with entry.lock:
             if entry.users == 0 and entry.timer is None:  # nobody came meanwhile
                 await entry.server.stop(reason)
@@ -469,7 +435,7 @@ class AsyncSupervisor:
             self._enforce(self._entries[name], decision)
         await self.limits.scrape(e.server for e in self._entries.values())
 
-    def _enforce(self, entry: _Entry, decision: LimitDecision) -> None:
+    def _enforce(self, entry: Entry, decision: LimitDecision) -> None:
         if decision.action is LimitAction.RESTART:
             entry.server.recycle(decision.reason)
             return
@@ -484,48 +450,18 @@ class AsyncSupervisor:
         ``rss_bytes`` is read now; ``cpu_percent``, ``vram_bytes`` and
         ``tokens_per_second`` come from the last sample (None until there is one).
         """
-        from procman.memory.meter import rss_bytes  # speed: psutil, for status only
-
         now = time.monotonic()
         rows = []
         samples = self._limits.samples if self._limits is not None else {}
         speeds = self._limits.tokens_per_second if self._limits is not None else {}
         for name, entry in self._entries.items():
-            server = entry.server
-            sample = samples.get(name)
-            rows.append(
-                {
-                    "name": name,
-                    "aliases": list(server.aliases),
-                    "state": str(server.state),
-                    "reason": server.last_reason,
-                    "pid": server.pid,
-                    "port": server.port,
-                    "socket": server.endpoint.socket if server.endpoint is not None else None,
-                    "model": str(server.spec.model),
-                    "rss_bytes": rss_bytes(server.pid),
-                    "restarts": server.restarts,
-                    "in_use": entry.users,
-                    "idle_seconds": None if entry.users else round(now - entry.last_used, 3),
-                    "ttl": entry.ttl,
-                    "on_demand": entry.on_demand,
-                    "pss_bytes": sample.pss_bytes if sample else None,
-                    "cpu_percent": sample.cpu_percent if sample else None,
-                    "vram_bytes": sample.vram_bytes if sample else None,
-                    "tokens_per_second": speeds.get(name),
-                    "memory_limit": entry.memory_limit,
-                    "rpc_workers": server.workers_status(),
-                    "devices": self._limits.devices_status(name, server.spec.visible_devices)
-                    if self._limits is not None
-                    else [],
-                    "pulling": entry.pulling,
-                    "state_since": entry.state_since,
-                    "last_exit": entry.last_exit or None,
-                    "refused": entry.refused or None,
-                    "estimate_bytes": entry.need.host_bytes if entry.need else None,
-                    "estimate_vram_bytes": entry.need.device_bytes if entry.need else None,
-                }
+            spec = entry.server.spec
+            devices = (
+                self._limits.devices_status(name, spec.visible_devices)
+                if self._limits is not None
+                else []
             )
+            rows.append(entry.row(now, samples.get(name), speeds.get(name), devices))
         return rows
 
     def metrics_snapshot(self, queue_depth: Mapping[str, int] | None = None) -> Snapshot:
