@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from procman._units import format_bytes
 from procman.cli._app import app, console, out
+from procman.cli._progress import LazyBar
 from procman.errors import ModelError
 
 if TYPE_CHECKING:
-    from rich.progress import Progress, TaskID
-
     from procman.models.discover import Found
     from procman.models.pull import PullProgress
 
@@ -26,50 +24,34 @@ __all__ = ["PullView", "models", "pull"]
 LIST_CTX = 4096
 
 
-class PullView:
+class PullView(LazyBar):
     """A rich progress bar for a pull; pass the instance as ``on_progress``. Draws nothing
     until the first report (a model already in the cache prints nothing)."""
 
-    def __init__(self) -> None:
-        self._progress: Progress | None = None
-        self._task = cast("TaskID", 0)
-
-    def __enter__(self) -> PullView:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
     def __call__(self, p: PullProgress) -> None:
-        if self._progress is None:
+        progress = self._progress
+        if progress is None:
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
-                Progress,
                 TextColumn,
                 TimeRemainingColumn,
                 TransferSpeedColumn,
             )  # speed
 
-            self._progress = Progress(
+            progress = self._start(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 DownloadColumn(binary_units=True),
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
-                console=console,
+                description="",
+                total=p.total,
             )
-            self._progress.start()
-            self._task = self._progress.add_task("", total=p.total)
         part = f" [{p.part}/{p.parts}]" if p.parts > 1 else ""
         what = {"waiting": "waiting for another download of", "verifying": "verifying"}
         label = f"{what.get(p.stage, '')} {p.file}{part}".strip()
-        self._progress.update(
-            self._task, description=escape(label), completed=p.done, total=p.total
-        )
+        progress.update(self._task, description=escape(label), completed=p.done, total=p.total)
 
 
 @app.command()

@@ -1,31 +1,31 @@
-"""A rich progress bar fed by the build's real progress (ninja's [n/m])."""
+"""Rich progress bars drawn only once there is progress: the build's (ninja's [n/m]), and
+the base a pull's bar shares (``procman.cli._models.PullView``)."""
 
 from __future__ import annotations
 
 from types import TracebackType
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Self, cast
 
 from procman.cli._app import console
 
 if TYPE_CHECKING:  # rich.progress costs ~30 ms at start; most runs never draw a bar
-    from rich.progress import Progress, TaskID
+    from rich.progress import Progress, ProgressColumn, TaskID
 
     from buildtools import BuildProgress
 
 
-class BuildProgressView:
+class LazyBar:
     """Use as a context manager and pass the instance as ``on_progress``.
 
-    Nothing is drawn until the first event arrives, so wrapping a call that
-    ends up a cache hit (or needs no build at all) prints nothing.
+    Nothing is drawn until the first report arrives (:meth:`_start`), so wrapping
+    a call that ends up a cache hit (or needs no work at all) prints nothing.
     """
 
-    def __init__(self, announce: str | None = None) -> None:
-        self._announce = announce
+    def __init__(self) -> None:
         self._progress: Progress | None = None
         self._task = cast("TaskID", 0)
 
-    def __enter__(self) -> BuildProgressView:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -34,33 +34,52 @@ class BuildProgressView:
         if self._progress is not None:
             self._progress.stop()
 
+    def _start(
+        self,
+        *columns: ProgressColumn,
+        description: str,
+        total: float | None,
+        transient: bool = False,
+    ) -> Progress:
+        from rich.progress import Progress  # speed
+
+        self._progress = Progress(*columns, console=console, transient=transient)
+        self._progress.start()
+        self._task = self._progress.add_task(description, total=total)
+        return self._progress
+
+
+class BuildProgressView(LazyBar):
+    """The build's bar: configuring, compiling n/m, verifying."""
+
+    def __init__(self, announce: str | None = None) -> None:
+        super().__init__()
+        self._announce = announce
+
     def __call__(self, p: BuildProgress) -> None:
         if p.stage == "done":
             return
-        if self._progress is None:
+        progress = self._progress
+        if progress is None:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
-                Progress,
                 TextColumn,
                 TimeElapsedColumn,
             )  # speed
 
             if self._announce:
                 console.print(self._announce)
-            self._progress = Progress(
+            progress = self._start(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
-                console=console,
+                description="configuring…",
+                total=None,
                 transient=True,
             )
-            self._progress.start()
-            self._task = self._progress.add_task("configuring…", total=None)
         if p.stage == "compile" and p.total:
-            self._progress.update(
-                self._task, description="compiling", completed=p.done, total=p.total
-            )
+            progress.update(self._task, description="compiling", completed=p.done, total=p.total)
         elif p.stage == "verify":
-            self._progress.update(self._task, description="verifying on the demo model")
+            progress.update(self._task, description="verifying on the demo model")
