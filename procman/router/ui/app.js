@@ -37,6 +37,22 @@ function askForKey() {
 
 function setConn(text) { $("#conn").textContent = text; }
 
+// Each line of a streamed answer's body as it arrives (without its line end).
+async function* lines(res) {
+  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let at;
+    while ((at = buffer.indexOf("\n")) >= 0) {
+      yield buffer.slice(0, at).replace(/\r$/, "");
+      buffer = buffer.slice(at + 1);
+    }
+  }
+}
+
 // Server-sent events over fetch (EventSource cannot send the key): calls onMessage with
 // each message's data until the stream ends; reconnects after a pause while the page lives.
 function follow(path, onMessage, onOpen) {
@@ -50,22 +66,13 @@ function follow(path, onMessage, onOpen) {
         if (!res.ok) throw new Error(path + ": HTTP " + res.status);
         pause = 500;
         if (onOpen) onOpen();
-        const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-        let buffer = "", data = [];
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buffer += value;
-          let at;
-          while ((at = buffer.indexOf("\n")) >= 0) {
-            const line = buffer.slice(0, at).replace(/\r$/, "");
-            buffer = buffer.slice(at + 1);
-            if (line === "") {
-              if (data.length) onMessage(data.join("\n"));
-              data = [];
-            } else if (line.startsWith("data:")) {
-              data.push(line.slice(5).replace(/^ /, ""));
-            }
+        let data = [];
+        for await (const line of lines(res)) {
+          if (line === "") {
+            if (data.length) onMessage(data.join("\n"));
+            data = [];
+          } else if (line.startsWith("data:")) {
+            data.push(line.slice(5).replace(/^ /, ""));
           }
         }
       } catch (err) {
@@ -364,25 +371,16 @@ async function play(event) {
       const body = await res.json().catch(() => ({}));
       throw new Error((body.error && body.error.message) || "HTTP " + res.status);
     }
-    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += value;
-      let at;
-      while ((at = buffer.indexOf("\n")) >= 0) {
-        const line = buffer.slice(0, at).trim();
-        buffer = buffer.slice(at + 1);
-        if (!line.startsWith("data:") || line === "data: [DONE]") continue;
-        const chunk = JSON.parse(line.slice(5));
-        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-        if (delta && delta.content) {
-          if (first === null) first = performance.now();
-          answer.append(delta.content);
-        }
-        if (chunk.timings) server = chunk.timings;
+    for await (const raw of lines(res)) {
+      const line = raw.trim();
+      if (!line.startsWith("data:") || line === "data: [DONE]") continue;
+      const chunk = JSON.parse(line.slice(5));
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) {
+        if (first === null) first = performance.now();
+        answer.append(delta.content);
       }
+      if (chunk.timings) server = chunk.timings;
     }
     const total = performance.now() - started;
     const parts = ["first token " + (first === null ? "–" : Math.round(first - started) + " ms"),
