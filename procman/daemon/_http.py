@@ -14,30 +14,20 @@ rules of every router apply (see :mod:`procman.router._guard`).
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from buildtools.paths import write_json_atomic
 from procman.errors import PortInUseError
 
 if TYPE_CHECKING:
     from procman.router import Router
     from procman.supervisor import AsyncSupervisor
 
-__all__ = ["DaemonHttp", "read_http_info"]
+__all__ = ["DaemonHttp"]
 
 HOST = "127.0.0.1"
-
-
-def read_http_info(path: Path) -> dict[str, Any] | None:
-    """What ``http.json`` says (``url``, ``ui``, ``api_key``); None if there is none."""
-    try:
-        info: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return info
 
 
 class DaemonHttp:
@@ -71,11 +61,7 @@ class DaemonHttp:
         host, port = router.address or (HOST, self._port)
         self.url = f"http://{host}:{port}"
         info = {"url": f"{self.url}/v1", "ui": f"{self.url}/ui", "api_key": key}
-        fresh = self._info_file.with_suffix(".tmp")
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(info, out)
-        fresh.replace(self._info_file)
+        write_json_atomic(self._info_file, info)  # owner-only, never half-written
         return self.url
 
     async def stop(self) -> None:
